@@ -1,0 +1,275 @@
+"""Model configuration, read from a Hugging Face `config.json`.
+
+Every architectural detail the model needs is a field of `ModelConfig`, filled from the checkpoint's
+config by the family's reader below: nothing is assumed from the family name alone, so variants within a
+family (numbers of experts, k, sizes, flags) work because they are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding as the checkpoint's config says (HF `rope_parameters` / `rope_scaling`)."""
+
+    theta: float = 10000.0
+    kind: str = "default"  # "default", "linear" or "yarn"
+    factor: float = 1.0
+    original_max_position: int | None = None  # yarn
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn (DeepSeek)
+    mscale_all_dim: float | None = None  # yarn (DeepSeek)
+    attention_factor: float | None = None  # yarn: scale of cos/sin; None derives it from factor / mscale
+    truncate: bool = True  # yarn
+    interleaved: bool = False  # rotate (x0, x1), (x2, x3), ... pairs (DeepSeek) instead of the two halves
+
+    def yarn_mscale(self, mscale: float = 1.0) -> float:
+        return 1.0 if self.factor <= 1 else 0.1 * mscale * math.log(self.factor) + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only MoE transformer. Families differ only in the values of these fields."""
+
+    architecture: str  # one of SUPPORTED_MODEL_TYPES
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # attend only to the last `sliding_window` positions
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # OLMoE: RMSNorm over the whole q / k projection, before the head split
+    clip_qkv: float | None = None  # OLMoE
+    # Multi-head latent attention (DeepSeek-V2); kv_lora_rank > 0 switches it on.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    # Feed-forward: dense layers use intermediate_size, MoE layers moe_intermediate_size per expert.
+    intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()  # one flag per layer: is its feed-forward a MoE block?
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
+    topk_method: str = "greedy"  # "greedy" or "group_limited_greedy" (DeepSeek-V2)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ g)
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def attention_scale(self) -> float:
+        """Softmax scale: 1/sqrt(qk head dim), times yarn's mscale^2 where DeepSeek's config asks for it."""
+        qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
+        scale = qk_dim**-0.5
+        if self.rope.kind == "yarn" and self.rope.mscale_all_dim:
+            m = self.rope.yarn_mscale(self.rope.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    def __post_init__(self):
+        _check(self.architecture in SUPPORTED_MODEL_TYPES, "architecture", self.architecture,
+               f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        _check(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads", self.num_kv_heads,
+               f"must divide num_attention_heads={self.num_heads}")
+        _check(len(self.moe_layers) == self.num_layers, "moe_layers", self.moe_layers,
+               f"needs one flag per layer ({self.num_layers})")
+        if any(self.moe_layers):
+            _check(self.num_experts > 0, "num_experts", self.num_experts, "must be positive in a MoE model")
+            _check(0 < self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+                   self.num_experts_per_tok, f"must be in [1, num_experts={self.num_experts}]")
+            _check(self.moe_intermediate_size > 0, "moe_intermediate_size", self.moe_intermediate_size,
+                   "must be positive")
+        if not all(self.moe_layers):
+            _check(self.intermediate_size > 0, "intermediate_size", self.intermediate_size,
+                   "must be positive when some layers are dense")
+        _check(self.topk_method in ("greedy", "group_limited_greedy"), "topk_method", self.topk_method,
+               "supported: 'greedy', 'group_limited_greedy'")
+        if self.topk_method == "group_limited_greedy":
+            _check(self.n_group > 0 and self.num_experts % self.n_group == 0, "n_group", self.n_group,
+                   f"must divide num_experts={self.num_experts}")
+            _check(0 < self.topk_group <= self.n_group, "topk_group", self.topk_group,
+                   f"must be in [1, n_group={self.n_group}]")
+            _check(self.topk_group * (self.num_experts // self.n_group) >= self.num_experts_per_tok,
+                   "topk_group", self.topk_group, "the chosen groups hold fewer experts than num_experts_per_tok")
+        _check(self.hidden_act in ACTIVATIONS, "hidden_act", self.hidden_act, f"supported: {sorted(ACTIVATIONS)}")
+        _check(self.rope.kind in ("default", "linear", "yarn"), "rope_type", self.rope.kind,
+               "supported: 'default', 'linear', 'yarn'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d["rope"] = RopeConfig(**d["rope"])
+        d["moe_layers"] = tuple(d["moe_layers"])
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = tuple(d["eos_token_id"])
+        return cls(**d)
+
+
+# Activation names as HF configs spell them -> the name our expert kernel takes.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_exact", "gelu_new": "gelu",
+               "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {name}={value!r} is invalid: {why}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading Hugging Face config.json, one reader per family.
+
+
+def _get(hf: dict, key: str, default: Any = dataclasses.MISSING) -> Any:
+    if key in hf and hf[key] is not None:
+        return hf[key]
+    if default is dataclasses.MISSING:
+        raise ValueError(f"config.json: required key {key!r} is missing (model_type={hf.get('model_type')!r})")
+    return default
+
+
+def _rope(hf: dict, interleaved: bool = False) -> RopeConfig:
+    # transformers v5 writes `rope_parameters` (theta inside); v4 and the Hub write rope_theta + rope_scaling.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    factor = float(params.get("factor") or 1.0)
+    return RopeConfig(
+        theta=float(theta), kind=kind, factor=factor,
+        original_max_position=params.get("original_max_position_embeddings"),
+        beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
+        interleaved=interleaved)
+
+
+def _common(hf: dict) -> dict:
+    heads = _get(hf, "num_attention_heads")
+    hidden = _get(hf, "hidden_size")
+    return dict(
+        vocab_size=_get(hf, "vocab_size"), hidden_size=hidden, num_layers=_get(hf, "num_hidden_layers"),
+        num_heads=heads, num_kv_heads=_get(hf, "num_key_value_heads", heads),
+        head_dim=_get(hf, "head_dim", hidden // heads), rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+        rope=_rope(hf), max_position_embeddings=_get(hf, "max_position_embeddings", 4096),
+        hidden_act=_get(hf, "hidden_act", "silu"), tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=_token_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"))
+
+
+def _token_ids(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _mixtral(hf: dict) -> dict:
+    n = _get(hf, "num_hidden_layers")
+    return dict(_common(hf), sliding_window=hf.get("sliding_window"),
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=(True,) * n,
+                num_experts=_get(hf, "num_local_experts"), num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_get(hf, "intermediate_size"), norm_topk_prob=True)
+
+
+def _olmoe(hf: dict) -> dict:
+    n = _get(hf, "num_hidden_layers")
+    bias = bool(_get(hf, "attention_bias", False))
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, qk_norm=True, clip_qkv=hf.get("clip_qkv"),
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=(True,) * n,
+                num_experts=_get(hf, "num_experts"), num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_get(hf, "intermediate_size"),
+                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
+
+
+def _qwen2_moe(hf: dict) -> dict:
+    n = _get(hf, "num_hidden_layers")
+    if hf.get("use_sliding_window"):
+        raise ValueError("config.json: use_sliding_window=True (Qwen2-MoE per-layer sliding windows) is not "
+                         "supported yet; set it to false")
+    experts = _get(hf, "num_experts")
+    step = _get(hf, "decoder_sparse_step", 1)
+    mlp_only = set(_get(hf, "mlp_only_layers", []))
+    sparse = tuple(i not in mlp_only and experts > 0 and (i + 1) % step == 0 for i in range(n))
+    return dict(_common(hf), qkv_bias=bool(_get(hf, "qkv_bias", True)),
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=sparse, num_experts=experts,
+                num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_get(hf, "moe_intermediate_size"),
+                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)),
+                shared_expert_intermediate_size=_get(hf, "shared_expert_intermediate_size", 0),
+                shared_expert_gate=_get(hf, "shared_expert_intermediate_size", 0) > 0)
+
+
+def _deepseek_v2(hf: dict) -> dict:
+    n = _get(hf, "num_hidden_layers")
+    if _get(hf, "mlp_bias", False):
+        raise ValueError("config.json: mlp_bias=True is not supported for deepseek_v2")
+    experts = _get(hf, "n_routed_experts", 0) or 0
+    first_dense = _get(hf, "first_k_dense_replace", 0)
+    freq = _get(hf, "moe_layer_freq", 1)
+    sparse = tuple(experts > 0 and i >= first_dense and i % freq == 0 for i in range(n))
+    common = _common(hf)
+    common["rope"] = _rope(hf, interleaved=True)
+    bias = bool(_get(hf, "attention_bias", False))
+    return dict(common, qkv_bias=bias, o_bias=bias, q_lora_rank=hf.get("q_lora_rank"),
+                kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=_get(hf, "qk_nope_head_dim"),
+                qk_rope_head_dim=_get(hf, "qk_rope_head_dim"), v_head_dim=_get(hf, "v_head_dim"),
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=sparse, num_experts=experts,
+                num_experts_per_tok=_get(hf, "num_experts_per_tok", 0) or 0,
+                moe_intermediate_size=_get(hf, "moe_intermediate_size", 0),
+                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)),
+                topk_method=_get(hf, "topk_method", "greedy"), n_group=_get(hf, "n_group", 1),
+                topk_group=_get(hf, "topk_group", 1),
+                routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)),
+                shared_expert_intermediate_size=(_get(hf, "n_shared_experts", 0) or 0)
+                * _get(hf, "moe_intermediate_size", 0))
+
+
+_READERS: dict[str, Callable[[dict], dict]] = {
+    "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2}
+SUPPORTED_MODEL_TYPES = frozenset(_READERS)
+SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
+                           "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2"}
+
+
+def from_hf_config(hf: dict) -> ModelConfig:
+    """ModelConfig from the dict of a Hugging Face config.json; unknown families fail with the supported list."""
+    model_type = hf.get("model_type")
+    if model_type not in _READERS:
+        raise ValueError(f"config.json: unknown model_type {model_type!r}; supported model types: "
+                         f"{sorted(_READERS)}")
+    for arch in hf.get("architectures") or []:
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"config.json: unsupported architecture {arch!r}; supported architectures: "
+                             f"{sorted(SUPPORTED_ARCHITECTURES)}")
+    return ModelConfig(architecture=model_type, **_READERS[model_type](hf))

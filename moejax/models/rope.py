@@ -1,0 +1,70 @@
+"""Rotary position embeddings: default, linear and yarn scaling, half-split or interleaved pairs."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    """(inv_freq [dim/2], attention_factor) as Hugging Face computes them for this rope type."""
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.kind == "default":
+        return inv_freq, 1.0
+    if rope.kind == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.kind == "yarn":
+        return _yarn(rope, dim, max_position_embeddings)
+    raise ValueError(f"unsupported rope type {rope.kind!r}; supported: 'default', 'linear', 'yarn'")
+
+
+def _yarn(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    original = rope.original_max_position or max_position_embeddings
+    factor = rope.factor
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = rope.yarn_mscale(rope.mscale) / rope.yarn_mscale(rope.mscale_all_dim)
+        else:
+            attention_factor = rope.yarn_mscale()
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    pos_freqs = rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    extrapolation = 1.0 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float) -> tuple[jax.Array, jax.Array]:
+    """positions int [B, T] -> (cos, sin) float32 [B, T, dim/2], already scaled by attention_factor."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool) -> jax.Array:
+    """x [B, T, H, D]; cos/sin [B, T, D/2]. Half-split (Llama/Mixtral) or interleaved pairs (DeepSeek)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        pairs = xf.reshape(*x.shape[:-1], -1, 2)
+        even, odd = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(x.shape)
+    else:
+        first, second = jnp.split(xf, 2, axis=-1)
+        out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return out.astype(x.dtype)

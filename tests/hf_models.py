@@ -1,0 +1,59 @@
+"""Tiny random Hugging Face MoE checkpoints, built from a config with no download (parity references)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+# name -> (config class, model class, config kwargs). Several variants per family: k, number of experts,
+# norm_topk_prob both ways, shared experts, GQA ratios, tied embeddings, dense layers, latent attention.
+_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
+
+VARIANTS = {
+    "mixtral-e4k2": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral-e8k3-mqa-tied-window": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=3, num_key_value_heads=1, tie_word_embeddings=True,
+        sliding_window=6, num_hidden_layers=3)),
+    "olmoe-e8k2": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2)),
+    "olmoe-e6k3-norm-clip": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, clip_qkv=0.5, num_key_value_heads=4)),
+    "qwen2_moe-e4k2": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
+    "qwen2_moe-e8k4-norm-sparse-step": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=4, moe_intermediate_size=16, shared_expert_intermediate_size=40,
+        norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[3], num_hidden_layers=4)),
+    "deepseek_v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=6, num_key_value_heads=4)),
+    "deepseek_v2-group-limited-qlora-yarn": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+        first_k_dense_replace=0, kv_lora_rank=12, q_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=8, num_key_value_heads=4, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, mscale=0.707,
+            mscale_all_dim=0.707, beta_fast=32, beta_slow=1))),
+}
+
+
+def build(name: str, seed: int = 0, router_scale: float = 8.0):
+    """A random transformers model of variant `name`, with its routers' weights scaled so that top-k
+    choices have wide margins (float rounding cannot flip them)."""
+    config_cls, model_cls, kwargs = VARIANTS[name]
+    config = getattr(transformers, config_cls)(**{**_BASE, **kwargs})
+    config.eos_token_id = None  # generate exactly max_new_tokens
+    config.pad_token_id = 0
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for module_name, param in model.named_parameters():
+            if module_name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                param.mul_(router_scale)
+    return model
+
+
+def save(name: str, directory, seed: int = 0):
+    model = build(name, seed)
+    model.save_pretrained(directory)
+    return model
