@@ -1,0 +1,23 @@
+"""The quick start: a small built-in Mixtral-style MoE (random weights), one forward pass and a greedy generation.
+
+Run: ./launch.sh quickstart   (or python experiments/quickstart.py --config=configs/quickstart.py)
+Override any field from the command line, e.g. --config.model.num_experts=16 --config.max_new_tokens=32.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.checkpoint = ""  # a Hugging Face checkpoint directory; empty: the built-in model below
+    config.dtype = "float32"
+    config.seed = 0
+    config.batch_size = 4
+    config.prompt_length = 64
+    config.max_new_tokens = 16
+    config.capacity_factor = 0.0  # 0: dropless; > 0: capacity-aware token drop with this gamma
+    config.model = ml_collections.ConfigDict(dict(
+        architecture="mixtral", vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=32, intermediate_size=256, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+        norm_topk_prob=True, max_position_embeddings=2048))
+    return config
