@@ -126,6 +126,7 @@ def _generate(graphdef, state, tokens, mask, key, *, max_new_tokens, cache_size,
         generated = jax.lax.dynamic_update_slice_in_dim(generated, nxt[:, None], step, axis=1)
         return step + 1, nxt, generated, done | is_stop(nxt), out.cache, key
 
-    carry = (jnp.ones((), jnp.int32), first, generated, done, out.cache, key)
+    cache = out.cache._replace(index=jnp.asarray(out.cache.index, jnp.int32))  # static after prefill; a loop carry now
+    carry = (jnp.ones((), jnp.int32), first, generated, done, cache, key)
     _, _, generated, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return generated

@@ -76,7 +76,8 @@ class KVCache(NamedTuple):
 
     layers: per layer, (k [B, S, Hkv, D], v [B, S, Hkv, Dv]), or for latent attention (latent [B, S, r],
     k_rope [B, S, 1, Dr]). mask bool [B, S]: the slot holds a real token. positions int32 [B, S].
-    index: the next slot to write (a scalar: all rows advance together; prompts are left-padded).
+    index: the next slot to write (a scalar: all rows advance together; prompts are left-padded); a Python
+    int where it is known at trace time, else an int32 array.
     """
 
     layers: tuple
@@ -95,20 +96,46 @@ def init_cache(config: ModelConfig, batch: int, size: int, dtype) -> KVCache:
     else:
         shapes = ((batch, size, config.num_kv_heads, config.head_dim),) * 2
     layers = tuple(tuple(jnp.zeros(s, dtype) for s in shapes) for _ in range(config.num_layers))
-    return KVCache(layers, jnp.zeros((batch, size), bool), jnp.zeros((batch, size), jnp.int32),
-                   jnp.zeros((), jnp.int32))
+    # index 0 stays a Python int, so the prefill that follows knows its slots statically (see attend)
+    return KVCache(layers, jnp.zeros((batch, size), bool), jnp.zeros((batch, size), jnp.int32), 0)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
-    """Grouped-query attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], allowed bool [B,T,S] -> [B,T,H*Dv]."""
+_QUERY_CHUNK = 128  # prefill attention runs over query chunks of this size (see attend)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
+           query_offset: int | None = None) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], allowed bool [B,T,S] -> [B,T,H*Dv].
+
+    When the slot of the first query is known statically (`query_offset`: prefill), queries run in chunks
+    and each chunk reads only the key slots up to its last query, since later slots are never allowed
+    (causal by slot). That skips about half the work of a long prefill and keeps each chunk's scores small
+    enough to stay in cache, which on the CPU matters more than the FLOPs.
+    """
     b, t, h, d = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, t, hkv, h // hkv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * v.shape[-1])
+    s, hkv = k.shape[1], k.shape[2]
+    q = (q * scale).reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
+    bounds = [(0, t, s)]
+    if query_offset is not None and t > _QUERY_CHUNK:
+        bounds = [(c, min(t, c + _QUERY_CHUNK), min(s, query_offset + c + _QUERY_CHUNK))
+                  for c in range(0, t, _QUERY_CHUNK)]
+    outs = []
+    for start, end, keys in bounds:
+        logits = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, start:end], k[:, :, :keys],
+                            preferred_element_type=jnp.float32)
+        logits = jnp.where(allowed[:, None, None, start:end, :keys], logits, jnp.finfo(jnp.float32).min)
+        probs = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v[:, :, :keys],
+                         preferred_element_type=jnp.float32)
+        outs.append(out / probs.sum(axis=-1, keepdims=True))  # normalise [T, Dv], not [T, S]
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * v.shape[-1]).astype(v.dtype)
+
+
+def _static(index) -> int | None:
+    """The cache index as a Python int where it is known at trace time (prefill), else None."""
+    return index if isinstance(index, int) else None
 
 
 def _write(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
@@ -143,7 +170,7 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             k, v = _write(layer_cache[0], k, index), _write(layer_cache[1], v, index)
             layer_cache = (k, v)
-        return self.o_proj(attend(q, k, v, allowed, c.attention_scale)), layer_cache
+        return self.o_proj(attend(q, k, v, allowed, c.attention_scale, _static(index))), layer_cache
 
 
 class LatentAttention(nnx.Module):
@@ -187,7 +214,7 @@ class LatentAttention(nnx.Module):
         kv = self.kv_b_proj(latent).reshape(b, s, h, nope + c.v_head_dim)
         k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rope, (b, s, h, rope_dim))], axis=-1)
         v = kv[..., nope:]
-        return self.o_proj(attend(q, k, v, allowed, c.attention_scale)), layer_cache
+        return self.o_proj(attend(q, k, v, allowed, c.attention_scale, _static(index))), layer_cache
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,7 +336,7 @@ class CausalLM(nnx.Module):
         cos, sin = rope_angles(positions, jnp.asarray(inv_freq, jnp.float32), attention_factor)
 
         if cache is None:
-            index = jnp.zeros((), jnp.int32)
+            index = 0
             key_mask, key_positions, key_slots = token_mask, positions, jnp.arange(t)
         else:
             index = cache.index
