@@ -235,6 +235,9 @@ class MoEBlock(nnx.Module):
         self.config = config
         self.policy = policy
         self.layer = layer
+        # which grouped_ffn implementation the experts step uses ("auto": the fastest for the backend;
+        # training sets a differentiable one)
+        self.implementation = "auto"
 
     def route(self, x: jax.Array, token_mask: jax.Array, decode: bool) -> routing.Routing:
         """Router and policy for x [N, d]; padding tokens (token_mask False) take no expert slot."""
@@ -251,7 +254,8 @@ class MoEBlock(nnx.Module):
         r = self.route(x, token_mask, decode)
         sent = dispatch.dispatch(x, r)
         expert_out = grouped_ffn(sent.rows, sent.group_sizes, self.w_gate[...], self.w_up[...],
-                                 self.w_down[...], activation=ACTIVATIONS[self.config.hidden_act])
+                                 self.w_down[...], activation=ACTIVATIONS[self.config.hidden_act],
+                                 implementation=self.implementation)
         out = dispatch.combine(expert_out, sent, r)
         if self.shared is not None:
             shared = self.shared(x)

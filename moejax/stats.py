@@ -1,0 +1,84 @@
+"""Expert loads: what the router asked for, what the policy kept, and what that means for stragglers.
+
+Load of expert e = N_e / N_bar with N_bar = T * k / E (papers.md A); a device's load sums its experts'.
+Everything here takes the `Routing` that a MoE block returns (model.forward(...).routings).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.routing import Routing
+
+
+def expert_counts(r: Routing, *, kept: bool = True, token_mask: jax.Array | None = None) -> jax.Array:
+    """int32 [E]: (token, expert) pairs per expert; kept=False counts what the router asked for, before
+    the policy (padding excluded when token_mask [T] is given)."""
+    num_experts = r.scores.shape[-1]
+    if kept:
+        mask = r.keep
+    else:
+        mask = jnp.ones(r.experts.shape, bool) if token_mask is None else jnp.broadcast_to(
+            token_mask.reshape(-1)[:, None], r.experts.shape)
+    return jnp.zeros((num_experts,), jnp.int32).at[r.experts.reshape(-1)].add(mask.reshape(-1).astype(jnp.int32))
+
+
+def device_counts(expert_load: jax.Array, device_of_expert: jax.Array | np.ndarray, num_devices: int) -> jax.Array:
+    """[..., E] expert loads -> [..., D] loads per device, given each expert's device."""
+    one_hot = jax.nn.one_hot(jnp.asarray(device_of_expert), num_devices, dtype=expert_load.dtype)
+    return expert_load @ one_hot
+
+
+def max_over_mean(load: jax.Array) -> jax.Array:
+    """The Straggler Effect: busiest over mean (1.0 = perfectly balanced; 0 when nothing is routed)."""
+    load = jnp.asarray(load, jnp.float32)
+    mean = load.mean(axis=-1)
+    return jnp.where(mean > 0, load.max(axis=-1) / jnp.where(mean > 0, mean, 1.0), 0.0)
+
+
+class LayerLoads(NamedTuple):
+    """One MoE layer's loads in one forward call (numpy)."""
+
+    routed: np.ndarray  # [E] pairs the router chose (padding excluded)
+    kept: np.ndarray  # [E] pairs the policy kept
+    tokens: int  # real tokens
+    tokens_without_experts: int  # real tokens whose every pair was dropped (they pass through the residual only)
+
+    @property
+    def drop_rate(self) -> float:
+        routed = self.routed.sum()
+        return float(1 - self.kept.sum() / routed) if routed else 0.0
+
+    @property
+    def routed_max_over_mean(self) -> float:
+        return float(max_over_mean(self.routed))
+
+    @property
+    def kept_max_over_mean(self) -> float:
+        return float(max_over_mean(self.kept))
+
+    def idle_fraction(self) -> float:
+        """Fraction of experts that received no kept pair."""
+        return float((self.kept == 0).mean())
+
+    def to_dict(self) -> dict:
+        return {"routed": self.routed.tolist(), "kept": self.kept.tolist(), "tokens": self.tokens,
+                "tokens_without_experts": self.tokens_without_experts, "drop_rate": self.drop_rate,
+                "routed_max_over_mean": self.routed_max_over_mean, "kept_max_over_mean": self.kept_max_over_mean}
+
+
+def layer_loads(routings: Sequence[Routing | None], token_mask: jax.Array) -> dict[int, LayerLoads]:
+    """Per MoE layer (by layer index) loads of one forward call; token_mask [B, T] marks real tokens."""
+    token_mask = jnp.asarray(token_mask).reshape(-1)
+    out = {}
+    for layer, r in enumerate(routings):
+        if r is None:
+            continue
+        lost_all = token_mask & ~r.keep.any(axis=-1)
+        out[layer] = LayerLoads(np.asarray(expert_counts(r, kept=False, token_mask=token_mask)),
+                                np.asarray(expert_counts(r)), int(token_mask.sum()), int(lost_all.sum()))
+    return out
