@@ -15,16 +15,20 @@ import numpy as np
 from moejax.routing import Routing
 
 
-def expert_counts(r: Routing, *, kept: bool = True, token_mask: jax.Array | None = None) -> jax.Array:
+def expert_counts(r: Routing, *, kept: bool = True, token_mask: jax.Array | None = None,
+                  top_k: int | None = None) -> jax.Array:
     """int32 [E]: (token, expert) pairs per expert; kept=False counts what the router asked for, before
-    the policy (padding excluded when token_mask [T] is given)."""
+    the policy: the first `top_k` columns of r.experts (expanded drop appends candidates after them),
+    padding excluded when token_mask [T] is given."""
     num_experts = r.scores.shape[-1]
+    experts = r.experts
     if kept:
         mask = r.keep
     else:
-        mask = jnp.ones(r.experts.shape, bool) if token_mask is None else jnp.broadcast_to(
-            token_mask.reshape(-1)[:, None], r.experts.shape)
-    return jnp.zeros((num_experts,), jnp.int32).at[r.experts.reshape(-1)].add(mask.reshape(-1).astype(jnp.int32))
+        experts = experts[:, :top_k]
+        mask = jnp.ones(experts.shape, bool) if token_mask is None else jnp.broadcast_to(
+            token_mask.reshape(-1)[:, None], experts.shape)
+    return jnp.zeros((num_experts,), jnp.int32).at[experts.reshape(-1)].add(mask.reshape(-1).astype(jnp.int32))
 
 
 def device_counts(expert_load: jax.Array, device_of_expert: jax.Array | np.ndarray, num_devices: int) -> jax.Array:
@@ -71,14 +75,16 @@ class LayerLoads(NamedTuple):
                 "routed_max_over_mean": self.routed_max_over_mean, "kept_max_over_mean": self.kept_max_over_mean}
 
 
-def layer_loads(routings: Sequence[Routing | None], token_mask: jax.Array) -> dict[int, LayerLoads]:
-    """Per MoE layer (by layer index) loads of one forward call; token_mask [B, T] marks real tokens."""
+def layer_loads(routings: Sequence[Routing | None], token_mask: jax.Array,
+                top_k: int | None = None) -> dict[int, LayerLoads]:
+    """Per MoE layer (by layer index) loads of one forward call; token_mask [B, T] marks real tokens;
+    top_k (the model's num_experts_per_tok) is needed to count routed pairs under expanded drop."""
     token_mask = jnp.asarray(token_mask).reshape(-1)
     out = {}
     for layer, r in enumerate(routings):
         if r is None:
             continue
         lost_all = token_mask & ~r.keep.any(axis=-1)
-        out[layer] = LayerLoads(np.asarray(expert_counts(r, kept=False, token_mask=token_mask)),
+        out[layer] = LayerLoads(np.asarray(expert_counts(r, kept=False, token_mask=token_mask, top_k=top_k)),
                                 np.asarray(expert_counts(r)), int(token_mask.sum()), int(lost_all.sum()))
     return out

@@ -9,6 +9,7 @@ import pytest
 
 import moejax
 from moejax import capacity, dispatch, routing
+from tests.test_capacity import token_drop_brute_force
 from tests.tiny import tiny_config
 
 
@@ -38,57 +39,6 @@ def test_norm_topk_prob_renormalises():
     np.testing.assert_allclose(np.asarray(r.weights.sum(-1)), 1.0, rtol=1e-6)
 
 
-def _token_drop_brute_force(scores, experts, cap, strategy, keep_in):
-    t_count, k = experts.shape
-    keep = np.zeros_like(keep_in)
-    for e in range(scores.shape[1]):
-        pairs = [(t, j) for t, j in itertools.product(range(t_count), range(k)) if experts[t, j] == e and keep_in[t, j]]
-        if strategy == "score":
-            pairs.sort(key=lambda p: (-scores[p[0], e], p[0]))
-        elif strategy == "first":
-            pairs.sort(key=lambda p: p[0])
-        elif strategy == "last":
-            pairs.sort(key=lambda p: -p[0])
-        for t, j in pairs[:cap]:
-            keep[t, j] = True
-    return keep
-
-
-@pytest.mark.parametrize("strategy", ["score", "first", "last"])
-@pytest.mark.parametrize("cap", [1, 3, 7])
-def test_token_drop_matches_brute_force(strategy, cap):
-    rs = np.random.RandomState(cap)
-    scores = _softmax(rs.randn(20, 5) * 2).astype(np.float32)
-    scores[3, :] = scores[4, :]  # an exact tie: the lower token wins
-    experts = np.argsort(-scores, axis=-1)[:, :2].astype(np.int32)
-    keep_in = rs.rand(20, 2) > 0.1  # some pairs already dropped (e.g. padding)
-    keep = capacity.token_drop(jnp.asarray(scores), jnp.asarray(experts), cap, strategy, keep=jnp.asarray(keep_in))
-    np.testing.assert_array_equal(np.asarray(keep), _token_drop_brute_force(scores, experts, cap, strategy, keep_in))
-
-
-def test_random_drop_respects_capacity():
-    scores = jnp.asarray(_softmax(np.random.RandomState(2).randn(40, 4)), jnp.float32)
-    experts = jnp.argsort(-scores, axis=-1)[:, :2].astype(jnp.int32)
-    keep = np.asarray(capacity.token_drop(scores, experts, 6, "random", key=jax.random.key(0)))
-    counts = np.bincount(np.asarray(experts)[keep], minlength=4)
-    full = np.bincount(np.asarray(experts).ravel(), minlength=4)
-    np.testing.assert_array_equal(counts, np.minimum(full, 6))
-
-
-def test_expert_capacity_formula_and_errors():
-    assert capacity.expert_capacity(100, 2, 8, 1.0) == 25
-    assert capacity.expert_capacity(10, 2, 8, 1.5) == 4  # ceil(3.75)
-    assert capacity.expert_capacity(1, 1, 64, 1.0) == 1
-    with pytest.raises(ValueError, match="factor=0"):
-        capacity.expert_capacity(10, 2, 8, 0)
-    with pytest.raises(ValueError, match="top_k=9"):
-        capacity.expert_capacity(10, 9, 8, 1.0)
-    with pytest.raises(ValueError, match="capacity_factor=-1"):
-        moejax.MoEPolicy(capacity_factor=-1)
-    with pytest.raises(ValueError, match="unknown drop strategy 'lowest'"):
-        moejax.MoEPolicy(capacity_factor=1.0, drop="lowest")
-
-
 def _block_brute_force(block, x, token_mask):
     """Per token: sum over kept experts of weight * SwiGLU expert(x), from plain numpy loops."""
     c = block.config
@@ -102,7 +52,7 @@ def _block_brute_force(block, x, token_mask):
     if not block.policy.dropless:
         cap = capacity.expert_capacity(int(np.sum(token_mask)), c.num_experts_per_tok, c.num_experts,
                                        block.policy.capacity_factor)
-        keep = _token_drop_brute_force(scores, experts, cap, block.policy.drop, keep)
+        keep = token_drop_brute_force(scores, experts, cap, block.policy.drop, keep)
     out = np.zeros_like(x)
     for t, j in itertools.product(range(x.shape[0]), range(experts.shape[1])):
         if keep[t, j]:

@@ -1,0 +1,221 @@
+"""Capacity-aware policies (papers.md A) against brute-force references in plain Python/numpy."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moejax
+from moejax import capacity, placement
+from moejax.generate import pad_prompts
+from tests.tiny import tiny_config
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _random_routing(seed, tokens=20, experts=5, k=2):
+    rs = np.random.RandomState(seed)
+    scores = _softmax(rs.randn(tokens, experts) * 2).astype(np.float32)
+    top = np.argsort(-scores, axis=-1)[:, :k].astype(np.int32)
+    return rs, scores, top
+
+
+def token_drop_brute_force(scores, experts, cap, strategy, keep_in):
+    t_count, k = experts.shape
+    keep = np.zeros_like(keep_in)
+    for e in range(scores.shape[1]):
+        pairs = [(t, j) for t, j in itertools.product(range(t_count), range(k)) if experts[t, j] == e and keep_in[t, j]]
+        if strategy == "score":
+            pairs.sort(key=lambda p: (-scores[p[0], e], p[0]))
+        elif strategy == "first":
+            pairs.sort(key=lambda p: p[0])
+        elif strategy == "last":
+            pairs.sort(key=lambda p: -p[0])
+        for t, j in pairs[:cap]:
+            keep[t, j] = True
+    return keep
+
+
+@pytest.mark.parametrize("strategy", ["score", "first", "last"])
+@pytest.mark.parametrize("cap", [1, 3, 7])
+def test_token_drop_matches_brute_force(strategy, cap):
+    rs = np.random.RandomState(cap)
+    scores = _softmax(rs.randn(20, 5) * 2).astype(np.float32)
+    scores[3, :] = scores[4, :]  # an exact tie: the lower token wins
+    experts = np.argsort(-scores, axis=-1)[:, :2].astype(np.int32)
+    keep_in = rs.rand(20, 2) > 0.1  # some pairs already dropped (e.g. padding)
+    keep = capacity.token_drop(jnp.asarray(scores), jnp.asarray(experts), cap, strategy, keep=jnp.asarray(keep_in))
+    np.testing.assert_array_equal(np.asarray(keep), token_drop_brute_force(scores, experts, cap, strategy, keep_in))
+
+
+def test_random_drop_respects_capacity():
+    scores = jnp.asarray(_softmax(np.random.RandomState(2).randn(40, 4)), jnp.float32)
+    experts = jnp.argsort(-scores, axis=-1)[:, :2].astype(jnp.int32)
+    keep = np.asarray(capacity.token_drop(scores, experts, 6, "random", key=jax.random.key(0)))
+    counts = np.bincount(np.asarray(experts)[keep], minlength=4)
+    full = np.bincount(np.asarray(experts).ravel(), minlength=4)
+    np.testing.assert_array_equal(counts, np.minimum(full, 6))
+
+
+def test_expert_capacity_formula_and_errors():
+    assert capacity.expert_capacity(100, 2, 8, 1.0) == 25
+    assert capacity.expert_capacity(10, 2, 8, 1.5) == 4  # ceil(3.75)
+    assert capacity.expert_capacity(1, 1, 64, 1.0) == 1
+    with pytest.raises(ValueError, match="factor=0"):
+        capacity.expert_capacity(10, 2, 8, 0)
+    with pytest.raises(ValueError, match="top_k=9"):
+        capacity.expert_capacity(10, 9, 8, 1.0)
+    with pytest.raises(ValueError, match="capacity_factor=-1"):
+        moejax.MoEPolicy(capacity_factor=-1)
+    with pytest.raises(ValueError, match="unknown drop strategy 'lowest'"):
+        moejax.MoEPolicy(capacity_factor=1.0, drop="lowest")
+
+
+def expanded_drop_brute_force(scores, experts, cap, local):
+    t_count, e_count = scores.shape
+    keep = np.zeros((t_count, e_count), bool)
+    for e in range(e_count):
+        candidates = [t for t in range(t_count) if e in experts[t] or local[t, e]]
+        for t in sorted(candidates, key=lambda t: (-scores[t, e], t))[:cap]:
+            keep[t, e] = True
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("cap", [1, 2, 5])
+def test_expanded_drop_matches_brute_force(seed, cap):
+    rs, scores, top = _random_routing(seed, tokens=16, experts=6, k=2)
+    local = rs.rand(16, 6) > 0.6
+    keep = capacity.expanded_drop(jnp.asarray(scores), jnp.asarray(top), cap, jnp.asarray(local))
+    np.testing.assert_array_equal(np.asarray(keep), expanded_drop_brute_force(scores, top, cap, local))
+
+
+@pytest.mark.parametrize("strategy", ["score", "first", "last", "random"])
+@pytest.mark.parametrize("factor", [0.3, 0.75, 1.0])
+def test_no_expert_or_device_exceeds_capacity(strategy, factor):
+    rs, scores, top = _random_routing(7, tokens=40, experts=8, k=2)
+    cap = capacity.expert_capacity(40, 2, 8, factor)
+    keep = np.asarray(capacity.token_drop(jnp.asarray(scores), jnp.asarray(top), cap, strategy, key=jax.random.key(3)))
+    per_expert = np.bincount(top[keep], minlength=8)
+    routed = np.bincount(top.ravel(), minlength=8)
+    np.testing.assert_array_equal(per_expert, np.minimum(routed, cap))  # drops only what is over capacity
+    device_of_expert = placement.contiguous(8, 4)
+    cap_dev = capacity.expert_capacity(40, 2, 4, factor)
+    keep = np.asarray(capacity.token_drop(jnp.asarray(scores), jnp.asarray(top), cap_dev, strategy,
+                                          key=jax.random.key(3), device_of_expert=device_of_expert))
+    per_device = np.bincount(device_of_expert[top[keep]], minlength=4)
+    routed_device = np.bincount(device_of_expert[top.ravel()], minlength=4)
+    np.testing.assert_array_equal(per_device, np.minimum(routed_device, cap_dev))
+
+
+def test_device_scope_keeps_the_highest_scores_of_each_device():
+    _, scores, top = _random_routing(11, tokens=30, experts=8, k=2)
+    device_of_expert = placement.contiguous(8, 4)
+    keep = np.asarray(capacity.token_drop(jnp.asarray(scores), jnp.asarray(top), 5, "score",
+                                          device_of_expert=device_of_expert))
+    for d in range(4):
+        pairs = [(t, j) for t in range(30) for j in range(2) if device_of_expert[top[t, j]] == d]
+        best = sorted(pairs, key=lambda p: (-scores[p[0], top[p]], p[0]))[:5]
+        assert {p for p in pairs if keep[p]} == set(best)
+
+
+def _tokens(seed=0, shape=(2, 24)):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, 64, size=shape))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2), seed=2)
+
+
+def test_capacity_large_enough_to_drop_nothing_equals_dropless(model):
+    tokens = _tokens()
+    for policy in (moejax.MoEPolicy(capacity_factor=4.0), moejax.MoEPolicy(capacity_factor=4.0, scope="device",
+                                                                           num_devices=4)):
+        out = moejax.with_policy(model, policy).forward(tokens)
+        assert all(bool(r.keep.all()) for r in out.routings)
+        np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(model(tokens)))
+
+
+def test_token_that_lost_every_expert_passes_through_the_residual_only(model):
+    block = moejax.with_policy(model, moejax.MoEPolicy(capacity_factor=0.1)).moe_blocks()[0]
+    x = jnp.asarray(np.random.RandomState(0).randn(40, 32), jnp.float32)
+    out, r = block(x, jnp.ones(40, bool))
+    lost = ~np.asarray(r.keep).any(-1)
+    assert lost.sum() > 0 and (~lost).sum() > 0
+    assert np.abs(np.asarray(out)[lost]).max() == 0.0
+    assert np.abs(np.asarray(out)[~lost]).min(axis=-1).max() > 0
+
+
+def test_padding_never_counts_toward_capacity(model):
+    """A prompt alone and the same prompt left-padded in a batch: identical drops, identical logits."""
+    policy = moejax.MoEPolicy(capacity_factor=0.5, drop="first")
+    dropping = moejax.with_policy(model, policy)
+    prompt = np.asarray(_tokens(1, (1, 13)))[0].tolist()
+    alone = dropping.forward(jnp.asarray([prompt]))
+    tokens, mask = pad_prompts([prompt], bucket=32)
+    padded = dropping.forward(jnp.asarray(tokens), token_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(padded.logits)[0, mask[0]], np.asarray(alone.logits)[0], atol=1e-5)
+    for a, p in zip(alone.routings, padded.routings):
+        np.testing.assert_array_equal(np.asarray(p.keep)[mask[0]], np.asarray(a.keep))
+        assert not np.asarray(p.keep)[~mask[0]].any()
+
+
+@pytest.mark.parametrize("expanded", ["local", "global"])
+def test_expanded_drop_in_the_model(model, expanded):
+    """Every expert keeps its top-C candidates (top-k plus local experts) by score, weighted by the score."""
+    policy = moejax.MoEPolicy(capacity_factor=1.0, expanded=expanded, num_devices=4)
+    tokens = _tokens(2)
+    out = moejax.with_policy(model, policy).forward(tokens)
+    t_count = tokens.size
+    cap = capacity.expert_capacity(t_count, 2, 8, 1.0)
+    device_of_expert = placement.contiguous(8, 4)
+    token_device = placement.token_devices(t_count, 4)
+    local = (device_of_expert[None, :] == token_device[:, None]) if expanded == "local" else np.ones((t_count, 8), bool)
+    for r in out.routings:
+        scores, experts, keep = (np.asarray(a) for a in (r.scores, r.experts, r.keep))
+        dense = np.zeros((t_count, 8), bool)
+        for t, j in zip(*np.nonzero(keep)):
+            assert not dense[t, experts[t, j]]  # no pair kept twice
+            dense[t, experts[t, j]] = True
+        np.testing.assert_array_equal(dense, expanded_drop_brute_force(scores, experts[:, :2], cap, local))
+        np.testing.assert_allclose(np.asarray(r.weights)[keep], scores[np.nonzero(keep)[0], experts[keep]])
+
+
+def test_capacity_applies_in_decode_unless_switched_off(model):
+    """Four identical rows decode the same token, so in a decode step every expert gets 4 pairs > C = 1."""
+    from moejax.models.transformer import init_cache
+
+    tokens = jnp.asarray([[1, 2, 3, 4]] * 4)
+    tight = dict(capacity_factor=0.25, drop="first")
+    for in_decode in (True, False):
+        m = moejax.with_policy(model, moejax.MoEPolicy(**tight, in_decode=in_decode))
+        prefill = m.forward(tokens, cache=init_cache(m.config, 4, 8, jnp.float32))
+        assert not all(bool(r.keep.all()) for r in prefill.routings)  # prefill always drops here
+        step = m.forward(jnp.argmax(prefill.logits[:, -1:], -1), cache=prefill.cache, decode=True)
+        assert all(bool(r.keep.all()) for r in step.routings) == (not in_decode)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(capacity_factor=0.0), "capacity_factor=0.0 must be > 0"),
+    (dict(capacity_factor=1.0, drop="fastest"), "unknown drop strategy 'fastest'"),
+    (dict(capacity_factor=1.0, scope="node"), "unknown capacity scope 'node'"),
+    (dict(capacity_factor=1.0, expanded="nearby"), "unknown expanded mode 'nearby'"),
+    (dict(capacity_factor=1.0, expanded="local"), "needs a placement"),
+    (dict(capacity_factor=1.0, scope="device"), "needs a placement"),
+    (dict(expanded="global"), "needs a capacity_factor"),
+])
+def test_bad_policies(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moejax.MoEPolicy(**kwargs)
+
+
+def test_placement_must_fit_the_model(model):
+    policy = moejax.MoEPolicy(capacity_factor=1.0, expanded="local", placement=(0, 0, 1, 1, 2, 2))
+    with pytest.raises(ValueError, match="placement has 6 entries but the model has 8 experts"):
+        moejax.with_policy(model, policy).forward(_tokens())
