@@ -168,10 +168,21 @@ def _sources(plan: _Plan) -> Iterator[Source]:
         yield from sources
 
 
-def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None) -> CausalLM:
+def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
+                    gating: str = "dynamic", **parallel_options) -> CausalLM:
     """A moejax model from a Hugging Face checkpoint directory (config.json + safetensors), or from a
-    directory written by `save_converted`. Parameters are cast to `dtype`."""
-    path = os.fspath(path)
+    directory written by `save_converted`. Parameters are cast to `dtype`. With a `mesh`
+    (moejax.parallel.make_mesh), the MoE blocks run expert-parallel on it with the given gating
+    ("dynamic" or "static") and options (see moejax.parallel.ExpertParallel)."""
+    model = _load(os.fspath(path), dtype, policy)
+    if mesh is not None:
+        from moejax import parallel
+
+        model = parallel.expert_parallel(model, mesh, gating, **parallel_options)
+    return model
+
+
+def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
     if os.path.isfile(os.path.join(path, _ORBAX_CONFIG)):
         return restore_converted(path, policy=policy)
     config = read_config(path)

@@ -52,5 +52,6 @@ def greedy(mean_loads, num_devices: int) -> np.ndarray:
 
 
 def token_devices(num_tokens: int, num_devices: int) -> np.ndarray:
-    """The device each token of a flattened batch sits on when tokens are sharded in contiguous blocks."""
-    return (np.arange(num_tokens) * num_devices // num_tokens).astype(np.int32)
+    """The device each token of a flattened batch sits on when tokens are sharded in contiguous blocks of
+    ceil(T / D) (the expert-parallel layout, which pads T up to a multiple of D)."""
+    return (np.arange(num_tokens) // -(-num_tokens // num_devices)).astype(np.int32)

@@ -145,7 +145,7 @@ def test_capacity_large_enough_to_drop_nothing_equals_dropless(model):
 def test_token_that_lost_every_expert_passes_through_the_residual_only(model):
     block = moejax.with_policy(model, moejax.MoEPolicy(capacity_factor=0.1)).moe_blocks()[0]
     x = jnp.asarray(np.random.RandomState(0).randn(40, 32), jnp.float32)
-    out, r = block(x, jnp.ones(40, bool))
+    out, r, _ = block(x, jnp.ones(40, bool))
     lost = ~np.asarray(r.keep).any(-1)
     assert lost.sum() > 0 and (~lost).sum() > 0
     assert np.abs(np.asarray(out)[lost]).max() == 0.0

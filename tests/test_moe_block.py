@@ -72,7 +72,7 @@ def test_moe_block_matches_brute_force(policy):
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randn(24, 32), jnp.float32)
     token_mask = jnp.asarray(rs.rand(24) > 0.2)
-    out, r = jax.jit(lambda x, m: block(x, m))(x, token_mask)
+    out, r, _ = jax.jit(lambda x, m: block(x, m))(x, token_mask)
     ref, ref_keep = _block_brute_force(block, x, token_mask)
     np.testing.assert_array_equal(np.sort(np.asarray(r.keep), -1), np.sort(ref_keep, -1))
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)

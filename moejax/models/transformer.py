@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import capacity, dispatch, routing
+from moejax import capacity, dispatch, parallel, routing
 from moejax.config import ACTIVATIONS, ModelConfig
 from moejax.kernels import grouped_ffn
 from moejax.models.rope import apply_rope, inverse_frequencies, rope_angles
@@ -48,8 +48,8 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * xf.astype(x.dtype)
 
 
-def _activation(name: str):
-    kernel_name = ACTIVATIONS[name]
+def activation_fn(kernel_name: str):
+    """The activation the expert kernel calls `kernel_name` (values of config.ACTIVATIONS)."""
     return {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=True),
             "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False)}[kernel_name]
 
@@ -64,7 +64,7 @@ class MLP(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(_activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activation_fn(ACTIVATIONS[self.act])(self.gate_proj(x)) * self.up_proj(x))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,6 +238,7 @@ class MoEBlock(nnx.Module):
         # which grouped_ffn implementation the experts step uses ("auto": the fastest for the backend;
         # training sets a differentiable one)
         self.implementation = "auto"
+        self.parallel = None  # a parallel.ExpertParallel: run the experts sharded over a mesh
 
     def route(self, x: jax.Array, token_mask: jax.Array, decode: bool) -> routing.Routing:
         """Router and policy for x [N, d]; padding tokens (token_mask False) take no expert slot."""
@@ -250,19 +251,25 @@ class MoEBlock(nnx.Module):
         return capacity.apply_policy(r, self.policy, num_tokens=token_mask.sum(), decode=decode, key=key)
 
     def __call__(self, x: jax.Array, token_mask: jax.Array, decode: bool = False):
-        """x [N, d], token_mask bool [N] -> ([N, d], Routing)."""
+        """x [N, d], token_mask bool [N] -> ([N, d], Routing of the pairs computed, needed dispatch bucket)."""
         r = self.route(x, token_mask, decode)
-        sent = dispatch.dispatch(x, r)
-        expert_out = grouped_ffn(sent.rows, sent.group_sizes, self.w_gate[...], self.w_up[...],
-                                 self.w_down[...], activation=ACTIVATIONS[self.config.hidden_act],
-                                 implementation=self.implementation)
-        out = dispatch.combine(expert_out, sent, r)
+        activation = ACTIVATIONS[self.config.hidden_act]
+        needed = jnp.zeros((), jnp.int32)
+        if self.parallel is None:
+            sent = dispatch.dispatch(x, r)
+            expert_out = grouped_ffn(sent.rows, sent.group_sizes, self.w_gate[...], self.w_up[...],
+                                     self.w_down[...], activation=activation, implementation=self.implementation)
+            out = dispatch.combine(expert_out, sent, r)
+        else:
+            result = parallel.expert_parallel_ffn(x, r, self.w_gate[...], self.w_up[...], self.w_down[...],
+                                                  self.parallel, activation)
+            out, needed, r = result.out, result.needed_bucket, r._replace(keep=result.kept)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
                 shared = jax.nn.sigmoid(x @ self.shared_gate[...]) * shared
             out = out + shared
-        return out, r
+        return out, r, needed
 
 
 class DecoderLayer(nnx.Module):
@@ -281,20 +288,21 @@ class DecoderLayer(nnx.Module):
         attn_out, layer_cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, layer_cache, index)
         x = x + attn_out
         h = self.post_attention_layernorm(x)
-        r = None
+        r, needed = None, jnp.zeros((), jnp.int32)
         if isinstance(self.mlp, MoEBlock):
             b, t, d = h.shape
-            out, r = self.mlp(h.reshape(b * t, d), token_mask.reshape(b * t), decode)
+            out, r, needed = self.mlp(h.reshape(b * t, d), token_mask.reshape(b * t), decode)
             out = out.reshape(b, t, d)
         else:
             out = self.mlp(h)
-        return x + out, layer_cache, r
+        return x + out, layer_cache, r, needed
 
 
 class ForwardOutput(NamedTuple):
     logits: jax.Array  # float32 [B, T, vocab]
     cache: KVCache | None
-    routings: tuple  # per layer: Routing for MoE layers, None for dense ones
+    routings: tuple  # per layer: Routing for MoE layers (keep: the pairs computed), None for dense ones
+    needed_bucket: jax.Array  # int32: expert-parallel dynamic gating's largest buffer count (0 on one device)
 
 
 class CausalLM(nnx.Module):
@@ -353,19 +361,20 @@ class CausalLM(nnx.Module):
             allowed &= positions[:, :, None] - key_positions[:, None, :] < c.sliding_window
 
         x = self.embed_tokens[...][tokens]
-        new_layers, routings = [], []
+        new_layers, routings, needed = [], [], jnp.zeros((), jnp.int32)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache, r = layer(x, cos, sin, allowed, token_mask, layer_cache, index, decode)
+            x, layer_cache, r, layer_needed = layer(x, cos, sin, allowed, token_mask, layer_cache, index, decode)
             new_layers.append(layer_cache)
             routings.append(r)
+            needed = jnp.maximum(needed, layer_needed)
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(tuple(new_layers), key_mask, key_positions, index + t)
-        return ForwardOutput(logits, new_cache, tuple(routings))
+        return ForwardOutput(logits, new_cache, tuple(routings), needed)
 
 
 def check_token_ids(tokens, vocab_size: int) -> None:

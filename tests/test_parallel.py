@@ -1,0 +1,129 @@
+"""Expert parallelism on 8 CPU host devices against the single-device reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import moejax
+from moejax import parallel
+from tests.tiny import tiny_config
+
+TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(3, 10)))  # 30 tokens: padded to 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2), seed=0)
+    for block in m.moe_blocks():
+        block.router[...] = block.router[...] * 10  # decisive, uneven routing
+    return m
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert len(jax.devices()) == 8
+    return parallel.make_mesh()
+
+
+forward = nnx.jit(lambda m, t: m.forward(t))
+
+
+@pytest.mark.parametrize("options", [
+    dict(gating="dynamic"),
+    dict(gating="dynamic", all_to_all="padded", bucket=None),
+    dict(gating="dynamic", placement=(3, 1, 4, 0, 5, 2, 7, 6)),
+    dict(gating="static", capacity_fraction=2.0),  # slots for every pair: nothing dropped
+])
+def test_expert_parallel_equals_single_device(model, mesh, options):
+    ref = model.forward(TOKENS)
+    out = forward(parallel.expert_parallel(model, mesh, **options), TOKENS)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+    for r, r_ref in zip(out.routings, ref.routings):
+        assert bool(r.keep.all())
+
+
+def test_data_and_expert_axes(model):
+    mesh = parallel.make_mesh(expert=4, data=2)
+    ref = model.forward(TOKENS)
+    out = forward(parallel.expert_parallel(model, mesh), TOKENS)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy", [moejax.MoEPolicy(capacity_factor=0.75),
+                                    moejax.MoEPolicy(capacity_factor=1.0, expanded="local", num_devices=8)])
+def test_capacity_policies_work_unchanged(model, mesh, policy):
+    dropping = moejax.with_policy(model, policy)
+    ref = dropping.forward(TOKENS)
+    assert not all(bool(r.keep[:, :2].all()) for r in ref.routings)  # the policy drops something
+    out = forward(parallel.expert_parallel(dropping, mesh), TOKENS)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+
+
+def _fairseq_brute_force(experts, keep, capacity):
+    """fairseq top-k gating: expert slots go to first choices in token order, then second choices, ..."""
+    n, k = experts.shape
+    used = {}
+    kept = np.zeros_like(keep)
+    for j in range(k):
+        for t in range(n):
+            if keep[t, j]:
+                e = experts[t, j]
+                if used.get(e, 0) < capacity:
+                    kept[t, j] = True
+                    used[e] = used.get(e, 0) + 1
+    return kept
+
+
+def test_static_gating_drops_what_fairseq_drops(model, mesh):
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 64, size=(4, 16)))  # 64 tokens: 8 per device
+    ep = parallel.expert_parallel(model, mesh, gating="static", capacity_fraction=0.25)  # 2 slots per expert
+    out = forward(ep, tokens)
+    for r_ep in out.routings:  # each layer's own routing (later layers see the earlier drops)
+        experts, keep = np.asarray(r_ep.experts), np.ones(r_ep.experts.shape, bool)
+        expected = np.concatenate([_fairseq_brute_force(experts[d * 8:(d + 1) * 8], keep[d * 8:(d + 1) * 8], 2)
+                                   for d in range(8)])
+        assert expected.sum() < keep.sum()  # something is dropped
+        np.testing.assert_array_equal(np.asarray(r_ep.keep), expected)
+    # a static model that drops equals the single-device model with exactly those pairs removed
+    block = ep.moe_blocks()[0]
+    x = jnp.asarray(np.random.RandomState(2).randn(64, 32), jnp.float32)
+    out_ep, r_ep, _ = nnx.jit(lambda b, x: b(x, jnp.ones(64, bool)))(block, x)
+    ref_block = model.moe_blocks()[0]
+    r = ref_block.route(x, jnp.ones(64, bool), False)._replace(keep=r_ep.keep)
+    sent = moejax.dispatch.dispatch(x, r)
+    from moejax.kernels import grouped_ffn
+    y = grouped_ffn(sent.rows, sent.group_sizes, ref_block.w_gate[...], ref_block.w_up[...], ref_block.w_down[...])
+    np.testing.assert_allclose(np.asarray(out_ep), np.asarray(moejax.dispatch.combine(y, sent, r)), atol=1e-5)
+
+
+def test_bucketed_dynamic_gating_never_truncates(model, mesh):
+    ep = parallel.expert_parallel(model, mesh)
+    runner = parallel.ExpertParallelRunner(ep, lambda m, t: (lambda o: (o.logits, o.needed_bucket))(forward(m, t)))
+    tokens = jnp.asarray(np.full((2, 16), 7))  # every token routes alike: a worst-case skew
+    logits = runner(tokens, pairs_per_device=tokens.size * 2 // 8)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(tokens)), atol=1e-5, rtol=0)
+    sizes = parallel.bucket_sizes(8, 8)
+    # each device's 4 tokens send all 4 first choices to one device: a count of 4 against a balanced 1
+    assert sizes[0] == 1 and sizes[0] in runner.compiled_buckets and len(runner.compiled_buckets) == 2
+    assert runner.bucket == min(s for s in sizes if s >= 4)
+    balanced = jnp.asarray(np.random.RandomState(3).randint(0, 64, size=(2, 16)))
+    np.testing.assert_allclose(np.asarray(runner(balanced, pairs_per_device=8)), np.asarray(model(balanced)),
+                               atol=1e-5, rtol=0)
+
+
+def test_generate_on_the_mesh_matches(model, mesh):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    expected = np.asarray(moejax.generate(model, prompts, max_new_tokens=6))
+    np.testing.assert_array_equal(np.asarray(moejax.generate(parallel.expert_parallel(model, mesh), prompts, 6)),
+                                  expected)
+
+
+def test_bad_parallel_settings(model, mesh):
+    with pytest.raises(ValueError, match=r"expert axis \(3 devices\) does not divide the number of experts \(8\)"):
+        parallel.expert_parallel(model, parallel.make_mesh(expert=3, devices=jax.devices()[:3]))
+    with pytest.raises(ValueError, match="unknown dispatch mode .*'sparse'"):
+        parallel.expert_parallel(model, mesh, gating="sparse")
+    with pytest.raises(ValueError, match="data=3 does not divide the 8 devices"):
+        parallel.make_mesh(data=3)
