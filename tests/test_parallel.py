@@ -127,3 +127,23 @@ def test_bad_parallel_settings(model, mesh):
         parallel.expert_parallel(model, mesh, gating="sparse")
     with pytest.raises(ValueError, match="data=3 does not divide the 8 devices"):
         parallel.make_mesh(data=3)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """2 local processes x 4 CPU devices (jax.distributed over gloo) give the logits of 1 process x 8."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MOEJAX_VENV=sys.prefix, MOEJAX_SKIP_SETUP="1", JAX_PLATFORMS="cpu")
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    runs = {"one": ["--local_devices", "8"], "two": ["--processes", "2", "--local_devices", "4", "--port", str(port)]}
+    for name, where in runs.items():
+        subprocess.run([os.path.join(root, "launch.sh"), *where, "ep_forward", f"--out={tmp_path / name}.npy"],
+                       env=env, check=True, timeout=300, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-6, rtol=0)
