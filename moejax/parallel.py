@@ -172,41 +172,35 @@ def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation,
     slot = slot_of_expert[experts].reshape(-1)
     # sort pairs by (destination, local expert slot there), so each chunk arrives grouped by expert
     order = jnp.lexsort((slot, dest))
-    sorted_dest, sorted_slot = dest[order], slot[order]
+    position = jnp.argsort(order)  # where each pair sits in sorted order
     send_counts = jnp.bincount(dest, length=num_dev + 1)[:num_dev].astype(jnp.int32)
     send_starts = (jnp.cumsum(send_counts) - send_counts).astype(jnp.int32)
-    rows = x[order // k]
     # counts first: every device learns what it will receive from every other
     recv_counts = jax.lax.all_to_all(send_counts, EXPERT, 0, 0, tiled=True)
     needed = jax.lax.pmax(jax.lax.pmax(send_counts.max(), EXPERT), DATA)
+    dest_clamped = jnp.minimum(dest, num_dev - 1)
+    offset = position - send_starts[dest_clamped]  # each pair's row in its destination chunk
 
     if ep.collective == "ragged":
-        out_rows = _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, recv_counts, w_gate, w_up,
-                                      w_down, activation, local_experts, pairs)
+        out_sorted = _ragged_round_trip(x[order // k], slot[order], send_counts, send_starts, recv_counts,
+                                        w_gate, w_up, w_down, activation, local_experts, pairs)
+        per_pair = out_sorted[position]
+        kept = keep
     else:
         bucket = pairs if ep.bucket is None else min(ep.bucket, pairs)
-        offsets = jnp.arange(bucket)
-        index = send_starts[:, None] + offsets[None, :]  # [D, B] positions in sorted order
-        valid = offsets[None, :] < send_counts[:, None]
-        safe = jnp.minimum(index, pairs - 1)
-        send = jnp.where(valid[..., None], rows[safe], 0)  # [D, B, d]
-        send_slot = jnp.where(valid, sorted_slot[safe], local_experts)  # sentinel after real experts
+        index = jnp.minimum(send_starts[:, None] + jnp.arange(bucket)[None, :], pairs - 1)  # [D, B]
+        valid = jnp.arange(bucket)[None, :] < send_counts[:, None]
+        source_pair = order[index]
+        send = jnp.where(valid[..., None], x[source_pair // k], 0)  # [D, B, d]
+        send_slot = jnp.where(valid, slot[source_pair], local_experts)  # sentinel after the real experts
         recv = jax.lax.all_to_all(send, EXPERT, 0, 0, tiled=True).reshape(num_dev * bucket, d)
         recv_slot = jax.lax.all_to_all(send_slot, EXPERT, 0, 0, tiled=True).reshape(-1)
         computed = _local_experts(recv, recv_slot, w_gate, w_up, w_down, activation, local_experts)
         back = jax.lax.all_to_all(computed.reshape(num_dev, bucket, d), EXPERT, 0, 0, tiled=True)
-        # sorted pair p came from chunk (dest, p - start[dest]); rows past the bucket were not sent
-        sorted_offset = jnp.arange(pairs) - send_starts[jnp.minimum(sorted_dest, num_dev - 1)]
-        arrived = (sorted_dest < num_dev) & (sorted_offset < bucket)
-        out_rows = jnp.where(arrived[:, None],
-                             back[jnp.minimum(sorted_dest, num_dev - 1), jnp.minimum(sorted_offset, bucket - 1)], 0)
-        del recv_counts
-    per_pair = jnp.zeros((pairs, d), out_rows.dtype).at[order].set(out_rows)
-    kept = keep
-    if ep.collective != "ragged" and ep.bucket is not None:
-        sorted_offset = jnp.arange(pairs) - send_starts[jnp.minimum(sorted_dest, num_dev - 1)]
-        fits = jnp.zeros(pairs, bool).at[order].set(sorted_offset < min(ep.bucket, pairs))
-        kept = keep & fits.reshape(n, k)
+        arrived = (dest < num_dev) & (offset < bucket)  # rows past the bucket were not sent
+        per_pair = jnp.where(arrived[:, None], back[dest_clamped, jnp.minimum(offset, bucket - 1)], 0)
+        kept = keep & arrived.reshape(n, k)
+        del recv_counts  # the padded path marks validity with the sentinel slot instead
     return _combine(per_pair, weights, kept, x.dtype), needed, kept
 
 
@@ -215,7 +209,7 @@ def _local_experts(rows, slots, w_gate, w_up, w_down, activation, local_experts)
     order = jnp.argsort(slots, stable=True)
     group_sizes = jnp.bincount(slots, length=local_experts + 1)[:local_experts].astype(jnp.int32)
     out_sorted = grouped_ffn(rows[order], group_sizes, w_gate, w_up, w_down, activation=activation)
-    return jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+    return out_sorted[jnp.argsort(order)]
 
 
 def _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, recv_counts, w_gate, w_up, w_down,
