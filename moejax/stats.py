@@ -88,3 +88,24 @@ def layer_loads(routings: Sequence[Routing | None], token_mask: jax.Array,
         out[layer] = LayerLoads(np.asarray(expert_counts(r, kept=False, token_mask=token_mask, top_k=top_k)),
                                 np.asarray(expert_counts(r)), int(token_mask.sum()), int(lost_all.sum()))
     return out
+
+
+def device_loads(expert_load, device_of_expert, num_devices: int) -> np.ndarray:
+    """numpy [..., E] -> [..., D]: the pairs each device of the expert axis computes."""
+    return np.asarray(device_counts(jnp.asarray(expert_load, jnp.float32), device_of_expert, num_devices))
+
+
+def modelled_layer_time(expert_load, device_of_expert, num_devices: int) -> float:
+    """The expert-parallel latency model: a layer waits for its most loaded device, whose time is
+    proportional to the pairs it computes. In units of one device computing T*k/D pairs (a perfectly
+    balanced layer takes 1.0)."""
+    load = device_loads(expert_load, device_of_expert, num_devices)
+    mean = load.sum() / num_devices
+    return float(load.max() / mean) if mean else 0.0
+
+
+def modelled_speedup(routed, kept, device_of_expert, num_devices: int) -> float:
+    """Dropless layer time over the policy's layer time, in the latency model (same T*k unit for both)."""
+    routed_dev = device_loads(routed, device_of_expert, num_devices)
+    kept_dev = device_loads(kept, device_of_expert, num_devices)
+    return float(routed_dev.max() / kept_dev.max()) if kept_dev.max() else float("inf")
