@@ -7,6 +7,7 @@ layers are MoE, shared experts, router flavour.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ from flax import nnx
 
 from moejax import capacity, dispatch, parallel, routing
 from moejax.config import ACTIVATIONS, ModelConfig
+from moejax import kernels
 from moejax.kernels import grouped_ffn
 from moejax.models.rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -50,8 +52,7 @@ class RMSNorm(nnx.Module):
 
 def activation_fn(kernel_name: str):
     """The activation the expert kernel calls `kernel_name` (values of config.ACTIVATIONS)."""
-    return {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-            "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False)}[kernel_name]
+    return kernels.ACTIVATIONS[kernel_name]
 
 
 class MLP(nnx.Module):
@@ -325,7 +326,10 @@ class CausalLM(nnx.Module):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
 
     def __call__(self, tokens: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
-        return self.forward(tokens, token_mask=token_mask).logits
+        """Compiled once per shape: split into (static graph, arrays) and run the jitted forward."""
+        check_token_ids(tokens, self.config.vocab_size)
+        graphdef, state = nnx.split(self)
+        return _jitted_logits(graphdef, state, jnp.asarray(tokens), token_mask)
 
     def forward(self, tokens: jax.Array, *, token_mask: jax.Array | None = None,
                 positions: jax.Array | None = None, cache: KVCache | None = None,
@@ -375,6 +379,12 @@ class CausalLM(nnx.Module):
         if cache is not None:
             new_cache = KVCache(tuple(new_layers), key_mask, key_positions, index + t)
         return ForwardOutput(logits, new_cache, tuple(routings), needed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_logits(graphdef, state, tokens, token_mask):
+    # jax.jit over split state: nnx.jit's per-call graph bookkeeping costs tens of ms at these sizes
+    return nnx.merge(graphdef, state).forward(tokens, token_mask=token_mask).logits
 
 
 def check_token_ids(tokens, vocab_size: int) -> None:
