@@ -25,9 +25,8 @@ def initialize_from_env() -> None:
     missing = [v for v in ("MOEJAX_COORDINATOR", "MOEJAX_NUM_PROCESSES", "MOEJAX_PROCESS_ID") if v not in os.environ]
     if missing:
         raise ValueError(f"MOEJAX_DISTRIBUTED=local needs {missing} (launch.sh --processes sets them)")
-    if jax.config.read("jax_platforms") in (None, "", "cpu"):
-        # the CPU backend's cross-process collectives
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # the CPU backend's cross-process collectives (accelerator backends bring their own)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=os.environ["MOEJAX_COORDINATOR"],
                                num_processes=int(os.environ["MOEJAX_NUM_PROCESSES"]),
                                process_id=int(os.environ["MOEJAX_PROCESS_ID"]))
