@@ -10,9 +10,13 @@ Implementations behind one function (`implementation=`):
                On a 2-core CPU it runs at about the speed of a dense FFN of equal useful FLOPs, balanced or
                skewed (experiments/results/bench_forward_cpu.*), where jax.lax.ragged_dot reaches ~0.14.
                Not reverse-differentiable (dynamic loops): training uses "ragged_dot".
-  "ragged_dot" jax.lax.ragged_dot, differentiable; the natural choice on GPU/TPU until a Pallas kernel lands.
+  "pallas"     Pallas kernels in the TPU (Mosaic) layout, kernels/pallas_grouped_matmul.py: a static grid
+               over (row tile, group) visits that skips visits with no routed row; "pallas_interpret" runs
+               them in interpret mode on any backend (the tests).
+  "ragged_dot" jax.lax.ragged_dot, differentiable; used on GPU (no Mosaic GPU kernel yet).
   "reference"  plain jnp, obviously correct, slow: one masked dense pass per expert.
-"auto" picks per backend in `default_implementation`.
+"auto" picks per backend in `default_implementation`. `capacity` (optional) computes only the first
+min(count, capacity) rows of each group, the rest come out 0: capacity-aware drop at the kernel level.
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
     "relu": jax.nn.relu,
 }
-IMPLEMENTATIONS = ("auto", "xla", "ragged_dot", "reference")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "ragged_dot", "reference")
 
 
 def default_implementation() -> str:
     """The one place the backend picks the experts step."""
-    return "xla" if jax.default_backend() == "cpu" else "ragged_dot"
+    return {"cpu": "xla", "tpu": "pallas"}.get(jax.default_backend(), "ragged_dot")
 
 
 def default_tile(num_rows: int, num_groups: int) -> tuple[int, int]:
@@ -67,7 +71,8 @@ def _implementation(implementation: str) -> str:
 
 
 def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
-                activation: str = "silu", implementation: str = "auto", tile: int | None = None) -> jax.Array:
+                activation: str = "silu", implementation: str = "auto", tile: int | None = None,
+                capacity: int | None = None) -> jax.Array:
     """Per row r of group e: (act(x[r] @ w_gate[e]) * (x[r] @ w_up[e])) @ w_down[e]; padding rows -> 0.
 
     x [N, d]; group_sizes int [E]; w_gate, w_up [E, d, f]; w_down [E, f, d]. f32 accumulation; output
@@ -80,9 +85,14 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: j
     act = ACTIVATIONS[activation]
     impl = _implementation(implementation)
     if impl == "reference":
-        return grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, activation=activation)
+        return grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, activation=activation, capacity=capacity)
+    if impl.startswith("pallas"):
+        from moejax.kernels.pallas_grouped_matmul import pallas_grouped_ffn
+
+        return pallas_grouped_ffn(x, group_sizes, w_gate, w_up, w_down, activation=activation, capacity=capacity,
+                                  interpret=impl == "pallas_interpret")
     if impl == "ragged_dot":
-        return _ragged_dot_ffn(x, group_sizes, w_gate, w_up, w_down, act)
+        return _within_capacity(_ragged_dot_ffn(x, group_sizes, w_gate, w_up, w_down, act), group_sizes, capacity)
 
     def expert(rows, weights):
         wg, wu, wd = weights
@@ -90,27 +100,45 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: j
             rows, wu, preferred_element_type=jnp.float32)
         return jnp.dot(h.astype(rows.dtype), wd, preferred_element_type=jnp.float32)
 
-    return _tiled(x, group_sizes, (w_gate, w_up, w_down), expert, d, tile)
+    return _tiled(x, group_sizes, (w_gate, w_up, w_down), expert, d, tile, capacity)
 
 
 def grouped_matmul(x: jax.Array, group_sizes: jax.Array, w: jax.Array, *, implementation: str = "auto",
-                   tile: int | None = None) -> jax.Array:
+                   tile: int | None = None, capacity: int | None = None) -> jax.Array:
     """ragged_dot semantics: row r of group e -> x[r] @ w[e]; x [N, d], w [E, d, f] -> [N, f]; padding -> 0."""
     n, d = x.shape if x.ndim == 2 else (0, 0)
     e = group_sizes.shape[0] if group_sizes.ndim == 1 else 0
     _check(x, group_sizes, (("w", w, (e, d, w.shape[-1])),), None)
     impl = _implementation(implementation)
     if impl == "reference":
-        return grouped_matmul_reference(x, group_sizes, w)
+        return grouped_matmul_reference(x, group_sizes, w, capacity=capacity)
+    if impl.startswith("pallas"):
+        from moejax.kernels.pallas_grouped_matmul import pallas_grouped_matmul
+
+        return pallas_grouped_matmul(x, group_sizes, w, capacity=capacity, interpret=impl == "pallas_interpret")
     if impl == "ragged_dot":
         valid = jnp.arange(n) < group_sizes.sum()
         out = jax.lax.ragged_dot(x, w, _padding_into_last_group(group_sizes, n), preferred_element_type=jnp.float32)
-        return jnp.where(valid[:, None], out, 0).astype(x.dtype)
+        return _within_capacity(jnp.where(valid[:, None], out, 0).astype(x.dtype), group_sizes, capacity)
     return _tiled(x, group_sizes, (w,), lambda rows, ws: jnp.dot(rows, ws[0], preferred_element_type=jnp.float32),
-                  w.shape[-1], tile)
+                  w.shape[-1], tile, capacity)
 
 
-def _tiled(x, group_sizes, weights, compute, out_dim: int, tile: int | None) -> jax.Array:
+def _within_capacity(out: jax.Array, group_sizes: jax.Array, capacity: int | None) -> jax.Array:
+    """Zero the rows past each group's first `capacity` (for paths that compute them anyway)."""
+    if capacity is None:
+        return out
+    return jnp.where((_rank_in_group(group_sizes, out.shape[0]) < capacity)[:, None], out, 0)
+
+
+def _rank_in_group(group_sizes: jax.Array, n: int) -> jax.Array:
+    """int [N]: each row's position inside its group."""
+    group = _group_of_rows(group_sizes, n)
+    starts = jnp.concatenate([jnp.zeros((1,), group_sizes.dtype), jnp.cumsum(group_sizes)])
+    return jnp.arange(n) - starts[jnp.minimum(group, group_sizes.shape[0])]
+
+
+def _tiled(x, group_sizes, weights, compute, out_dim: int, tile: int | None, capacity: int | None) -> jax.Array:
     """Loop over active experts; per expert full tiles, then the remainder in halving tiles."""
     n = x.shape[0]
     num_groups = group_sizes.shape[0]
@@ -119,6 +147,8 @@ def _tiled(x, group_sizes, weights, compute, out_dim: int, tile: int | None) -> 
     tile = min(tile, max(8, 1 << max(0, n - 1).bit_length()))  # never more than the rows there are
     min_tile = min(min_tile, tile)
     starts = jnp.cumsum(group_sizes) - group_sizes
+    if capacity is not None:  # rows keep their places; only the first `capacity` of each group are computed
+        group_sizes = jnp.minimum(group_sizes, capacity)
     active = jnp.nonzero(group_sizes > 0, size=min(num_groups, n), fill_value=0)[0]
     num_active = jnp.sum(group_sizes > 0)
     remainder_tiles = []
@@ -180,10 +210,13 @@ def _group_of_rows(group_sizes: jax.Array, n: int) -> jax.Array:
     return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(n), side="right")
 
 
-def grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu") -> jax.Array:
+def grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
+                          capacity: int | None = None) -> jax.Array:
     """Plain jnp: every row through every expert, keep its own expert's result. Slow, obviously correct."""
     act = ACTIVATIONS[activation]
     group = _group_of_rows(group_sizes, x.shape[0])
+    if capacity is not None:
+        group = jnp.where(_rank_in_group(group_sizes, x.shape[0]) < capacity, group, group_sizes.shape[0])
     xf = x.astype(jnp.float32)
     out = jnp.zeros(x.shape, jnp.float32)
     for e in range(group_sizes.shape[0]):
@@ -193,8 +226,10 @@ def grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, *, activation: s
     return out.astype(x.dtype)
 
 
-def grouped_matmul_reference(x, group_sizes, w) -> jax.Array:
+def grouped_matmul_reference(x, group_sizes, w, *, capacity: int | None = None) -> jax.Array:
     group = _group_of_rows(group_sizes, x.shape[0])
+    if capacity is not None:
+        group = jnp.where(_rank_in_group(group_sizes, x.shape[0]) < capacity, group, group_sizes.shape[0])
     out = jnp.zeros((x.shape[0], w.shape[-1]), jnp.float32)
     for e in range(group_sizes.shape[0]):
         out = jnp.where((group == e)[:, None], x.astype(jnp.float32) @ w[e].astype(jnp.float32), out)

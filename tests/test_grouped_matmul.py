@@ -9,7 +9,7 @@ import pytest
 
 from moejax.kernels import grouped_ffn, grouped_ffn_reference, grouped_matmul, grouped_matmul_reference
 
-IMPLEMENTATIONS = ["xla", "ragged_dot", "auto"]
+IMPLEMENTATIONS = ["xla", "pallas_interpret", "ragged_dot", "auto"]
 D, F = 16, 24
 
 
@@ -45,6 +45,28 @@ def test_grouped_ffn_matches_reference_f32(case, implementation):
     assert np.abs(ref[:sum(sizes)]).max() > 0.1
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("capacity", [1, 4, 200])
+def test_counts_above_capacity_are_truncated(implementation, capacity):
+    """Only each group's first `capacity` rows are computed; the rest come out 0."""
+    sizes, n = CASES["larger-than-a-tile"]
+    w = _weights(len(sizes), jnp.float32, seed=9)
+    x = jnp.asarray(np.random.RandomState(10).randn(n, D), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    out = np.asarray(grouped_ffn(x, gs, *w, implementation=implementation, capacity=capacity))
+    full = np.asarray(grouped_ffn_reference(x, gs, *w))
+    starts = np.cumsum([0] + sizes[:-1])
+    expected = np.zeros_like(full)
+    for start, size in zip(starts, sizes):
+        keep = min(size, capacity)
+        expected[start:start + keep] = full[start:start + keep]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    wm = jnp.asarray(np.random.RandomState(11).randn(len(sizes), D, F), jnp.float32)
+    unfused = grouped_matmul(x, gs, wm, implementation=implementation, capacity=capacity)
+    np.testing.assert_allclose(np.asarray(unfused), np.asarray(grouped_matmul_reference(x, gs, wm, capacity=capacity)),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tile", [8, 16, 64])
 def test_every_tile_size_matches(tile):
     sizes, n = CASES["larger-than-a-tile"]
@@ -55,13 +77,14 @@ def test_every_tile_size_matches(tile):
     np.testing.assert_allclose(np.asarray(out), np.asarray(grouped_ffn_reference(x, gs, *w)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas_interpret"])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_exact", "relu"])
-def test_activations(activation):
+def test_activations(activation, implementation):
     sizes, n = CASES["random-with-empty"]
     w = _weights(len(sizes), jnp.float32)
     x = jnp.asarray(np.random.RandomState(4).randn(n, D), jnp.float32)
     gs = jnp.asarray(sizes, jnp.int32)
-    out = grouped_ffn(x, gs, *w, activation=activation, implementation="xla")
+    out = grouped_ffn(x, gs, *w, activation=activation, implementation=implementation)
     ref = grouped_ffn_reference(x, gs, *w, activation=activation)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
