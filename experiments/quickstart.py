@@ -50,12 +50,13 @@ def main(argv):
     rng = np.random.default_rng(config.seed)
     tokens = jnp.asarray(rng.integers(0, vocab, size=(config.batch_size, config.prompt_length)), jnp.int32)
 
-    forward = nnx.jit(lambda m, t: m.forward(t))
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t))
     start = time.perf_counter()
-    out = jax.block_until_ready(forward(model, tokens))
+    out = jax.block_until_ready(forward(state, tokens))
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    out = jax.block_until_ready(forward(model, tokens))
+    out = jax.block_until_ready(forward(state, tokens))
     forward_s = time.perf_counter() - start
     print(f"Forward pass: {tokens.shape[0]}x{tokens.shape[1]} tokens -> logits {out.logits.shape} in "
           f"{forward_s * 1e3:.1f} ms (first call with compilation {compile_s:.1f} s)")

@@ -13,7 +13,9 @@ Two gatings (papers.md B):
              shapes compile.
 
 Routing and capacity policies run before dispatch on the global token set, exactly as on one device, so
-policies work unchanged; the placement (device_of_expert) decides which device computes each expert.
+policies work unchanged; the placement (device_of_expert, or a placement.Placement with replicas of hot
+experts) decides which device computes each expert. With replicas, each (token, expert) pair goes to
+replica (token index mod replicas) of its expert: an even split that needs no communication.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from flax import nnx
 
 from moejax import placement as placement_lib
-from moejax.kernels import grouped_ffn
+from moejax.kernels import ACTIVATIONS, grouped_ffn
 from moejax.routing import Routing
 
 GATINGS = ("dynamic", "static")
@@ -65,7 +67,7 @@ class ExpertParallel:
     gating: str = "dynamic"
     capacity_fraction: float = 0.25  # static gating: slots per expert per source device, as a fraction of its tokens
     bucket: int | None = None  # dynamic, padded: rows per (source, destination) buffer; None: never truncates
-    placement: tuple[int, ...] | None = None  # device_of_expert; None: contiguous blocks
+    placement: tuple[int, ...] | placement_lib.Placement | None = None  # device_of_expert or slots; None: contiguous
     all_to_all: str = "auto"
 
     def __post_init__(self):
@@ -77,7 +79,7 @@ class ExpertParallel:
             raise ValueError(f"the mesh needs axes {(DATA, EXPERT)}; got {self.mesh.axis_names} (use make_mesh)")
         if not 0 < self.capacity_fraction:
             raise ValueError(f"capacity_fraction={self.capacity_fraction} must be > 0")
-        if self.placement is not None:
+        if self.placement is not None and not isinstance(self.placement, placement_lib.Placement):
             object.__setattr__(self, "placement", tuple(int(d) for d in self.placement))
 
     @property
@@ -88,7 +90,21 @@ class ExpertParallel:
     def collective(self) -> str:
         return default_all_to_all() if self.all_to_all == "auto" else self.all_to_all
 
+    def layout(self, num_experts: int) -> placement_lib.Placement:
+        """The validated placement as physical slots (one per expert unless experts are replicated)."""
+        if isinstance(self.placement, placement_lib.Placement):
+            if self.placement.num_experts != num_experts:
+                raise ValueError(f"placement covers {self.placement.num_experts} experts but the model has "
+                                 f"{num_experts}")
+            if self.placement.num_devices != self.num_devices:
+                raise ValueError(f"placement spans {self.placement.num_devices} devices but the mesh's expert "
+                                 f"axis has {self.num_devices}")
+            return self.placement
+        return placement_lib.Placement.from_device_of_expert(self.device_of_expert(num_experts), self.num_devices)
+
     def device_of_expert(self, num_experts: int) -> np.ndarray:
+        if isinstance(self.placement, placement_lib.Placement):
+            return self.layout(num_experts).device_of_expert  # raises for replicated experts
         if num_experts % self.num_devices:
             raise ValueError(f"the mesh's expert axis ({self.num_devices} devices) does not divide the number "
                              f"of experts ({num_experts})")
@@ -99,8 +115,8 @@ class ExpertParallel:
         return placement_lib.check(self.placement, self.num_devices)
 
     def physical_order(self, num_experts: int) -> np.ndarray:
-        """Logical expert held at each physical slot: device d holds slots [d * E/D, (d + 1) * E/D)."""
-        return np.argsort(self.device_of_expert(num_experts), kind="stable").astype(np.int32)
+        """Logical expert held at each physical slot: device d holds slots [d * L, (d + 1) * L)."""
+        return np.asarray(self.layout(num_experts).logical_of_slot, np.int32)
 
 
 class ExpertOutput(NamedTuple):
@@ -130,16 +146,18 @@ def expert_parallel_ffn(x: jax.Array, r: Routing, w_gate: jax.Array, w_up: jax.A
                         ep: ExpertParallel, activation: str) -> ExpertOutput:
     """The dispatch -> experts -> combine of one MoE block on ep.mesh. x [N, d]; weights in physical order,
     sharded over "expert". Tokens are padded to a multiple of the device count (padding keeps nothing)."""
-    num_experts = r.scores.shape[-1]
-    device_of_expert = ep.device_of_expert(num_experts)
-    physical = ep.physical_order(num_experts)
-    slot_of_expert = np.empty(num_experts, np.int32)
-    slot_of_expert[physical] = np.arange(num_experts) % (num_experts // ep.num_devices)
-    devices = ep.mesh.size
+    layout = ep.layout(r.scores.shape[-1])
+    # From here on "experts" are physical slots: each pair's replica is token index mod its replica count.
     n = x.shape[0]
+    count = jnp.asarray(layout.replica_count)[r.experts]
+    replica = jnp.arange(n, dtype=jnp.int32)[:, None] % count
+    experts = jnp.asarray(layout.replica_slots)[r.experts, replica]
+    slots = np.arange(layout.num_slots, dtype=np.int32)
+    device_of_expert, slot_of_expert = slots // layout.slots_per_device, slots % layout.slots_per_device
+    devices = ep.mesh.size
     padded = -(-n // devices) * devices
     pad = padded - n
-    experts, keep, weights = r.experts, r.keep, r.weights
+    keep, weights = r.keep, r.weights
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         experts, weights = jnp.pad(experts, ((0, pad), (0, 0))), jnp.pad(weights, ((0, pad), (0, 0)))
@@ -254,9 +272,7 @@ def _static(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation, 
     send = buffer[:-1].reshape(num_dev, local_experts * capacity, d)
     recv = jax.lax.all_to_all(send, EXPERT, 0, 0, tiled=True)  # [src, local experts * C, d]
     recv = recv.reshape(num_dev, local_experts, capacity, d).transpose(1, 0, 2, 3).reshape(local_experts, -1, d)
-    from moejax.models.transformer import activation_fn  # local import: models import this module
-
-    act = activation_fn(activation)
+    act = ACTIVATIONS[activation]
     h = act(jnp.einsum("ecd,edf->ecf", recv, w_gate)) * jnp.einsum("ecd,edf->ecf", recv, w_up)
     y = jnp.einsum("ecf,efd->ecd", h, w_down)  # every slot computed, padding included: the static waste
     y = y.reshape(local_experts, num_dev, capacity, d).transpose(1, 0, 2, 3).reshape(num_dev, -1, d)
@@ -270,17 +286,27 @@ def _static(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation, 
 # Whole models
 
 
-def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", **options):
+def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placements=None, **options):
     """The same model (parameters shared where they need not move) with every MoE block expert-parallel on
-    `mesh`: expert weights permuted into physical order and sharded over "expert", the rest replicated."""
+    `mesh`: expert weights permuted into physical order (replicated experts copied into each of their
+    slots) and sharded over "expert", the rest replicated. `placement=` applies to every MoE block;
+    `placements=` gives one per MoE block instead (routing differs between layers)."""
     from moejax.models.transformer import MoEBlock  # local import: models import this module
 
     ep = ExpertParallel(mesh, gating, **options)
     graphdef, state = nnx.split(model)
     new = nnx.merge(graphdef, state)
+    blocks = new.moe_blocks()
+    if placements is not None:
+        if "placement" in options:
+            raise ValueError("expert_parallel: pass placement= (every block) or placements= (one per block), not both")
+        if len(placements) != len(blocks):
+            raise ValueError(f"expert_parallel: {len(placements)} placements for {len(blocks)} MoE blocks")
     expert_weights = set()
-    for block in new.moe_blocks():
+    for i, block in enumerate(blocks):
         assert isinstance(block, MoEBlock)
+        if placements is not None:
+            ep = dataclasses.replace(ep, placement=placements[i])
         order = ep.physical_order(block.config.num_experts)  # validates the expert axis
         for w in (block.w_gate, block.w_up, block.w_down):
             w.set_value(global_array(np.asarray(w.get_value())[order], NamedSharding(mesh, P(EXPERT))))

@@ -109,3 +109,20 @@ def modelled_speedup(routed, kept, device_of_expert, num_devices: int) -> float:
     routed_dev = device_loads(routed, device_of_expert, num_devices)
     kept_dev = device_loads(kept, device_of_expert, num_devices)
     return float(routed_dev.max() / kept_dev.max()) if kept_dev.max() else float("inf")
+
+
+def load_trace(model, batches, token_masks=None) -> np.ndarray:
+    """int64 [num_batches, num_moe_layers, E]: for each token batch (int [B, T]) and MoE layer, the
+    (token, expert) pairs the router chose (padding excluded when token_masks, one bool [B, T] per batch,
+    is given). The historical loads that expert placement is fitted on (moejax.placement)."""
+    from flax import nnx  # local: only this helper runs models
+
+    top_k = model.config.num_experts_per_tok
+    counts = nnx.jit(lambda m, t, mask: [expert_counts(r, kept=False, token_mask=mask, top_k=top_k)
+                                         for r in m.forward(t, token_mask=mask).routings if r is not None])
+    trace = []
+    for i, tokens in enumerate(batches):
+        tokens = jnp.asarray(tokens)
+        mask = jnp.ones(tokens.shape, bool) if token_masks is None else jnp.asarray(token_masks[i], bool)
+        trace.append(np.stack([np.asarray(c) for c in counts(model, tokens, mask)]))
+    return np.stack(trace).astype(np.int64)

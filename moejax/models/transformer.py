@@ -14,10 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import capacity, dispatch, parallel, routing
+from moejax import capacity, dispatch, kernels, parallel, routing
 from moejax.config import ACTIVATIONS, ModelConfig
-from moejax import kernels
-from moejax.kernels import grouped_ffn
 from moejax.models.rope import apply_rope, inverse_frequencies, rope_angles
 
 _INIT = jax.nn.initializers.normal(0.02)
@@ -50,11 +48,6 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * xf.astype(x.dtype)
 
 
-def activation_fn(kernel_name: str):
-    """The activation the expert kernel calls `kernel_name` (values of config.ACTIVATIONS)."""
-    return kernels.ACTIVATIONS[kernel_name]
-
-
 class MLP(nnx.Module):
     """Dense gated FFN (SwiGLU for silu): dense layers and shared experts."""
 
@@ -65,7 +58,8 @@ class MLP(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation_fn(ACTIVATIONS[self.act])(self.gate_proj(x)) * self.up_proj(x))
+        act = kernels.ACTIVATIONS[ACTIVATIONS[self.act]]
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,8 +252,9 @@ class MoEBlock(nnx.Module):
         needed = jnp.zeros((), jnp.int32)
         if self.parallel is None:
             sent = dispatch.dispatch(x, r)
-            expert_out = grouped_ffn(sent.rows, sent.group_sizes, self.w_gate[...], self.w_up[...],
-                                     self.w_down[...], activation=activation, implementation=self.implementation)
+            expert_out = kernels.grouped_ffn(sent.rows, sent.group_sizes, self.w_gate[...], self.w_up[...],
+                                             self.w_down[...], activation=activation,
+                                             implementation=self.implementation)
             out = dispatch.combine(expert_out, sent, r)
         else:
             result = parallel.expert_parallel_ffn(x, r, self.w_gate[...], self.w_up[...], self.w_down[...],
