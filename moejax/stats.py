@@ -48,14 +48,16 @@ class LayerLoads(NamedTuple):
     """One MoE layer's loads in one forward call (numpy)."""
 
     routed: np.ndarray  # [E] pairs the router chose (padding excluded)
-    kept: np.ndarray  # [E] pairs the policy kept
+    kept: np.ndarray  # [E] pairs the policy kept (under expanded drop, extra local candidates included)
+    kept_of_routed: np.ndarray  # [E] the routed pairs among the kept ones
     tokens: int  # real tokens
     tokens_without_experts: int  # real tokens whose every pair was dropped (they pass through the residual only)
 
     @property
     def drop_rate(self) -> float:
+        """Routed pairs dropped / routed pairs (expanded drop's added candidates do not offset drops)."""
         routed = self.routed.sum()
-        return float(1 - self.kept.sum() / routed) if routed else 0.0
+        return float(1 - self.kept_of_routed.sum() / routed) if routed else 0.0
 
     @property
     def routed_max_over_mean(self) -> float:
@@ -70,7 +72,8 @@ class LayerLoads(NamedTuple):
         return float((self.kept == 0).mean())
 
     def to_dict(self) -> dict:
-        return {"routed": self.routed.tolist(), "kept": self.kept.tolist(), "tokens": self.tokens,
+        return {"routed": self.routed.tolist(), "kept": self.kept.tolist(),
+                "kept_of_routed": self.kept_of_routed.tolist(), "tokens": self.tokens,
                 "tokens_without_experts": self.tokens_without_experts, "drop_rate": self.drop_rate,
                 "routed_max_over_mean": self.routed_max_over_mean, "kept_max_over_mean": self.kept_max_over_mean}
 
@@ -85,8 +88,10 @@ def layer_loads(routings: Sequence[Routing | None], token_mask: jax.Array,
         if r is None:
             continue
         lost_all = token_mask & ~r.keep.any(axis=-1)
+        routed_columns = r._replace(experts=r.experts[:, :top_k], keep=r.keep[:, :top_k])
         out[layer] = LayerLoads(np.asarray(expert_counts(r, kept=False, token_mask=token_mask, top_k=top_k)),
-                                np.asarray(expert_counts(r)), int(token_mask.sum()), int(lost_all.sum()))
+                                np.asarray(expert_counts(r)), np.asarray(expert_counts(routed_columns)),
+                                int(token_mask.sum()), int(lost_all.sum()))
     return out
 
 

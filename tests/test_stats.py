@@ -22,6 +22,7 @@ def test_layer_loads_count_routed_and_kept_pairs():
         real = mask.reshape(-1)
         np.testing.assert_array_equal(l.routed, np.bincount(experts[real].ravel(), minlength=8))
         np.testing.assert_array_equal(l.kept, np.bincount(experts[keep], minlength=8))
+        np.testing.assert_array_equal(l.kept_of_routed, l.kept)  # token drop keeps only routed pairs
         assert l.tokens == 25 and l.routed.sum() == 50
         assert l.kept.max() <= moejax.capacity.expert_capacity(25, 2, 8, 0.5)
         assert l.tokens_without_experts == int((real & ~keep.any(-1)).sum())
@@ -38,3 +39,14 @@ def test_latency_model_waits_for_the_busiest_device():
     assert np.isclose(stats.modelled_speedup(routed, kept, device_of_expert, 4), 12 / 8)
     assert np.isclose(stats.modelled_layer_time(np.full(8, 3), device_of_expert, 4), 1.0)
     assert float(stats.max_over_mean(jnp.asarray([0, 0, 0]))) == 0.0
+
+
+def test_expanded_drop_rate_counts_only_routed_pairs():
+    model = moejax.with_policy(moejax.random_model(tiny_config(num_experts=8), seed=1),
+                               moejax.MoEPolicy(capacity_factor=1.0, expanded="local", num_devices=4))
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(2, 16)))
+    out = model.forward(tokens)
+    for layer, l in stats.layer_loads(out.routings, jnp.ones((2, 16), bool), top_k=2).items():
+        keep = np.asarray(out.routings[layer].keep)
+        assert l.kept.sum() == keep.sum() and l.kept_of_routed.sum() == keep[:, :2].sum()
+        assert np.isclose(l.drop_rate, 1 - keep[:, :2].sum() / 64) and 0 <= l.drop_rate < 1
