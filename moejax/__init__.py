@@ -2,14 +2,15 @@
 
 from moejax import capacity, config, dispatch, routing
 from moejax.capacity import MoEPolicy
-from moejax.checkpoints import load_pretrained, load_tokenizer, restore_converted, save_converted
+from moejax.checkpoints import export_pretrained, load_pretrained, load_tokenizer, restore_converted, save_converted
 from moejax.config import ModelConfig, from_hf_config
 from moejax.generate import generate
 from moejax.models.transformer import CausalLM
 from moejax.models import with_policy, random_model
 
 __all__ = [
-    "CausalLM", "ModelConfig", "MoEPolicy", "capacity", "config", "dispatch", "from_hf_config", "generate",
+    "CausalLM", "ModelConfig", "MoEPolicy", "capacity", "config", "dispatch", "export_pretrained",
+    "from_hf_config", "generate",
     "load_pretrained", "load_tokenizer", "random_model", "restore_converted", "routing", "save_converted",
     "with_policy",
 ]

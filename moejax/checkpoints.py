@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from moejax.capacity import MoEPolicy
-from moejax.config import ModelConfig, from_hf_config
+from moejax.config import ModelConfig, from_hf_config, to_hf_config
 from moejax.models.transformer import CausalLM, Dense, MoEBlock
 
 # Tensors a checkpoint may carry that moejax recomputes instead of reading.
@@ -73,39 +73,47 @@ class _Tensors:
         return self._handles[file]
 
 
-# A load plan: for each moejax parameter, the checkpoint tensors it is built from, their expected shapes,
-# and how to build it (transposes, stacking experts).
+# A load plan: for each moejax parameter, the checkpoint tensors it is built from (with their expected
+# shapes), how to build it from them (transposes, stacking experts), and how to split it back (export).
 Source = tuple[str, tuple[int, ...]]
+
+
+class PlanItem(NamedTuple):
+    param: nnx.Param
+    sources: list[Source]
+    build: Callable[..., np.ndarray]
+    split: Callable[[np.ndarray], list[np.ndarray]]
 
 
 class _Plan:
     def __init__(self):
-        self.items: list[tuple[nnx.Param, list[Source], Callable[..., np.ndarray]]] = []
+        self.items: list[PlanItem] = []
 
     def linear(self, dense: Dense, name: str):
         din, dout = dense.kernel.shape
-        self.items.append((dense.kernel, [(f"{name}.weight", (dout, din))], lambda w: w.T))
+        self.items.append(PlanItem(dense.kernel, [(f"{name}.weight", (dout, din))], lambda w: w.T, lambda k: [k.T]))
         if dense.bias is not None:
-            self.items.append((dense.bias, [(f"{name}.bias", (dout,))], lambda b: b))
+            self.items.append(PlanItem(dense.bias, [(f"{name}.bias", (dout,))], lambda b: b, lambda b: [b]))
 
     def copy(self, param: nnx.Param, name: str, transpose: bool = False):
         shape = tuple(param.shape)[::-1] if transpose else tuple(param.shape)
-        self.items.append((param, [(name, shape)], (lambda w: w.T) if transpose else (lambda w: w)))
+        flip = (lambda w: w.T) if transpose else (lambda w: w)
+        self.items.append(PlanItem(param, [(name, shape)], flip, lambda w: [flip(w)]))
 
     def stacked(self, param: nnx.Param, names: list[str], per_expert_shape: tuple[int, ...]):
         """[E, a, b] from E tensors of shape [b, a] (HF Linear weights, one per expert)."""
-        self.items.append((param, [(n, per_expert_shape) for n in names],
-                           lambda *ws: np.stack([w.T for w in ws])))
+        self.items.append(PlanItem(param, [(n, per_expert_shape) for n in names],
+                                   lambda *ws: np.stack([w.T for w in ws]), lambda w: [we.T for we in w]))
 
 
 def _experts(plan: _Plan, moe: MoEBlock, prefix: str, names: set[str], mixtral: bool):
     e, d, f = moe.w_gate.shape
     fused = f"{prefix}.experts.gate_up_proj"
-    if fused in names:  # transformers v5 in-memory layout: gate_up [E, 2f, d], down [E, d, f]
-        plan.items.append((moe.w_gate, [(fused, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, :f], 1, 2)))
-        plan.items.append((moe.w_up, [(fused, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, f:], 1, 2)))
-        plan.items.append((moe.w_down, [(f"{prefix}.experts.down_proj", (e, d, f))],
-                           lambda w: np.swapaxes(w, 1, 2)))
+    if fused in names:  # transformers v5 in-memory layout (read only): gate_up [E, 2f, d], down [E, d, f]
+        plan.items.append(PlanItem(moe.w_gate, [(fused, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, :f], 1, 2), None))
+        plan.items.append(PlanItem(moe.w_up, [(fused, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, f:], 1, 2), None))
+        plan.items.append(PlanItem(moe.w_down, [(f"{prefix}.experts.down_proj", (e, d, f))],
+                                   lambda w: np.swapaxes(w, 1, 2), None))
         return
     gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     plan.stacked(moe.w_gate, [f"{prefix}.experts.{i}.{gate}.weight" for i in range(e)], (f, d))
@@ -164,8 +172,8 @@ def _plan(model: CausalLM, names: set[str]) -> _Plan:
 
 
 def _sources(plan: _Plan) -> Iterator[Source]:
-    for _, sources, _ in plan.items:
-        yield from sources
+    for item in plan.items:
+        yield from item.sources
 
 
 def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
@@ -211,9 +219,9 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
         raise ValueError(f"checkpoint {path!r} does not match its config.json "
                          f"({config.architecture}):\n  {shown}")
 
-    for param, sources, build in plan.items:
-        array = build(*(tensors.get(name) for name, _ in sources))
-        param.set_value(jnp.asarray(array, dtype=dtype))
+    for item in plan.items:
+        array = item.build(*(tensors.get(name) for name, _ in item.sources))
+        item.param.set_value(jnp.asarray(array, dtype=dtype))
     return model
 
 
@@ -253,3 +261,33 @@ def restore_converted(directory: str, policy: MoEPolicy | None = None) -> Causal
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(os.path.join(directory, "params"), abstract_state)
     return nnx.merge(graphdef, state)
+
+
+def export_pretrained(model: CausalLM, directory: str, tokenizer=None) -> None:
+    """Write `model` as a Hugging Face checkpoint of its family (config.json + model.safetensors, and the
+    `tokenizers` tokenizer as tokenizer.json if given): the exact inverse of load_pretrained, which
+    transformers loads too. Expert-parallel models are exported from their single-device originals."""
+    from safetensors.numpy import save_file
+
+    if any(block.parallel is not None for block in model.moe_blocks()):
+        raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
+    hf_config = to_hf_config(model.config, model.dtype)
+    mixtral = model.config.architecture == "mixtral"
+    tensors = {}
+    for item in _plan(model, _mixtral_names(model) if mixtral else set()).items:
+        value = np.asarray(jax.device_get(item.param.get_value()))
+        for (name, shape), array in zip(item.sources, item.split(value)):
+            assert array.shape == shape, (name, array.shape, shape)
+            tensors[name] = np.ascontiguousarray(array)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, "tokenizer.json"))
+
+
+def _mixtral_names(model: CausalLM) -> set[str]:
+    """Mixtral checkpoints name their MoE blocks block_sparse_moe (the Hub layout transformers writes)."""
+    return {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(model.config.num_layers)}

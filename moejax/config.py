@@ -273,3 +273,65 @@ def from_hf_config(hf: dict) -> ModelConfig:
             raise ValueError(f"config.json: unsupported architecture {arch!r}; supported architectures: "
                              f"{sorted(SUPPORTED_ARCHITECTURES)}")
     return ModelConfig(architecture=model_type, **_READERS[model_type](hf))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing config.json (export): the inverse of the readers, for the families a moejax model can be written as.
+
+
+def to_hf_config(config: ModelConfig, dtype="float32") -> dict:
+    """The Hugging Face config.json dict of `config`; fails naming the field its family cannot express."""
+    c = config
+    if c.architecture == "deepseek_v2":
+        raise ValueError("export to deepseek_v2 is not supported yet; supported: mixtral, olmoe, qwen2_moe")
+    hf = {
+        "model_type": c.architecture,
+        "architectures": [next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == c.architecture)],
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope.theta, "max_position_embeddings":
+        c.max_position_embeddings, "hidden_act": c.hidden_act,
+        "tie_word_embeddings": c.tie_word_embeddings, "num_experts_per_tok": c.num_experts_per_tok,
+        "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple)
+        else c.eos_token_id, "pad_token_id": c.pad_token_id, "torch_dtype": str(dtype),
+    }
+    if c.rope.kind != "default":
+        hf["rope_scaling"] = {"rope_type": c.rope.kind, "factor": c.rope.factor}
+        if c.rope.kind == "yarn":
+            hf["rope_scaling"].update(original_max_position_embeddings=c.rope.original_max_position,
+                                      beta_fast=c.rope.beta_fast, beta_slow=c.rope.beta_slow)
+
+    def need(ok: bool, field: str, value):
+        if not ok:
+            raise ValueError(f"cannot export as {c.architecture}: {field}={value!r} is not expressible there")
+
+    need(not c.is_mla, "kv_lora_rank", c.kv_lora_rank)
+    need(c.topk_method == "greedy", "topk_method", c.topk_method)
+    need(c.routed_scaling_factor == 1.0, "routed_scaling_factor", c.routed_scaling_factor)
+    if c.architecture in ("mixtral", "olmoe"):
+        need(all(c.moe_layers), "moe_layers", c.moe_layers)
+        need(c.shared_expert_intermediate_size == 0, "shared_expert_intermediate_size",
+             c.shared_expert_intermediate_size)
+    if c.architecture == "mixtral":
+        need(c.norm_topk_prob, "norm_topk_prob", c.norm_topk_prob)
+        need(not (c.qk_norm or c.qkv_bias or c.o_bias or c.clip_qkv), "qk_norm/qkv_bias/o_bias/clip_qkv",
+             (c.qk_norm, c.qkv_bias, c.o_bias, c.clip_qkv))
+        hf.update(num_local_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
+                  sliding_window=c.sliding_window)
+    elif c.architecture == "olmoe":
+        need(c.qk_norm, "qk_norm", c.qk_norm)
+        need(c.qkv_bias == c.o_bias, "qkv_bias/o_bias", (c.qkv_bias, c.o_bias))
+        need(c.sliding_window is None, "sliding_window", c.sliding_window)
+        hf.update(num_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
+                  norm_topk_prob=c.norm_topk_prob, clip_qkv=c.clip_qkv, attention_bias=c.qkv_bias)
+    else:  # qwen2_moe
+        need(not (c.qk_norm or c.o_bias or c.clip_qkv), "qk_norm/o_bias/clip_qkv", (c.qk_norm, c.o_bias, c.clip_qkv))
+        need(c.sliding_window is None, "sliding_window", c.sliding_window)
+        need(c.shared_expert_gate == (c.shared_expert_intermediate_size > 0), "shared_expert_gate",
+             c.shared_expert_gate)
+        hf.update(num_experts=c.num_experts, moe_intermediate_size=c.moe_intermediate_size,
+                  intermediate_size=c.intermediate_size or c.moe_intermediate_size,
+                  shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+                  norm_topk_prob=c.norm_topk_prob, qkv_bias=c.qkv_bias, decoder_sparse_step=1,
+                  mlp_only_layers=[i for i, moe in enumerate(c.moe_layers) if not moe], use_sliding_window=False)
+    return hf
