@@ -1,10 +1,12 @@
 """export_pretrained: moejax models written as Hugging Face checkpoints that transformers and moejax load alike."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import moejax
 from tests.tiny import tiny_config
@@ -40,3 +42,41 @@ def test_exported_checkpoint_loads_in_transformers_and_moejax(family, tmp_path):
 def test_unexpressible_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot export as mixtral: norm_topk_prob=False"):
         moejax.export_pretrained(moejax.random_model(tiny_config(norm_topk_prob=False)), tmp_path)
+
+
+def _trained_kind_of_model(dtype=jnp.float32):
+    """A random model of the kind moejax.training builds (OLMoE, tied embeddings), routers made decisive."""
+    from moejax import training
+
+    config = training.model_config("olmoe", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
+                                   max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=0)
+    model = moejax.random_model(config, seed=3, dtype=dtype)
+    for block in model.moe_blocks():
+        block.router[...] = block.router[...] * 10
+    return model
+
+
+def test_training_model_exports_in_bfloat16_with_its_tokenizer(tmp_path):
+    """The default model's path: trained float32 -> bfloat16 checkpoint + tokenizer.json, read by both libraries."""
+    from moejax import data
+
+    model = _trained_kind_of_model()
+    model_bf16 = moejax.load_pretrained(_export(model, tmp_path / "f32"), dtype="bfloat16")
+    tokenizer = data.train_tokenizer(["def f(x):\n    return x + 1\n"] * 4, vocab_size=270)
+    moejax.export_pretrained(model_bf16, tmp_path / "bf16", tokenizer=tokenizer)
+    reloaded = moejax.load_pretrained(tmp_path / "bf16")  # float32 compute from the bfloat16 tensors
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(reloaded)), jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(jnp.asarray(theirs, jnp.bfloat16), np.float32))
+    text = "def g(y):\n    return y\n"
+    assert moejax.load_tokenizer(tmp_path / "bf16").decode(tokenizer.encode(text).ids) == text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    tokens = np.random.RandomState(1).randint(0, 64, size=(2, 12))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(reloaded(jnp.asarray(tokens))), theirs, atol=1e-4, rtol=0)
+
+
+def _export(model, directory):
+    moejax.export_pretrained(model, directory)
+    return directory

@@ -1,0 +1,74 @@
+"""Train a small MoE language model on real text and export it as a Hugging Face checkpoint.
+
+    python experiments/train.py --config=configs/train_default.py --workdir=workdir/train_default
+
+Resumes from --workdir's latest orbax checkpoint when interrupted (same batches as an uninterrupted run).
+Writes --workdir/export/ (config.json, model.safetensors, tokenizer.json: moejax.load_pretrained and
+transformers read it) and --workdir/train_results.json (loss curve, validation, timing). Evaluate the export
+with experiments/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_default.py", "Training config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/train_default", "Checkpoints, tokenizer, export and results.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Host CPU devices for data parallelism (0: JAX's default).")
+
+
+def write_json_atomically(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    import jax
+
+    if _CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
+    import moejax
+    from moejax import training
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    print(f"Training on {len(jax.devices())} {jax.default_backend()} device(s); workdir {workdir}")
+    start = time.perf_counter()
+    result = training.run(config, workdir)
+    seconds = time.perf_counter() - start
+    export = os.path.join(workdir, "export")
+    trained = result["model"]
+    # export in float32 first, then reload at the export dtype: the checkpoint's config says its own dtype
+    moejax.export_pretrained(trained, export)
+    if config.export_dtype != "float32":
+        moejax.export_pretrained(moejax.load_pretrained(export, dtype=config.export_dtype), export,
+                                 tokenizer=result["tokenizer"])
+    else:
+        moejax.export_pretrained(trained, export, tokenizer=result["tokenizer"])
+    train = result["history"]["train"]
+    rates = [t["tokens_per_s"] for t in train[1:]]
+    summary = {
+        "config": config.to_dict(), "workdir": workdir, "export": export,
+        "wall_seconds_this_call": seconds, "steps_this_call": len(train),
+        "median_tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+        "parameters": sum(x.size for x in jax.tree.leaves(result["state"].params)),
+        "history": result["history"], "devices": [str(d) for d in jax.devices()],
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "jax": jax.__version__},
+    }
+    write_json_atomically(os.path.join(workdir, "train_results.json"), summary)
+    print(f"Trained {len(train)} steps in {seconds / 60:.1f} min; exported to {export}")
+
+
+if __name__ == "__main__":
+    app.run(main)

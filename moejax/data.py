@@ -1,0 +1,178 @@
+"""Text corpora for training and evaluating small language models: read, split by document, tokenise, batch.
+
+The default corpus is the Python standard library's own source (`sysconfig.get_paths()["stdlib"]`), which
+exists on every machine without a download. Its content differs slightly between Python versions, so
+numbers measured on it are for the interpreter that produced them. Users can point the same code at a
+directory of text files, one text file, or a JSONL file with a "text" field per line.
+
+Splits are by document (never by random token) and fixed: a document's split is decided by a hash of its
+name, so adding or removing files elsewhere never moves a document between train, validation and test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Iterable, Sequence
+
+import numpy as np
+
+STDLIB = "stdlib"
+SPLITS = ("train", "validation", "test")
+END_OF_DOCUMENT = "<|endoftext|>"  # separates documents in the token stream; the tokenizer's only special token
+
+# Stdlib folders that are not stable library text: third-party installs, test suites, build-specific data.
+_SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    name: str  # path relative to the corpus root (or "file.jsonl:LINE"): stable across machines
+    text: str
+
+
+def load_documents(source: str, suffixes: Sequence[str] | None = None) -> list[Document]:
+    """Documents sorted by name from "stdlib", a directory (files with `suffixes`, recursively), one text
+    file, or a .jsonl file (one JSON object with a "text" field per line)."""
+    if source == STDLIB:
+        return _stdlib_documents()
+    if not source:
+        raise ValueError("corpus path is empty; give a directory, a text file, a .jsonl file or 'stdlib'")
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"corpus path {source!r} does not exist")
+    if os.path.isdir(source):
+        documents = _directory_documents(source, tuple(suffixes or _TEXT_SUFFIXES))
+    elif source.endswith(".jsonl"):
+        documents = _jsonl_documents(source)
+    else:
+        with open(source, encoding="utf-8", errors="replace") as f:
+            documents = [Document(os.path.basename(source), f.read())]
+    documents = [d for d in documents if d.text.strip()]
+    if not documents:
+        raise ValueError(f"corpus path {source!r} holds no non-empty text documents")
+    return documents
+
+
+def _stdlib_documents() -> list[Document]:
+    root = sysconfig.get_paths()["stdlib"]
+    documents = [d for d in _directory_documents(root, (".py",)) if not d.name.startswith("_sysconfigdata")]
+    if not documents:
+        raise ValueError(f"no Python source files found under the standard library directory {root!r}")
+    return documents
+
+
+def _directory_documents(root: str, suffixes: tuple[str, ...]) -> list[Document]:
+    documents = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_DIRS)
+        for name in sorted(files):
+            if name.endswith(suffixes):
+                path = os.path.join(directory, name)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    documents.append(Document(os.path.relpath(path, root).replace(os.sep, "/"), f.read()))
+    return sorted(documents, key=lambda d: d.name)
+
+
+def _jsonl_documents(path: str) -> list[Document]:
+    documents = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{line_number}: expected an object with a string field 'text'")
+            documents.append(Document(f"{os.path.basename(path)}:{line_number}", record["text"]))
+    return documents
+
+
+def split_of(name: str, validation_fraction: float, test_fraction: float) -> str:
+    """The fixed split of a document, from a hash of its name."""
+    u = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+def split_documents(documents: Iterable[Document], validation_fraction: float = 0.05,
+                    test_fraction: float = 0.05) -> dict[str, list[Document]]:
+    """{"train", "validation", "test"} -> documents, split by document name (see split_of)."""
+    if not (0 <= validation_fraction and 0 <= test_fraction and validation_fraction + test_fraction < 1):
+        raise ValueError(f"validation_fraction={validation_fraction} and test_fraction={test_fraction} must be "
+                         "non-negative and sum to less than 1")
+    splits = {s: [] for s in SPLITS}
+    for d in documents:
+        splits[split_of(d.name, validation_fraction, test_fraction)].append(d)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE trained locally with the `tokenizers` library (lossless: any text round-trips).
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer of `vocab_size` tokens (id 0 is END_OF_DOCUMENT) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size} must be at least 257 (256 bytes + the end-of-document token)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_DOCUMENT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def encode_documents(tokenizer, documents: Sequence[Document]) -> list[np.ndarray]:
+    """One int32 array of token ids per document."""
+    return [np.asarray(e.ids, np.int32) for e in tokenizer.encode_batch([d.text for d in documents])]
+
+
+def token_stream(encoded: Sequence[np.ndarray], separator: int) -> np.ndarray:
+    """Documents joined into one int32 stream, each followed by `separator` (END_OF_DOCUMENT's id)."""
+    parts = []
+    for ids in encoded:
+        parts += [ids, np.asarray([separator], np.int32)]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+
+def training_batch(stream: np.ndarray, seed: int, step: int, batch_size: int, length: int) -> np.ndarray:
+    """int32 [batch_size, length + 1] windows of `stream`, a pure function of (seed, step): a run resumed at
+    any step sees exactly the batches an uninterrupted run would have."""
+    if len(stream) < length + 2:
+        raise ValueError(f"token stream of {len(stream)} tokens is shorter than one training sequence "
+                         f"({length + 1} tokens)")
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(stream) - length, size=batch_size)
+    return np.stack([stream[s:s + length + 1] for s in starts])
+
+
+def chunks(stream: np.ndarray, length: int, max_chunks: int | None = None) -> list[np.ndarray]:
+    """Consecutive non-overlapping windows of `length` tokens (the last may be shorter, >= 2 tokens)."""
+    out = [stream[i:i + length] for i in range(0, len(stream), length)]
+    out = [c for c in out if len(c) >= 2]
+    return out[:max_chunks] if max_chunks is not None else out
+
+
+def unigram_log_probs(stream: np.ndarray, vocab_size: int) -> np.ndarray:
+    """float64 [vocab]: add-one smoothed unigram log-probabilities from a token stream (the baseline)."""
+    counts = np.bincount(stream, minlength=vocab_size).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum())
+
+
+def unigram_perplexity(log_probs: np.ndarray, sequences: Sequence[Sequence[int]]) -> float:
+    """Perplexity of the unigram model over every token after the first of each sequence (the tokens that
+    evaluation.perplexity scores, so the two numbers compare)."""
+    predicted = np.concatenate([np.asarray(s[1:], np.int64) for s in sequences if len(s) >= 2])
+    return float(np.exp(-log_probs[predicted].mean()))
