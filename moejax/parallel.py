@@ -294,8 +294,7 @@ def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placements=No
     from moejax.models.transformer import MoEBlock  # local import: models import this module
 
     ep = ExpertParallel(mesh, gating, **options)
-    graphdef, state = nnx.split(model)
-    new = nnx.merge(graphdef, state)
+    new = nnx.clone(model)  # new Variables over the same arrays: set_value below must not touch `model`
     blocks = new.moe_blocks()
     if placements is not None:
         if "placement" in options:

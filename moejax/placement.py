@@ -29,11 +29,11 @@ import numpy as np
 # Validation
 
 
-def _check_devices(num_devices, num_experts: int) -> int:
+def _check_devices(num_devices, num_experts: int, what: str = "num_experts") -> int:
     if not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
         raise ValueError(f"num_devices={num_devices!r} must be a positive int")
     if num_experts % num_devices:
-        raise ValueError(f"num_devices={num_devices} must divide num_experts={num_experts}")
+        raise ValueError(f"num_devices={num_devices} must divide {what}={num_experts}")
     return int(num_devices)
 
 
@@ -55,8 +55,8 @@ def check(device_of_expert, num_devices: int) -> np.ndarray:
     placement = np.asarray(device_of_expert)
     if placement.ndim != 1 or placement.size == 0 or not np.issubdtype(placement.dtype, np.integer):
         raise ValueError(f"a placement is an int array [num_experts]; got {placement!r}")
-    if num_devices < 1 or placement.size % num_devices:
-        raise ValueError(f"num_devices={num_devices} must divide the number of experts ({placement.size})")
+    if not isinstance(num_devices, (int, np.integer)) or num_devices < 1 or placement.size % num_devices:
+        raise ValueError(f"num_devices={num_devices!r} must divide the number of experts ({placement.size})")
     if placement.min() < 0 or placement.max() >= num_devices:
         raise ValueError(f"placement {placement.tolist()} names devices outside [0, {num_devices})")
     counts = np.bincount(placement, minlength=num_devices)
@@ -273,8 +273,8 @@ def replicate(mean_loads, num_devices: int, num_slots: int) -> Placement:
     device that holds no copy of that expert yet (a second copy on one device balances nothing); ties to the
     lower device id."""
     loads = check_loads(mean_loads, 1, "mean_loads")
-    per_device = num_slots // _check_devices(num_devices, num_slots)
     count = replica_counts(loads, num_slots)
+    per_device = num_slots // _check_devices(num_devices, num_slots, "num_slots")
     experts = np.repeat(np.arange(loads.size), count)
     per_replica = loads[experts] / count[experts]
     device_load = np.zeros(num_devices)
