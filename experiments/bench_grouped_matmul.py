@@ -1,10 +1,13 @@
-"""Grouped matmul throughput: moejax's kernels against jax.lax.ragged_dot (and tokamax where installed),
-each as a ratio to a dense matmul doing the same useful FLOPs, measured side by side in one run.
+"""Experts-step throughput: grouped_ffn's implementations against a dense SwiGLU FFN of equal useful FLOPs.
 
-For each shape and routing skew: x [N, d] rows sorted by expert times w [E, d, f] (ragged_dot semantics),
-achieved GFLOP/s (useful FLOPs 2*N*d*f) and efficiency = dense time / implementation time.
+For each routing skew, N = num_tokens * top_k rows sorted by expert go through grouped_ffn (SwiGLU, f32
+accumulation); the dense baseline runs the same N rows through one [d, f] gate/up and one [f, d] down.
+efficiency = dense time / path time (1.0: as fast as a dense FFN doing the same useful work). Timings are
+interleaved (dense, then each path, per repeat) so background load hits them alike; best and median of
+--repeats after warm-up, each call ended with jax.block_until_ready.
 
-  python experiments/bench_grouped_matmul.py --shapes=small,mixtral --json_out=experiments/results/...json
+  python experiments/bench_grouped_matmul.py                                # d=512 f=1024 E=8 top-2, 2048 tokens
+  python experiments/bench_grouped_matmul.py --num_tokens=2 --experts=64   # a decode step: 4 rows, 64 experts
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import functools
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 
 import jax
@@ -22,90 +27,116 @@ from absl import app, flags
 
 from moejax import kernels
 
-# name -> (rows N, d, f, experts). mixtral: Mixtral-8x7B's expert shapes, top-2 over 8192 tokens.
-SHAPES = {"small": (4096, 512, 1024, 8), "many-experts": (4096, 512, 256, 64), "mixtral": (16384, 4096, 14336, 8)}
-
-_SHAPES = flags.DEFINE_list("shapes", ["small", "many-experts"], f"Shapes from {sorted(SHAPES)}.")
-_ROWS = flags.DEFINE_integer("rows", 0, "Override N for every shape (e.g. fewer rows at Mixtral shapes on a CPU).")
-_SKEWS = flags.DEFINE_list("skews", ["balanced", "hot3x", "zipf"], "Routing skews.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input dtype (f32 accumulation).")
-_IMPLS = flags.DEFINE_list("implementations", ["auto", "ragged_dot"],
-                           "moejax implementations (auto = the backend's default); tokamax is added if installed.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats after warm-up (median reported).")
-_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the results here.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 2048, "Tokens; rows N = num_tokens * top_k.")
+_HIDDEN = flags.DEFINE_integer("hidden", 512, "Model width d.")
+_FFN = flags.DEFINE_integer("ffn", 1024, "Expert FFN width f.")
+_EXPERTS = flags.DEFINE_integer("experts", 8, "Experts E.")
+_TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Input and weight dtype.")
+_SKEW = flags.DEFINE_list("skew", ["balanced", "hot3x", "zipf"],
+                          "Routing skews: balanced, hot3x (one expert gets 3x its share), zipf (share ~ 1/rank).")
+_IMPLEMENTATIONS = flags.DEFINE_list("implementations", ["xla", "ragged_dot"], "grouped_ffn implementations.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed repeats after warm-up.")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the results here as JSON.")
 
 
 def group_sizes(skew: str, rows: int, experts: int) -> np.ndarray:
-    if skew == "balanced":
-        share = np.full(experts, 1.0)
-    elif skew == "hot3x":  # one expert gets 3x its share
-        share = np.full(experts, (experts - 3.0) / (experts - 1))
+    """Rows per expert for a skew, rounded by largest remainder so they sum to `rows`; with fewer rows than
+    experts (decode), balanced rows go one each to experts spread over the range."""
+    share = np.ones(experts)
+    if skew == "hot3x":  # expert 0 gets 3 / E of the rows, the others share the rest equally
+        share[:] = (experts - 3.0) / (experts - 1)
         share[0] = 3.0
     elif skew == "zipf":
         share = 1.0 / np.arange(1, experts + 1)
-    else:
+    elif skew != "balanced":
         raise ValueError(f"unknown skew {skew!r}; supported: balanced, hot3x, zipf")
-    sizes = np.floor(share / share.sum() * rows).astype(np.int32)
-    sizes[0] += rows - sizes.sum()
+    exact = share / share.sum() * rows
+    sizes = np.floor(exact).astype(np.int32)
+    left = rows - sizes.sum()
+    if skew == "balanced":
+        order = np.linspace(0, experts, left, endpoint=False).astype(int)
+    else:
+        order = np.argsort(sizes - exact, kind="stable")[:left]
+    sizes[order] += 1
     return sizes
 
 
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return {"nproc": os.cpu_count(), "cpu": model, "jax": jax.__version__, "backend": jax.default_backend(),
+            "auto": kernels.default_implementation()}
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """The dense baseline, with the grouped path's dtypes (f32 accumulation, h cast back to x's dtype)."""
+    h = jax.nn.silu(jnp.dot(x, w_gate, preferred_element_type=jnp.float32)) * jnp.dot(
+        x, w_up, preferred_element_type=jnp.float32)
+    return jnp.dot(h.astype(x.dtype), w_down, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def interleaved_times(calls: dict, repeats: int) -> dict[str, list[float]]:
+    for fn in calls.values():  # warm-up: compile and first run
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def implementations() -> dict:
-    impls = {name: jax.jit(functools.partial(kernels.grouped_matmul, implementation=name)) for name in _IMPLS.value}
-    try:
-        import tokamax  # optional: only where installed
-
-        impls["tokamax"] = jax.jit(lambda x, g, w: tokamax.ragged_dot(x, w, g))
-    except ImportError:
-        pass
-    return impls
+        jax.block_until_ready(fn())
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main(argv):
     del argv
+    info = machine()
+    command = "python " + shlex.join(["experiments/bench_grouped_matmul.py", *sys.argv[1:]])
+    n, d, f, e = _NUM_TOKENS.value * _TOP_K.value, _HIDDEN.value, _FFN.value, _EXPERTS.value
     dtype = jnp.dtype(_DTYPE.value)
-    machine = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-               "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-               "auto": kernels.default_implementation()}
-    print(f"machine: {machine}")
+    print(f"# machine: nproc={info['nproc']}, cpu={info['cpu']}, jax {info['jax']}, backend {info['backend']} "
+          f"(auto -> {info['auto']})")
+    print(f"# command: {command}")
+    print(f"# load average at start: {os.getloadavg()[0]:.2f}")
+    print(f"# shape: {_NUM_TOKENS.value} tokens x top-{_TOP_K.value} = N {n} rows, d={d}, f={f}, E={e}, "
+          f"{_DTYPE.value}; useful FLOPs {6 * n * d * f / 1e9:.3f} GFLOP; times in ms (best / median of "
+          f"{_REPEATS.value})")
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(e, d, f)) / np.sqrt(d), dtype) for _ in range(2))
+    w_down = jnp.asarray(rng.normal(size=(e, f, d)) / np.sqrt(f), dtype)
+    dense = jax.jit(swiglu)
+    paths = {name: jax.jit(functools.partial(kernels.grouped_ffn, implementation=name))
+             for name in _IMPLEMENTATIONS.value}
     results = []
-    impls = implementations()
-    for shape in _SHAPES.value:
-        n, d, f, e = SHAPES[shape]
-        n = _ROWS.value or n
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.normal(size=(n, d)), dtype)
-        w = jnp.asarray(rng.normal(size=(e, d, f)) * 0.02, dtype)
-        dense = jax.jit(lambda x, w0: jnp.dot(x, w0, preferred_element_type=jnp.float32).astype(x.dtype))
-        dense_s = timed(lambda: dense(x, w[0]), _REPEATS.value)
-        flops = 2.0 * n * d * f
-        print(f"\n{shape}: N={n} d={d} f={f} E={e} {_DTYPE.value}; dense {dense_s * 1e3:.1f} ms "
-              f"({flops / dense_s / 1e9:.0f} GFLOP/s)")
-        for skew in _SKEWS.value:
-            sizes = jnp.asarray(group_sizes(skew, n, e))
-            for name, fn in impls.items():
-                seconds = timed(lambda: fn(x, sizes, w), _REPEATS.value)
-                row = {"shape": shape, "rows": n, "d": d, "f": f, "experts": e, "dtype": _DTYPE.value, "skew": skew,
-                       "implementation": name, "ms": seconds * 1e3, "gflops": flops / seconds / 1e9,
-                       "dense_ms": dense_s * 1e3, "efficiency": dense_s / seconds,
-                       "max_group": int(sizes.max())}
-                results.append(row)
-                print(f"  {skew:>8} {name:>12}: {row['ms']:8.1f} ms {row['gflops']:7.0f} GFLOP/s "
-                      f"efficiency {row['efficiency']:.2f}")
+    for skew in _SKEW.value:
+        sizes = group_sizes(skew, n, e)
+        gs = jnp.asarray(sizes)
+        calls = {"dense": lambda: dense(x, w_gate[0], w_up[0], w_down[0])}
+        calls.update({name: functools.partial(fn, x, gs, w_gate, w_up, w_down) for name, fn in paths.items()})
+        outs = {name: np.asarray(fn(), np.float32) for name, fn in calls.items() if name != "dense"}
+        first = next(iter(outs.values()))
+        agree = max(float(np.abs(out - first).max()) for out in outs.values())
+        times = interleaved_times(calls, _REPEATS.value)
+        best = {name: min(t) for name, t in times.items()}
+        median = {name: float(np.median(t)) for name, t in times.items()}
+        active = int((sizes > 0).sum())
+        print(f"\n{skew}: rows per expert max {sizes.max()} min {sizes.min()} ({active} active experts); "
+              f"max |difference| between paths {agree:.1e}")
+        print(f"  {'path':>12} {'best':>9} {'median':>9} {'efficiency best/median':>24}")
+        for name in calls:
+            eff_best, eff_median = best["dense"] / best[name], median["dense"] / median[name]
+            print(f"  {name:>12} {best[name] * 1e3:9.3f} {median[name] * 1e3:9.3f} {eff_best:11.2f} / {eff_median:.2f}")
+            results.append({"skew": skew, "path": name, "best_ms": best[name] * 1e3, "median_ms": median[name] * 1e3,
+                            "efficiency_best": eff_best, "efficiency_median": eff_median,
+                            "group_sizes": sizes.tolist()})
+    print(f"\n# load average at end: {os.getloadavg()[0]:.2f}")
     if _JSON_OUT.value:
-        with open(_JSON_OUT.value + ".tmp", "w") as fh:
-            json.dump({"machine": machine, "results": results}, fh, indent=2)
-        os.replace(_JSON_OUT.value + ".tmp", _JSON_OUT.value)
+        with open(_JSON_OUT.value, "w") as fh:
+            json.dump({"machine": info, "command": command, "rows": n, "hidden": d, "ffn": f, "experts": e,
+                       "dtype": _DTYPE.value, "repeats": _REPEATS.value, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,20 @@ sum(group_sizes) are padding and come out as exactly 0. Work follows the rows ac
 
 Implementations behind one function (`implementation=`):
   "xla"        the fast path on the CPU: a loop over the *active* experts (dynamic trip count); each expert's
-               weights are sliced once, its rows go through in tiles of `tile` rows, and its remainder in
-               tiles of halving size down to `min_tile`, so skew wastes at most one small tile per expert.
-               On a 2-core CPU it runs at about the speed of a dense FFN of equal useful FLOPs, balanced or
-               skewed (experiments/results/bench_forward_cpu.*), where jax.lax.ragged_dot reaches ~0.14.
-               Not reverse-differentiable (dynamic loops): training uses "ragged_dot".
+               weights are sliced once, its rows go through in full tiles (dynamic_slice of rows, a
+               dynamic_update_slice back), then its remainder in tiles a quarter that size, the last slid
+               back to end at the group's end, so skew wastes less than one small tile per expert and a
+               decode step computes only its few active experts. No gathers, scatters or padded buffers.
+               On a 2-core CPU, d=512 f=1024 E=8 top-2 2048 tokens, it runs at 0.9-1.2x the speed of a dense
+               FFN of equal useful FLOPs, balanced or skewed, f32 or bf16, where jax.lax.ragged_dot reaches
+               ~0.12 (experiments/results/bench_grouped_matmul_cpu.txt). Not reverse-differentiable
+               (dynamic loops): training uses "ragged_dot".
   "pallas"     Pallas kernels in the TPU (Mosaic) layout, kernels/pallas_grouped_matmul.py: a static grid
                over (row tile, group) visits that skips visits with no routed row; "pallas_interpret" runs
                them in interpret mode on any backend (the tests).
   "ragged_dot" jax.lax.ragged_dot, differentiable; used on GPU (no Mosaic GPU kernel yet).
-  "reference"  plain jnp, obviously correct, slow: one masked dense pass per expert.
+  "reference"  plain jnp in f32, obviously correct, slow: every row through every expert (a scan),
+               each row keeps its own expert's result.
 "auto" picks per backend in `default_implementation`. `capacity` (optional) computes only the first
 min(count, capacity) rows of each group, the rest come out 0: capacity-aware drop at the kernel level.
 """
@@ -43,12 +47,14 @@ def default_implementation() -> str:
 
 
 def default_tile(num_rows: int, num_groups: int) -> tuple[int, int]:
-    """(tile, min_tile) for the xla path: about the rows an expert gets on average, at most 128 (measured
-    best on the CPU across balanced and skewed routing) and at least 8, so a decode step with a row or two
-    per expert does not pay for a large tile; remainders go down to an eighth of the tile."""
-    per_group = max(1, num_rows // max(1, num_groups))
-    tile = min(128, max(8, 1 << (per_group - 1).bit_length()))
-    return tile, max(8, tile // 8)
+    """(tile, remainder_tile) for the xla path. The tile is the largest power of two within the rows an
+    expert gets on average, in [8, 512]: large enough to amortise XLA:CPU's few-microsecond loop step and
+    keep the dot efficient (256 and 512 measured best at d=512, f=1024, 8 experts, balanced and skewed),
+    small enough that a decode step with a row or two per expert does not pay for a large tile. A group's
+    last rows go in tiles a quarter that size, so skew wastes less than one small tile per expert."""
+    per_group = max(1, -(-num_rows // max(1, num_groups)))
+    tile = min(512, max(8, 1 << (per_group.bit_length() - 1)))
+    return tile, max(8, tile // 4)
 
 
 def _check(x, group_sizes, weights: tuple[tuple[str, jax.Array, tuple], ...], activation: str | None):
@@ -139,55 +145,61 @@ def _rank_in_group(group_sizes: jax.Array, n: int) -> jax.Array:
 
 
 def _tiled(x, group_sizes, weights, compute, out_dim: int, tile: int | None, capacity: int | None) -> jax.Array:
-    """Loop over active experts; per expert full tiles, then the remainder in halving tiles."""
+    """Loop over the active experts (dynamic trip count); per expert, slice its weights once, run its rows
+    through in full tiles, then its remainder in smaller tiles. No gathers or scatter-adds: each tile is a
+    dynamic_slice of rows and a dynamic_update_slice whose rows outside the group keep their values."""
     n = x.shape[0]
+    if n == 0:
+        return jnp.zeros((0, out_dim), x.dtype)
     num_groups = group_sizes.shape[0]
     group_sizes = group_sizes.astype(jnp.int32)
-    tile, min_tile = default_tile(n, num_groups) if tile is None else (tile, max(8, tile // 8))
-    tile = min(tile, max(8, 1 << max(0, n - 1).bit_length()))  # never more than the rows there are
-    min_tile = min(min_tile, tile)
+    tile, small = default_tile(n, num_groups) if tile is None else (tile, max(8, tile // 4))
+    tile = min(tile, n)  # a tile never holds more rows than there are
+    small = min(small, tile)
     starts = jnp.cumsum(group_sizes) - group_sizes
     if capacity is not None:  # rows keep their places; only the first `capacity` of each group are computed
         group_sizes = jnp.minimum(group_sizes, capacity)
     active = jnp.nonzero(group_sizes > 0, size=min(num_groups, n), fill_value=0)[0]
-    num_active = jnp.sum(group_sizes > 0)
-    remainder_tiles = []
-    size = tile // 2
-    while size >= min_tile:
-        remainder_tiles.append(size)
-        size //= 2
-    remainder_tiles = remainder_tiles or [tile]
+    x_bits = _bits(x)
+    weights_bits = tuple((_bits(w), w.dtype) for w in weights)
 
-    def one_tile(out, row0, end, size, expert_weights):
-        # A tile that would run past the last row slides back; rows outside [row0, end) keep their values.
-        start = jnp.clip(row0, 0, max(n - size, 0))
-        size = min(size, n)
-        rows = jax.lax.dynamic_slice_in_dim(x, start, size, 0)
-        y = compute(rows, expert_weights).astype(out.dtype)
+    def one_tile(out, row0, lo, hi, size, expert_weights):
+        # Rows [row0, row0 + size), slid back to stay inside x; only rows in [lo, hi) are written.
+        start = jnp.clip(row0, 0, n - size)
+        y = compute(_unbits(jax.lax.dynamic_slice_in_dim(x_bits, start, size, 0), x.dtype), expert_weights)
         index = start + jnp.arange(size)
-        mine = (index >= row0) & (index < end)
+        mine = ((index >= lo) & (index < hi))[:, None]
         old = jax.lax.dynamic_slice_in_dim(out, start, size, 0)
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], y, old), start, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), start, 0)
 
     def expert_body(i, out):
         e = active[i]
-        start, count = starts[e], group_sizes[e]
-        end = start + count
-        expert_weights = tuple(w[e] for w in weights)  # sliced once per expert, reused by every tile
-        full = count // tile
-        out = jax.lax.fori_loop(0, full, lambda j, o: one_tile(o, start + j * tile, end, tile, expert_weights), out)
-        row0, left = start + full * tile, count - full * tile
-        for k, size in enumerate(remainder_tiles):
-            smallest = k == len(remainder_tiles) - 1
-            # the smallest size takes whatever is left (< 2 * size rows), in up to two tiles
-            for _ in range(2 if smallest else 1):
-                take = left > 0 if smallest else left >= size
-                out = jax.lax.cond(take, lambda o: one_tile(o, row0, end, size, expert_weights), lambda o: o, out)
-                row0, left = row0 + jnp.where(take, size, 0), left - jnp.where(take, size, 0)
-        return out
+        start, end = starts[e], starts[e] + group_sizes[e]
+        expert_weights = tuple(_unbits(w[e], dtype) for w, dtype in weights_bits)  # one copy per expert
+        full = group_sizes[e] // tile
+        out = jax.lax.fori_loop(0, full, lambda j, o: one_tile(o, start + j * tile, start, end, tile,
+                                                              expert_weights), out)
+        # The remainder (< tile rows) in small tiles; the last ends at the group's end, overlapping the
+        # one before it rather than computing rows past it.
+        rest = start + full * tile
+        return jax.lax.fori_loop(0, (end - rest + small - 1) // small, lambda j, o: one_tile(
+            o, jnp.minimum(rest + j * small, end - small), rest, end, small, expert_weights), out)
 
-    out = jnp.zeros((n, out_dim), x.dtype)
-    return jax.lax.fori_loop(0, num_active, expert_body, out)
+    # f32 output buffer, cast once at the end: XLA:CPU widens bf16 elementwise ops to f32, and the update
+    # of a bf16 buffer then copies the whole buffer on every tile instead of writing the tile in place.
+    out = jnp.zeros((n, out_dim), jnp.float32)
+    return jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), expert_body, out).astype(x.dtype)
+
+
+def _bits(a: jax.Array) -> jax.Array:
+    """2-byte floats as uint16 for dynamic slicing: XLA:CPU widens a bf16 dynamic-slice to f32 and hoists the
+    widening out of the loop, converting every expert's weights on every call (all 64 experts for a decode
+    step that uses 4). Slicing the raw bits is a plain copy of the rows or the expert taken."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _unbits(a: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
 def _padding_into_last_group(group_sizes: jax.Array, n: int) -> jax.Array:
@@ -212,28 +224,36 @@ def _group_of_rows(group_sizes: jax.Array, n: int) -> jax.Array:
 
 def grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
                           capacity: int | None = None) -> jax.Array:
-    """Plain jnp: every row through every expert, keep its own expert's result. Slow, obviously correct."""
+    """Plain jnp in f32: every row through every expert, each row keeps its own expert's result (rows of
+    no group, i.e. padding or past a capacity, keep 0). Slow, obviously correct."""
     act = ACTIVATIONS[activation]
-    group = _group_of_rows(group_sizes, x.shape[0])
-    if capacity is not None:
-        group = jnp.where(_rank_in_group(group_sizes, x.shape[0]) < capacity, group, group_sizes.shape[0])
     xf = x.astype(jnp.float32)
-    out = jnp.zeros(x.shape, jnp.float32)
-    for e in range(group_sizes.shape[0]):
-        y = (act(xf @ w_gate[e].astype(jnp.float32)) * (xf @ w_up[e].astype(jnp.float32))) @ w_down[e].astype(
-            jnp.float32)
-        out = jnp.where((group == e)[:, None], y, out)
+
+    def expert(out, e_weights):
+        e, wg, wu, wd = e_weights
+        y = (act(xf @ wg) * (xf @ wu)) @ wd
+        return jnp.where((group == e)[:, None], y, out), None
+
+    group = _reference_groups(group_sizes, x.shape[0], capacity)
+    weights = tuple(w.astype(jnp.float32) for w in (w_gate, w_up, w_down))
+    out, _ = jax.lax.scan(expert, jnp.zeros(x.shape, jnp.float32), (jnp.arange(group_sizes.shape[0]), *weights))
     return out.astype(x.dtype)
 
 
 def grouped_matmul_reference(x, group_sizes, w, *, capacity: int | None = None) -> jax.Array:
-    group = _group_of_rows(group_sizes, x.shape[0])
+    """Plain jnp in f32, as grouped_ffn_reference: row r of group e -> x[r] @ w[e]; other rows -> 0."""
+    group = _reference_groups(group_sizes, x.shape[0], capacity)
+    y = jnp.einsum("nd,edf->nef", x.astype(jnp.float32), w.astype(jnp.float32))
+    mine = group[:, None] == jnp.arange(group_sizes.shape[0])
+    return jnp.where(mine[:, :, None], y, 0).sum(axis=1).astype(x.dtype)
+
+
+def _reference_groups(group_sizes: jax.Array, n: int, capacity: int | None) -> jax.Array:
+    """int [N]: each row's group; E (no group) for padding rows and rows past a group's capacity."""
+    group = _group_of_rows(group_sizes, n)
     if capacity is not None:
-        group = jnp.where(_rank_in_group(group_sizes, x.shape[0]) < capacity, group, group_sizes.shape[0])
-    out = jnp.zeros((x.shape[0], w.shape[-1]), jnp.float32)
-    for e in range(group_sizes.shape[0]):
-        out = jnp.where((group == e)[:, None], x.astype(jnp.float32) @ w[e].astype(jnp.float32), out)
-    return out.astype(x.dtype)
+        group = jnp.where(_rank_in_group(group_sizes, n) < capacity, group, group_sizes.shape[0])
+    return group
 
 
 def autotune_tile(x, group_sizes, w_gate, w_up, w_down, *, candidates=(64, 128, 256, 512), repeats: int = 3,

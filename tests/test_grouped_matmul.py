@@ -1,4 +1,7 @@
-"""The grouped expert matmuls against their plain-jnp references, for every implementation."""
+"""The grouped expert matmuls against their plain-jnp references, for every implementation, under jax.jit.
+
+Shapes are tiny and shared between cases (group_sizes is traced), so each implementation compiles a few
+times only and the file runs in seconds."""
 
 import functools
 
@@ -7,131 +10,159 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.kernels import grouped_ffn, grouped_ffn_reference, grouped_matmul, grouped_matmul_reference
+from moejax.kernels import (ACTIVATIONS, default_implementation, grouped_ffn, grouped_ffn_reference, grouped_matmul,
+                            grouped_matmul_reference)
+from moejax.kernels.grouped_matmul import default_tile
 
-IMPLEMENTATIONS = ["xla", "pallas_interpret", "ragged_dot", "auto"]
+IMPLEMENTATIONS = ["xla", "pallas_interpret", "ragged_dot"]
 D, F = 16, 24
+# one jitted reference for the whole file: compiled once per shape and activation
+_reference = jax.jit(grouped_ffn_reference, static_argnames=("activation", "capacity"))
 
-
-def _weights(e, dtype, seed=0):
-    rs = np.random.RandomState(seed)
-    return tuple(jnp.asarray(rs.randn(*s) * 0.3, dtype) for s in ((e, D, F), (e, D, F), (e, F, D)))
-
-
-# group sizes as (sizes, total rows N): empty groups, one group with every row, sizes that fill no tile,
-# padding rows past the sum, fewer rows than one tile, more groups than rows (a decode step)
-CASES = {
-    "random-with-empty": ([5, 0, 17, 3, 0, 9], 40),
-    "one-group-has-all": ([0, 0, 37, 0], 37),
-    "no-full-tile": ([7, 1, 2], 10),
-    "padding-rows": ([3, 4], 16),
+# Group sizes over the same N = 40 rows and 6 groups (one compile serves them all): empty groups, one group
+# with every row, sizes that fill no tile, padding rows past the sum (which must come out exactly 0).
+SAME_SHAPE = {
+    "random-with-empty": [5, 0, 17, 3, 0, 9],
+    "one-group-has-all": [0, 0, 40, 0, 0, 0],
+    "no-full-tile": [7, 1, 2, 0, 3, 6],
+    "padding-rows": [3, 4, 0, 0, 2, 0],
+    "all-padding": [0, 0, 0, 0, 0, 0],
+}
+# (group sizes, N): more groups than rows (a decode step, N below one tile), and groups of several tiles
+# plus a remainder (default tile 128, remainder tile 32 at this N).
+OTHER_SHAPES = {
     "decode-many-groups": ([0, 1, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 4),
-    "larger-than-a-tile": ([300, 0, 45, 140], 520),
+    "several-tiles": ([600, 0, 45, 140, 200], 1000),
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_grouped_ffn_matches_reference_f32(case, implementation):
-    sizes, n = CASES[case]
-    w = _weights(len(sizes), jnp.float32)
-    x = jnp.asarray(np.random.RandomState(1).randn(n, D), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    fn = jax.jit(functools.partial(grouped_ffn, implementation=implementation))
+def _inputs(sizes, n, dtype=jnp.float32, seed=0):
+    rs = np.random.RandomState(seed)
+    e = len(sizes)
+    w = tuple(jnp.asarray(rs.randn(*s) * 0.3, dtype) for s in ((e, D, F), (e, D, F), (e, F, D)))
+    return jnp.asarray(rs.randn(n, D), dtype), jnp.asarray(sizes, jnp.int32), w
+
+
+def _check_ffn(fn, sizes, n, **kwargs):
+    x, gs, w = _inputs(sizes, n)
     out = np.asarray(fn(x, gs, *w))
-    ref = np.asarray(grouped_ffn_reference(x, gs, *w))
+    ref = np.asarray(_reference(x, gs, *w, **kwargs))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert (out[sum(sizes):] == 0).all()  # padding rows are exactly zero
-    assert np.abs(ref[:sum(sizes)]).max() > 0.1
+    assert sum(sizes) == 0 or np.abs(ref[:sum(sizes)]).max() > 0.1
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("capacity", [1, 4, 200])
-def test_counts_above_capacity_are_truncated(implementation, capacity):
-    """Only each group's first `capacity` rows are computed; the rest come out 0."""
-    sizes, n = CASES["larger-than-a-tile"]
-    w = _weights(len(sizes), jnp.float32, seed=9)
-    x = jnp.asarray(np.random.RandomState(10).randn(n, D), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    out = np.asarray(grouped_ffn(x, gs, *w, implementation=implementation, capacity=capacity))
-    full = np.asarray(grouped_ffn_reference(x, gs, *w))
-    starts = np.cumsum([0] + sizes[:-1])
-    expected = np.zeros_like(full)
-    for start, size in zip(starts, sizes):
-        keep = min(size, capacity)
-        expected[start:start + keep] = full[start:start + keep]
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    wm = jnp.asarray(np.random.RandomState(11).randn(len(sizes), D, F), jnp.float32)
-    unfused = grouped_matmul(x, gs, wm, implementation=implementation, capacity=capacity)
-    np.testing.assert_allclose(np.asarray(unfused), np.asarray(grouped_matmul_reference(x, gs, wm, capacity=capacity)),
-                               rtol=1e-5, atol=1e-5)
+def test_grouped_ffn_matches_reference_f32(implementation):
+    fn = jax.jit(functools.partial(grouped_ffn, implementation=implementation))
+    for sizes in SAME_SHAPE.values():
+        _check_ffn(fn, sizes, 40)
+    for sizes, n in OTHER_SHAPES.values():
+        _check_ffn(fn, sizes, n)
+
+
+def test_the_shapes_exercise_the_tiles():
+    """The cases above cover N below a tile, remainders, and full tiles followed by a remainder."""
+    assert default_tile(4, 16) == (8, 8)
+    assert default_tile(1000, 5) == (128, 32)
 
 
 @pytest.mark.parametrize("tile", [8, 16, 64])
 def test_every_tile_size_matches(tile):
-    sizes, n = CASES["larger-than-a-tile"]
-    w = _weights(len(sizes), jnp.float32, seed=2)
-    x = jnp.asarray(np.random.RandomState(3).randn(n, D), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    out = grouped_ffn(x, gs, *w, implementation="xla", tile=tile)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(grouped_ffn_reference(x, gs, *w)), rtol=1e-5, atol=1e-5)
+    sizes, n = OTHER_SHAPES["several-tiles"]
+    _check_ffn(jax.jit(functools.partial(grouped_ffn, implementation="xla", tile=tile)), sizes, n)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas_interpret"])
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_exact", "relu"])
-def test_activations(activation, implementation):
-    sizes, n = CASES["random-with-empty"]
-    w = _weights(len(sizes), jnp.float32)
-    x = jnp.asarray(np.random.RandomState(4).randn(n, D), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    out = grouped_ffn(x, gs, *w, activation=activation, implementation=implementation)
-    ref = grouped_ffn_reference(x, gs, *w, activation=activation)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_activations(implementation):
+    x, gs, w = _inputs(SAME_SHAPE["random-with-empty"], 40, seed=4)
+    # every activation in one jitted program: one compile instead of four
+    outs = jax.jit(lambda *args: {a: grouped_ffn(*args, activation=a, implementation=implementation)
+                                  for a in ACTIVATIONS})(x, gs, *w)
+    for activation, out in outs.items():
+        np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(x, gs, *w, activation=activation)),
+                                   rtol=1e-5, atol=1e-5, err_msg=activation)
+
+
+def test_gelu_is_the_tanh_approximation():
+    x, gs, w = _inputs(SAME_SHAPE["random-with-empty"], 40)
+    approx, exact = (_reference(x, gs, *w, activation=a) for a in ("gelu", "gelu_exact"))
+    assert np.abs(np.asarray(approx) - np.asarray(exact)).max() > 1e-4
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_bfloat16_accumulates_in_float32(implementation):
-    sizes, n = CASES["larger-than-a-tile"]
-    w = _weights(len(sizes), jnp.bfloat16)
-    x = jnp.asarray(np.random.RandomState(5).randn(n, D), jnp.bfloat16)
-    gs = jnp.asarray(sizes, jnp.int32)
-    out = grouped_ffn(x, gs, *w, implementation=implementation)
+    sizes, n = OTHER_SHAPES["several-tiles"]
+    x, gs, w = _inputs(sizes, n, jnp.bfloat16, seed=5)
+    out = jax.jit(functools.partial(grouped_ffn, implementation=implementation))(x, gs, *w)
     assert out.dtype == jnp.bfloat16
-    ref = grouped_ffn_reference(x, gs, *w)  # computed in f32 from the same bf16 inputs
+    ref = _reference(x, gs, *w)  # f32 math from the same bf16 inputs
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=3e-2, atol=3e-2)
+    assert (np.asarray(out, np.float32)[sum(sizes):] == 0).all()
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_grouped_matmul_matches_reference(implementation):
-    sizes, n = CASES["random-with-empty"]
+    sizes = SAME_SHAPE["random-with-empty"]
+    x, gs, _ = _inputs(sizes, 40)
     w = jnp.asarray(np.random.RandomState(6).randn(len(sizes), D, F), jnp.float32)
-    x = jnp.asarray(np.random.RandomState(7).randn(n, D), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    out = grouped_matmul(x, gs, w, implementation=implementation)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(grouped_matmul_reference(x, gs, w)), rtol=1e-5, atol=1e-5)
+    out = np.asarray(jax.jit(functools.partial(grouped_matmul, implementation=implementation))(x, gs, w))
+    np.testing.assert_allclose(out, np.asarray(grouped_matmul_reference(x, gs, w)), rtol=1e-5, atol=1e-5)
     ragged = jax.lax.ragged_dot(x[:sum(sizes)], w, gs)  # the semantics are ragged_dot's
-    np.testing.assert_allclose(np.asarray(out)[:sum(sizes)], np.asarray(ragged), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:sum(sizes)], np.asarray(ragged), rtol=1e-5, atol=1e-5)
+    assert (out[sum(sizes):] == 0).all()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_counts_above_capacity_are_truncated(implementation):
+    """Only each group's first `capacity` rows are computed; the rest come out 0."""
+    sizes, n = OTHER_SHAPES["several-tiles"]
+    x, gs, w = _inputs(sizes, n, seed=9)
+    capacities = (1, 100)
+    outs = jax.jit(lambda *args: [grouped_ffn(*args, implementation=implementation, capacity=c)
+                                  for c in capacities])(x, gs, *w)
+    full = np.asarray(_reference(x, gs, *w))
+    for capacity, out in zip(capacities, outs):
+        expected = np.zeros_like(full)
+        for start, size in zip(np.cumsum([0] + sizes[:-1]), sizes):
+            keep = min(size, capacity)
+            expected[start:start + keep] = full[start:start + keep]
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5, err_msg=f"capacity {capacity}")
+
+
+def test_auto_and_reference_dispatch():
+    """"auto" is the xla path on the CPU, "reference" is grouped_ffn_reference: the same traced programs."""
+    assert default_implementation() == "xla"  # the tests run on the CPU backend
+    x, gs, w = _inputs(SAME_SHAPE["no-full-tile"], 40)
+    program = lambda fn, **kw: str(jax.make_jaxpr(functools.partial(fn, **kw))(x, gs, *w))
+    assert program(grouped_ffn) == program(grouped_ffn, implementation="xla")
+    assert program(grouped_ffn, implementation="reference") == program(grouped_ffn_reference)
 
 
 def test_ragged_dot_path_is_differentiable():
-    sizes, n = CASES["no-full-tile"]
-    w = _weights(len(sizes), jnp.float32)
-    x = jnp.asarray(np.random.RandomState(8).randn(n, D), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
+    x, gs, w = _inputs(SAME_SHAPE["no-full-tile"], 40)
     loss = lambda impl: lambda w0: (grouped_ffn(x, gs, w0, w[1], w[2], implementation=impl) ** 2).sum()
     np.testing.assert_allclose(np.asarray(jax.grad(loss("ragged_dot"))(w[0])),
                                np.asarray(jax.grad(loss("reference"))(w[0])), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_input_is_named():
-    w = _weights(3, jnp.float32)
-    x = jnp.zeros((4, D))
-    gs = jnp.asarray([1, 2, 1])
-    with pytest.raises(ValueError, match="w_up has shape"):
+    x, gs, w = _inputs([1, 2, 1], 4)
+    with pytest.raises(ValueError, match=r"w_up has shape \(3, 16, 5\); expected \(3, 16, 24\)"):
         grouped_ffn(x, gs, w[0], w[1][:, :, :5], w[2])
+    with pytest.raises(ValueError, match=r"w_down has shape \(2, 24, 16\); expected \(3, 24, 16\)"):
+        grouped_ffn(x, gs, w[0], w[1], w[2][:2])
+    with pytest.raises(ValueError, match=r"w_gate has shape \(3, 16, 24\); expected \(3, 8, 24\)"):
+        grouped_ffn(x[:, :8], gs, *w)
+    with pytest.raises(ValueError, match=r"x must be \[rows, d\]"):
+        grouped_ffn(x[None], gs, *w)
+    with pytest.raises(ValueError, match="group_sizes must be an int vector"):
+        grouped_ffn(x, gs.astype(jnp.float32), *w)
+    with pytest.raises(ValueError, match=r"w has shape \(3, 8, 24\); expected \(3, 16, 24\)"):
+        grouped_matmul(x, gs, w[0][:, :8])
     with pytest.raises(ValueError, match="unknown activation 'swish2'"):
         grouped_ffn(x, gs, *w, activation="swish2")
     with pytest.raises(ValueError, match="unknown implementation 'triton'"):
         grouped_ffn(x, gs, *w, implementation="triton")
-    with pytest.raises(ValueError, match=r"x must be \[rows, d\]"):
-        grouped_ffn(x[None], gs, *w)
+    with pytest.raises(ValueError, match="unknown implementation 'triton'"):
+        grouped_matmul(x, gs, w[0], implementation="triton")
