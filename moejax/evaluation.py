@@ -1,10 +1,16 @@
-"""Quality: perplexity over token sequences, batched and padded correctly (padding excluded everywhere)."""
+"""Quality: perplexity over token sequences, multiple-choice log-likelihood tasks (lm-eval style), and the
+routing statistics of a model on a corpus; batched and padded correctly (padding excluded everywhere).
+
+Every function takes any model that load_pretrained returns."""
 
 from __future__ import annotations
 
 import functools
+import json
 import math
-from typing import Iterable, Sequence
+import os
+import re
+from typing import Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,3 +56,265 @@ def perplexity(model: CausalLM, sequences: Iterable[Sequence[int]], batch_size: 
         total += float(ll)
         count += int(n)
     return math.exp(-total / count)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token log-likelihoods, batched: the building block of multiple-choice scoring.
+
+
+def bucket_length(length: int, smallest: int = 16) -> int:
+    """Padded length for a batch whose longest row has `length` tokens: the next power of two (at least
+    `smallest`), so that a whole evaluation compiles only a handful of shapes."""
+    return max(smallest, 1 << max(0, length - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _target_log_probs(graphdef, state, tokens, mask):
+    """float32 [B, T-1]: log p(tokens[:, t+1] | tokens[:, :t+1]); 0 where the input or target is padding."""
+    logits = nnx.merge(graphdef, state).forward(tokens, token_mask=mask).logits
+    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.where(mask[:, 1:] & mask[:, :-1], picked, 0.0)
+
+
+def continuation_log_likelihoods(model: CausalLM, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                                 batch_size: int = 16) -> np.ndarray:
+    """float64 [N]: log p(continuation | context) for each (context ids, continuation ids) request.
+
+    Requests are sorted by length, left-padded to bucketed lengths and run in batches of a fixed size (the
+    last filled with fully masked rows), so compiled shapes are few. A request longer than the model's
+    max_position_embeddings keeps its last tokens (the context is cut from the left, as lm-eval does)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    limit = model.config.max_position_embeddings
+    rows, lengths = [], []
+    for i, (context, continuation) in enumerate(requests):
+        if not len(context):
+            raise ValueError(f"request {i}: the context is empty (at least one token must precede the continuation)")
+        if not len(continuation):
+            raise ValueError(f"request {i}: the continuation is empty")
+        if len(continuation) >= limit:
+            raise ValueError(f"request {i}: continuation of {len(continuation)} tokens does not fit the model's "
+                             f"{limit} positions")
+        rows.append((list(context) + list(continuation))[-limit:])
+        lengths.append(len(continuation))
+    graphdef, state = nnx.split(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = np.zeros(len(rows), np.float64)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        batch = [rows[i] for i in index] + [[0]] * (batch_size - len(index))
+        tokens, mask = pad_prompts(batch, bucket=min(bucket_length(max(len(r) for r in batch)), limit))
+        mask[len(index):] = False  # filler rows: padding everywhere, so they take no expert slot
+        logprobs = np.asarray(_target_log_probs(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
+        for row, i in enumerate(index):
+            out[i] = logprobs[row, logprobs.shape[1] - lengths[i]:].sum()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multiple-choice tasks in the lm-eval style: JSONL lines {"context": str, "choices": [str, ...], "gold": int}.
+
+
+class MultipleChoice(NamedTuple):
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def read_multiple_choice(path: str) -> list[MultipleChoice]:
+    """Examples from a JSONL task file; a malformed line fails naming the file and line number."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"multiple-choice task file {path!r} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            try:
+                examples.append(_example(record))
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_number}: {e}") from None
+    if not examples:
+        raise ValueError(f"multiple-choice task file {path!r} holds no examples")
+    return examples
+
+
+def _example(record) -> MultipleChoice:
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    context, choices, gold = record.get("context"), record.get("choices"), record.get("gold")
+    if not isinstance(context, str):
+        raise ValueError(f"'context' must be a string, got {context!r}")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"'choices' must be a list of two or more non-empty strings, got {choices!r}")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise ValueError(f"'gold'={gold!r} is not an index into the {len(choices)} choices")
+    return MultipleChoice(context, tuple(choices), gold)
+
+
+def write_multiple_choice(examples: Sequence[MultipleChoice], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"context": e.context, "choices": list(e.choices), "gold": e.gold}) + "\n")
+
+
+def score_multiple_choice(model: CausalLM, tokenizer, examples: Sequence[MultipleChoice],
+                          batch_size: int = 16) -> dict:
+    """lm-eval's multiple-choice metrics: acc (the choice of highest log-likelihood given the context is
+    gold), acc_norm (the same with log-likelihoods divided by each choice's length in characters), and the
+    chance level (mean of 1 / number of choices). Context and choice are tokenised separately and joined."""
+    requests, owners = [], []
+    for i, e in enumerate(examples):
+        _example({"context": e.context, "choices": list(e.choices), "gold": e.gold})  # the checks a file gets
+        context = tokenizer.encode(e.context).ids
+        for choice in e.choices:
+            requests.append((context, tokenizer.encode(choice).ids))
+            owners.append(i)
+    scores = continuation_log_likelihoods(model, requests, batch_size=batch_size)
+    correct, correct_norm, chance, start = 0, 0, 0.0, 0
+    for e in examples:
+        ll = scores[start:start + len(e.choices)]
+        start += len(e.choices)
+        correct += int(np.argmax(ll)) == e.gold
+        correct_norm += int(np.argmax(ll / np.asarray([len(c) for c in e.choices], np.float64))) == e.gold
+        chance += 1 / len(e.choices)
+    n = len(examples)
+    if not n:
+        raise ValueError("score_multiple_choice needs at least one example")
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "chance": chance / n, "examples": n}
+
+
+CONTINUATION_UNITS = ("word", "line")
+_WORD = re.compile(r" [A-Za-z_][A-Za-z_0-9]*")
+
+
+def continuation_task(texts: Sequence[str], num_examples: int, num_choices: int = 4, context_chars: int = 400,
+                      seed: int = 0, unit: str = "word", min_chars: int = 4, max_chars: int = 100) -> list[MultipleChoice]:
+    """A held-out "what comes next" task built from `texts`: the context is up to `context_chars` characters
+    of a text, the gold choice is what follows it there, the other choices are drawn from the other texts.
+
+    unit "word": the next identifier (with its leading space, as byte-level BPE tokenises it), cut inside a
+    line at one random such word per line; unit "line": the next line, with the newline before it (so that
+    "\n" plus indentation tokenise as in training). Choices are min_chars..max_chars characters long, and
+    a distractor is 0.8-1.25x the gold's length (log-likelihoods are sums, so length alone must not decide)
+    and never equal to it. Deterministic in (texts, seed)."""
+    if num_choices < 2:
+        raise ValueError(f"num_choices={num_choices} must be >= 2")
+    if unit not in CONTINUATION_UNITS:
+        raise ValueError(f"unit={unit!r}; supported: {CONTINUATION_UNITS}")
+    rng = np.random.default_rng(seed)
+    candidates = []  # (text index, where the context ends, continuation)
+    for t, text in enumerate(texts):
+        offset = 0
+        for line in text.split("\n"):
+            if offset >= max(1, context_chars // 4):
+                if unit == "line":
+                    if min_chars <= len(line.strip()) and len(line) < max_chars:
+                        candidates.append((t, offset - 1, "\n" + line))
+                else:
+                    indent = len(line) - len(line.lstrip())
+                    words = [m for m in _WORD.finditer(line, indent) if min_chars <= len(m.group()) <= max_chars]
+                    if words:
+                        word = words[rng.integers(len(words))]
+                        candidates.append((t, offset + word.start(), word.group()))
+            offset += len(line) + 1
+    if len({t for t, _, _ in candidates}) < 2:
+        raise ValueError("continuation_task needs at least two texts with usable continuations")
+    examples = []
+    for index in rng.permutation(len(candidates)):
+        if len(examples) == num_examples:
+            break
+        t, cut, gold_choice = candidates[index]
+        distractors = []
+        for _ in range(100 * num_choices):  # bounded: a small corpus may not have enough fitting choices
+            other_t, _, choice = candidates[rng.integers(len(candidates))]
+            if (other_t != t and choice.strip() != gold_choice.strip() and choice not in distractors
+                    and 0.8 <= len(choice) / len(gold_choice) <= 1.25):
+                distractors.append(choice)
+                if len(distractors) == num_choices - 1:
+                    break
+        if len(distractors) < num_choices - 1:
+            continue
+        context_start = texts[t].rfind("\n", 0, max(0, cut - context_chars)) + 1
+        gold = int(rng.integers(num_choices))
+        choices = distractors[:gold] + [gold_choice] + distractors[gold:]
+        examples.append(MultipleChoice(texts[t][context_start:cut], tuple(choices), gold))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing statistics: how unevenly a model's experts are loaded on a corpus, in prefill and in decode.
+
+
+def prefill_loads(model: CausalLM, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> dict:
+    """Per MoE layer, the (token, expert) pairs routed to each expert over `sequences` (run in padded
+    batches; padding excluded), and max/mean of those loads: over the whole corpus, and the mean over
+    batches of each batch's max/mean (what one prefill step of `batch_size` sequences sees)."""
+    from moejax import stats
+
+    batches, masks = [], []
+    for start in range(0, len(sequences), batch_size):
+        chunk = [list(s) for s in sequences[start:start + batch_size]]
+        chunk += [[0]] * (batch_size - len(chunk))
+        tokens, mask = pad_prompts(chunk, bucket=bucket_length(max(len(s) for s in chunk)))
+        mask[len(sequences[start:start + batch_size]):] = False
+        batches.append(tokens)
+        masks.append(mask)
+    trace = stats.load_trace(model, batches, masks)  # [batches, MoE layers, E]
+    total = trace.sum(axis=0)
+    per_batch = np.asarray(stats.max_over_mean(jnp.asarray(trace, jnp.float32)))  # [batches, layers]
+    layers = [i for i, moe in enumerate(model.config.moe_layers) if moe]
+    return {"layers": layers, "expert_loads": total.tolist(),
+            "max_over_mean": [float(stats.max_over_mean(jnp.asarray(t, jnp.float32))) for t in total],
+            "batch_max_over_mean": per_batch.mean(axis=0).tolist(), "batch_size": batch_size,
+            "tokens": int(sum(int(m.sum()) for m in masks))}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_step(graphdef, state, last, cache):
+    """One greedy decode step -> (next token [B], cache, routed pairs per expert [MoE layers, E])."""
+    from moejax import stats
+
+    model = nnx.merge(graphdef, state)
+    out = model.forward(last[:, None], cache=cache, decode=True)
+    top_k = model.config.num_experts_per_tok
+    counts = jnp.stack([stats.expert_counts(r, kept=False, top_k=top_k) for r in out.routings if r is not None])
+    return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache, counts
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(graphdef, state, tokens, mask, cache):
+    out = nnx.merge(graphdef, state).forward(tokens, token_mask=mask, cache=cache)
+    return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache
+
+
+def decode_loads(model: CausalLM, prompts: Sequence[Sequence[int]], steps: int) -> dict:
+    """Greedy decoding of all `prompts` together for `steps` steps, recording each step's routing: per MoE
+    layer, the mean fraction of experts that no token of the batch routes to (idle) in a decode step, and
+    the mean max/mean load of a decode step."""
+    from moejax import stats
+    from moejax.models.transformer import init_cache
+
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    tokens, mask = pad_prompts([list(p) for p in prompts])
+    if tokens.shape[1] + steps > model.config.max_position_embeddings:
+        raise ValueError(f"prompts of {tokens.shape[1]} padded tokens + {steps} steps exceed the model's "
+                         f"{model.config.max_position_embeddings} positions")
+    graphdef, state = nnx.split(model)
+    cache = init_cache(model.config, len(prompts), tokens.shape[1] + steps, model.dtype)
+    last, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache)
+    cache = cache._replace(index=jnp.asarray(cache.index, jnp.int32))  # a traced index: one compiled step
+    per_step = []
+    for _ in range(steps):
+        last, cache, counts = _decode_step(graphdef, state, last, cache)
+        per_step.append(np.asarray(counts))
+    counts = np.stack(per_step)  # [steps, layers, E]
+    return {"layers": [i for i, moe in enumerate(model.config.moe_layers) if moe], "steps": steps,
+            "batch_size": len(prompts), "idle_fraction": (counts == 0).mean(axis=(0, 2)).tolist(),
+            "step_max_over_mean": np.asarray(stats.max_over_mean(jnp.asarray(counts, jnp.float32))).mean(0).tolist()}
