@@ -56,7 +56,7 @@ def main(argv):
     else:
         moejax.export_pretrained(trained, export, tokenizer=result["tokenizer"])
     train = result["history"]["train"]
-    rates = [t["tokens_per_s"] for t in train[1:]]
+    rates = [t["tokens_per_s"] for t in train if t["tokens_per_s"]]
     summary = {
         "config": config.to_dict(), "workdir": workdir, "export": export,
         "wall_seconds_this_call": seconds, "steps_this_call": len(train),

@@ -398,10 +398,10 @@ def run(config, workdir: str, progress: bool = True, devices=None, stop_after: i
         state, terms = trainer.step(state, batch)
         terms = LossTerms(*(float(t) for t in terms))  # waits for the step: honest timing
         now = time.perf_counter()
-        rate = tokens_per_step / (now - clock) if clock is not None else float("nan")
+        rate = tokens_per_step / (now - clock) if clock is not None else None  # the first step compiles
         clock = now
         history["train"].append({"step": step + 1, **terms._asdict(), "tokens_per_s": rate})
-        bar.set_postfix(loss=f"{terms.cross_entropy:.3f}", tok_s=f"{rate:,.0f}")
+        bar.set_postfix(loss=f"{terms.cross_entropy:.3f}", tok_s=f"{rate or 0:,.0f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             ce = float(trainer.evaluate(state, validation).cross_entropy)
             history["validation"].append({"step": step + 1, "cross_entropy": ce, "perplexity": float(np.exp(ce))})
