@@ -8,9 +8,10 @@ carry. Attention, routing and dispatch are the inference code itself.
 The experts step differs. Inference is dropless, but on the CPU its fast path (a dynamic loop) cannot be
 differentiated, and the differentiable jax.lax.ragged_dot is about 10x slower there, forward and backward.
 Training therefore uses Switch/GShard capacity buffers by default: each expert computes at most
-`capacity_factor * T * k / E` of its pairs in one dense batched matmul; the pairs past that (few, under the
-load-balancing loss) pass through the residual only, in training only. capacity_factor=0 trains dropless
-with ragged_dot.
+`capacity_factor * T * k / E` of its pairs in one dense batched matmul; the pairs past that pass through the
+residual only, in training only. Under the load-balancing loss they are few: at factor 2, 0.15% of the
+default model's pairs in its first layer and none in the others, on 16 x 256-token training batches.
+capacity_factor=0 trains dropless with ragged_dot.
 """
 
 from __future__ import annotations
@@ -352,11 +353,11 @@ def build_model(config, tokenizer) -> CausalLM:
     from moejax import data
 
     m = config.model
-    model_config_ = model_config(
+    architecture = model_config(
         m.architecture, tokenizer.get_vocab_size(), m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
         m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, m.max_position_embeddings,
         tie_word_embeddings=m.tie_word_embeddings, eos_token_id=tokenizer.token_to_id(data.END_OF_DOCUMENT))
-    return CausalLM(model_config_, rngs=nnx.Rngs(config.seed))
+    return CausalLM(architecture, rngs=nnx.Rngs(config.seed))
 
 
 def run(config, workdir: str, progress: bool = True, devices=None, stop_after: int | None = None) -> dict:

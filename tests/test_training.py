@@ -74,7 +74,6 @@ def test_router_auxiliary_losses_against_brute_force():
     np.testing.assert_allclose(float(uniform), 1.0, rtol=1e-6)  # the balanced optimum
 
 
-@pytest.mark.slow  # compiles training steps: 20-60 s on 2 shared cores
 def test_loss_cross_entropy_is_the_models_own():
     """loss_terms runs the layers itself: its cross-entropy equals one computed from model(tokens) logits,
     padding excluded, when the capacity is large enough that nothing is dropped."""
@@ -99,7 +98,6 @@ def test_loss_cross_entropy_is_the_models_own():
     assert float(terms.load_balance) >= 1.0 - 1e-5  # Switch loss is minimal (1) at perfect balance
 
 
-@pytest.mark.slow  # compiles training steps: 20-60 s on 2 shared cores
 def test_data_parallel_step_equals_single_device_step():
     assert len(jax.devices()) == 8
     batch = np.random.default_rng(4).integers(0, VOCAB, size=(8, 17))
@@ -144,7 +142,7 @@ def corpus_dir(tmp_path_factory):
     return directory
 
 
-@pytest.mark.slow  # compiles training steps: 20-60 s on 2 shared cores
+@pytest.mark.slow  # tokenizer + compiled training steps: 15-60 s on 2 shared cores
 def test_a_short_run_lowers_the_loss(corpus_dir, tmp_path):
     result = training.run(_run_config(corpus_dir, steps=12), str(tmp_path), progress=False)
     losses = [t["cross_entropy"] for t in result["history"]["train"]]
@@ -154,7 +152,7 @@ def test_a_short_run_lowers_the_loss(corpus_dir, tmp_path):
     assert all(b.implementation == "auto" for b in result["model"].moe_blocks())
 
 
-@pytest.mark.slow  # compiles training steps: 20-60 s on 2 shared cores
+@pytest.mark.slow  # tokenizer + compiled training steps: 15-60 s on 2 shared cores
 def test_an_interrupted_run_resumes_exactly(corpus_dir, tmp_path):
     config = _run_config(corpus_dir, steps=6)
     uninterrupted = training.run(config, str(tmp_path / "a"), progress=False)["history"]["train"]
