@@ -1,0 +1,686 @@
+"""Expert Buffering (papers.md B): every expert's weights in host memory, a few device slots per MoE layer.
+
+Three layers, each usable alone:
+
+- `ExpertCache`: the bookkeeping of one layer's cache (which expert sits in which slot, who is evicted),
+  pure Python. `simulate` drives it over a trace; `DeviceExpertCache` drives the same object and moves the
+  weights. So the simulator and the real cache cannot disagree on a miss.
+- `HostExpertStore` / `DeviceExpertCache`: the weights. Host storage is `pinned_host` memory on GPU/TPU
+  (DMA-able, so `jax.device_put` to the device is an asynchronous copy) and numpy arrays on the CPU backend,
+  whose memory kinds are unreliable (`host_memory_kind` is the one place that chooses). Each layer's device
+  cache is three [slots, d, f] arrays updated in place (donated) one expert at a time.
+- `BufferedModel` / `generate`: a decode loop that runs the model's own modules layer by layer, reads each
+  MoE layer's active experts on the host after routing, starts their copies, and runs the experts step over
+  the slots. Greedy output equals `moejax.generate` with every expert resident.
+
+Semantics of a step (shared by all of the above). A step's active experts (count > 0) are requested one at
+a time in ascending id order; an expert is computed no earlier than its own request, so each layer's
+requests form one sequence and the cache is an ordinary paging problem over it (which is what makes
+Belady's MIN the optimum, see tests). When a step needs more experts than there are slots, they stream:
+the real cache computes the experts already requested in the step (a chunk) just before one of them would
+be evicted, then loads the next ones.
+
+Policies choose the victim among resident experts other than the one requested:
+  lifo    the paper's: experts inactive in the current step go first; among the group chosen, the most
+          recently loaded. Experts run in ascending id order, so the expert loaded last in a step is the
+          one with the highest id, requested latest in the next step too: the longest reuse distance among
+          the active experts.
+  lru     least recently requested (a load counts as a request).
+  fifo    earliest loaded.
+  lfu     fewest requests since it was loaded; ties to the least recently requested.
+  belady  the offline optimum (Belady's MIN): the expert whose next request in the future trace is
+          furthest away (never: infinitely far; ties to the lower id). Needs the future trace.
+
+Prefetch (beyond the paper): the next MoE layer's router applied to the current residual stream (after the
+attention of this layer, through the next layer's post-attention norm) predicts the next layer's experts;
+their copies start one layer early, evicting by the same policy with the predicted set as the current step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import math
+from typing import Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax import kernels
+from moejax.config import ACTIVATIONS
+from moejax.kernels.grouped_matmul import default_tile
+from moejax.generate import pad_prompts, sample_next
+from moejax.models.transformer import CausalLM, KVCache, MoEBlock, check_token_ids, init_cache
+from moejax.models.rope import rope_angles
+
+POLICIES = ("lifo", "lru", "fifo", "lfu", "belady")
+
+Trace = list  # per step, the sorted active expert ids of one layer (a list of tuples of ints)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bookkeeping: shared by the simulator and the real cache
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counts of one layer's cache (or of a simulation). Hits + misses = requests."""
+
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0  # demand loads: the expert was needed and not resident
+    evictions: int = 0
+    prefetch_loads: int = 0
+    prefetch_hits: int = 0  # requests served by a prefetched copy that no request had used yet
+    predicted: int = 0  # experts predicted for steps that got a prediction
+    predicted_right: int = 0  # of those, the ones the step did use
+    active_predicted_steps: int = 0  # active experts in steps that got a prediction
+    max_resident: int = 0
+    steps: int = 0
+    expert_bytes: int = 0  # one expert's weights (gate + up + down), for bytes_moved
+
+    @property
+    def miss_rate(self) -> float:
+        return self.misses / self.requests if self.requests else 0.0
+
+    @property
+    def loads(self) -> int:
+        return self.misses + self.prefetch_loads
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.loads * self.expert_bytes
+
+    @property
+    def prediction_recall(self) -> float:
+        """Fraction of the active experts that the prediction named."""
+        return self.predicted_right / self.active_predicted_steps if self.active_predicted_steps else 0.0
+
+    @property
+    def prediction_precision(self) -> float:
+        """Fraction of the predicted experts that were active."""
+        return self.predicted_right / self.predicted if self.predicted else 0.0
+
+    def __add__(self, other: "CacheStats") -> "CacheStats":
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
+        summed["max_resident"] = max(self.max_resident, other.max_resident)
+        summed["expert_bytes"] = max(self.expert_bytes, other.expert_bytes)  # the same model's layers
+        return CacheStats(**summed)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(miss_rate=self.miss_rate, loads=self.loads, bytes_moved=self.bytes_moved,
+                   prediction_recall=self.prediction_recall, prediction_precision=self.prediction_precision)
+        return out
+
+
+class Access(NamedTuple):
+    """What one request or prefetch did: `expert` sits in `slot`; `loaded`: it was copied in now; `evicted`:
+    the expert whose slot it took (None: a free slot or a hit)."""
+
+    expert: int
+    slot: int
+    loaded: bool
+    evicted: int | None
+
+
+def check_policy(cache_size, policy: str) -> None:
+    if isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 1:
+        raise ValueError(f"cache_size={cache_size!r} must be an integer >= 1 (expert slots per layer)")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown eviction policy {policy!r}; supported: {POLICIES}")
+
+
+def _step_ids(step, where: str) -> tuple[int, ...]:
+    ids = sorted({int(e) for e in np.asarray(step, dtype=np.int64).reshape(-1)})
+    if ids and ids[0] < 0:
+        raise ValueError(f"{where}: expert id {ids[0]} is negative")
+    return tuple(ids)
+
+
+def normalize_trace(requests: Iterable, name: str = "requests") -> list[tuple[int, ...]]:
+    """Per step, any iterable of expert ids -> sorted unique tuples (a step's active set)."""
+    return [_step_ids(step, f"{name}[{t}]") for t, step in enumerate(requests)]
+
+
+class ExpertCache:
+    """One layer's cache bookkeeping: `size` slots, an expert -> slot map, an eviction policy.
+
+    Drive it with, per step, `begin_step(active)`, then `request(e)` for each active expert in ascending
+    order, then `end_step()`; optionally `prefetch(predicted)` between steps. `future` (belady only): the
+    trace of steps this cache will see, in order; a step that differs from it is an error.
+    """
+
+    def __init__(self, size: int, policy: str = "lifo", future: Iterable | None = None, expert_bytes: int = 0):
+        check_policy(size, policy)
+        if policy == "belady" and future is None:
+            raise ValueError("policy 'belady' needs the future trace (future=...): it evicts the expert whose "
+                             "next request is furthest away")
+        self.size, self.policy = int(size), policy
+        self.slot_of: dict[int, int] = {}
+        self._free = list(range(self.size - 1, -1, -1))  # pop() hands out slot 0 first
+        self._loaded_at: dict[int, int] = {}
+        self._last_used: dict[int, int] = {}
+        self._uses: dict[int, int] = {}
+        self._unused_prefetch: set[int] = set()
+        self._tick = 0  # orders loads and requests
+        self._position = 0  # index of the next request in the flattened request sequence
+        self._step = 0
+        self._active: frozenset[int] = frozenset()
+        self._pending: list[int] = []  # this step's active experts not requested yet, ascending
+        self._prediction: frozenset[int] | None = None
+        self.stats = CacheStats(expert_bytes=int(expert_bytes))
+        self._future = None
+        if future is not None:
+            self._future = normalize_trace(future, "future")
+            self._uses_at: dict[int, list[int]] = {}  # expert -> its positions in the flattened sequence
+            position = 0
+            for step in self._future:
+                for e in step:
+                    self._uses_at.setdefault(e, []).append(position)
+                    position += 1
+
+    @property
+    def resident(self) -> dict[int, int]:
+        return dict(self.slot_of)
+
+    def begin_step(self, active) -> None:
+        if self._pending:
+            raise RuntimeError(f"step {self._step - 1} still has unrequested experts {self._pending}")
+        active = _step_ids(active, f"step {self._step}")
+        if self._future is not None:
+            expected = self._future[self._step] if self._step < len(self._future) else None
+            if expected != active:
+                raise ValueError(f"step {self._step} requests experts {list(active)} but the future trace says "
+                                 f"{None if expected is None else list(expected)}: belady needs the exact trace")
+        self._active = frozenset(active)
+        self._pending = list(active)
+        if self._prediction is not None:
+            self.stats.predicted += len(self._prediction)
+            self.stats.predicted_right += len(self._prediction & self._active)
+            self.stats.active_predicted_steps += len(active)
+            self._prediction = None
+
+    def request(self, expert: int) -> Access:
+        expert = int(expert)
+        if not self._pending or self._pending[0] != expert:
+            raise ValueError(f"step {self._step}: expert {expert} requested out of turn; next expected "
+                             f"{self._pending[0] if self._pending else 'none (step complete)'}")
+        self._pending.pop(0)
+        self.stats.requests += 1
+        self._tick += 1
+        if expert in self.slot_of:
+            self.stats.hits += 1
+            if expert in self._unused_prefetch:
+                self.stats.prefetch_hits += 1
+                self._unused_prefetch.discard(expert)
+            access = Access(expert, self.slot_of[expert], False, None)
+        else:
+            self.stats.misses += 1
+            access = self._load(expert, protected=frozenset((expert,)), active=self._active)
+        self._last_used[expert] = self._tick
+        self._uses[expert] = self._uses.get(expert, 0) + 1
+        self._position += 1
+        return access
+
+    def end_step(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"step {self._step} ended with unrequested experts {self._pending}")
+        self._step += 1
+        self.stats.steps += 1
+
+    def run_step(self, active) -> list[Access]:
+        """begin_step, every request in ascending order, end_step."""
+        self.begin_step(active)
+        accesses = [self.request(e) for e in sorted(self._active)]
+        self.end_step()
+        return accesses
+
+    def prefetch(self, predicted) -> list[Access]:
+        """Load the predicted experts of the next step that are not resident (ascending ids, as many as fit
+        without evicting another predicted one). Call between end_step and the next begin_step."""
+        predicted = frozenset(_step_ids(predicted, f"prediction for step {self._step}"))
+        self._prediction = predicted
+        accesses = []
+        for expert in sorted(predicted - set(self.slot_of)):
+            if not self._free and not set(self.slot_of) - predicted:
+                break  # every slot holds a predicted expert
+            self._tick += 1
+            access = self._load(expert, protected=predicted, active=predicted)
+            self._last_used[expert] = self._tick
+            self._uses[expert] = 0
+            self._unused_prefetch.add(expert)
+            self.stats.prefetch_loads += 1
+            accesses.append(access)
+        return accesses
+
+    # -- internals
+
+    def _load(self, expert: int, protected: frozenset, active: frozenset) -> Access:
+        evicted = None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            evicted = self._victim([e for e in self.slot_of if e not in protected], active)
+            slot = self.slot_of.pop(evicted)
+            for table in (self._loaded_at, self._last_used, self._uses):
+                table.pop(evicted, None)
+            self._unused_prefetch.discard(evicted)
+            self.stats.evictions += 1
+        self.slot_of[expert] = slot
+        self._loaded_at[expert] = self._tick
+        self.stats.max_resident = max(self.stats.max_resident, len(self.slot_of))
+        return Access(expert, slot, True, evicted)
+
+    def _victim(self, candidates: list[int], active: frozenset) -> int:
+        if not candidates:
+            raise RuntimeError("no evictable expert")  # unreachable: protected sets never fill the cache
+        if self.policy == "lifo":
+            inactive = [e for e in candidates if e not in active]
+            return max(inactive or candidates, key=self._loaded_at.__getitem__)
+        if self.policy == "fifo":
+            return min(candidates, key=self._loaded_at.__getitem__)
+        if self.policy == "lru":
+            return min(candidates, key=self._last_used.__getitem__)
+        if self.policy == "lfu":
+            return min(candidates, key=lambda e: (self._uses[e], self._last_used[e]))
+        return max(candidates, key=lambda e: (self._next_use(e), -e))  # belady
+
+    def _next_use(self, expert: int) -> float:
+        uses = self._uses_at.get(expert, ())
+        i = bisect.bisect_left(uses, self._position)
+        return uses[i] if i < len(uses) else math.inf
+
+
+def simulate(requests: Iterable, cache_size: int, policy: str = "lifo", *, expert_bytes: int = 0,
+             prefetch: Sequence | None = None) -> CacheStats:
+    """Trace-driven simulation of one layer's cache, starting empty.
+
+    requests: per step, the active expert ids (requested in ascending id order). prefetch (optional): per
+    step, the experts predicted for it, loaded before the step's requests (None or [] for no prediction).
+    belady's future is the request trace itself. Returns CacheStats (.hits, .misses, .bytes_moved with
+    expert_bytes = one expert's size in bytes).
+    """
+    check_policy(cache_size, policy)
+    steps = normalize_trace(requests)
+    if prefetch is not None and len(prefetch) != len(steps):
+        raise ValueError(f"prefetch has {len(prefetch)} steps; requests have {len(steps)}")
+    cache = ExpertCache(cache_size, policy, future=steps if policy == "belady" else None, expert_bytes=expert_bytes)
+    for t, step in enumerate(steps):
+        if prefetch is not None and prefetch[t] is not None and len(prefetch[t]):
+            cache.prefetch(prefetch[t])
+        cache.run_step(step)
+    return cache.stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The weights: host store and device slots
+
+
+def host_memory_kind(device: jax.Device | None = None) -> str | None:
+    """The one place that picks where host-resident experts live: `pinned_host` where the device offers it
+    (GPU/TPU: the copy to the device is an asynchronous DMA), else None = numpy arrays (the CPU backend,
+    whose memory kinds are unreliable)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    kinds = {m.kind for m in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None
+
+
+class HostExpertStore:
+    """Every routed expert's (w_gate, w_up, w_down) of every MoE layer, one host array per expert and weight."""
+
+    def __init__(self, model: CausalLM, device: jax.Device | None = None):
+        self.device = device or jax.devices()[0]
+        self.memory_kind = host_memory_kind(self.device)
+        self.experts: dict[int, list[tuple]] = {}  # layer index -> per expert (gate, up, down)
+        for i, layer in enumerate(model.layers):
+            block = layer.mlp
+            if not isinstance(block, MoEBlock):
+                continue
+            if block.parallel is not None:
+                raise ValueError(f"layer {i} runs expert parallel; buffering takes a single-device model")
+            weights = [np.asarray(jax.device_get(w[...])) for w in (block.w_gate, block.w_up, block.w_down)]
+            self.experts[i] = [tuple(self._to_host(w[e]) for w in weights) for e in range(weights[0].shape[0])]
+        first = next(iter(self.experts.values()))
+        self.expert_bytes = int(sum(w.nbytes for w in first[0]))
+        self.shapes = tuple((w.shape, w.dtype) for w in first[0])
+
+    def _to_host(self, array: np.ndarray):
+        if self.memory_kind is None:
+            return np.ascontiguousarray(array)
+        sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
+        return jax.device_put(array, sharding)
+
+    def to_device(self, layer: int, expert: int) -> tuple[jax.Array, ...]:
+        """Start the copy of one expert to the device; returns at once (jax.device_put is asynchronous)."""
+        sharding = jax.sharding.SingleDeviceSharding(self.device)  # default memory kind: device memory
+        return tuple(jax.device_put(w, sharding) for w in self.experts[layer][expert])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_slot(slots, slot, weights):
+    # donated: the update happens in place, and waits for earlier computations reading the slots
+    return tuple(s.at[slot].set(w) for s, w in zip(slots, weights))
+
+
+class DeviceExpertCache:
+    """One MoE layer's device slots ([slots, d, f] gate and up, [slots, f, d] down) and their bookkeeping."""
+
+    def __init__(self, store: HostExpertStore, layer: int, size: int, policy: str, future=None):
+        self.store, self.layer = store, layer
+        self.book = ExpertCache(size, policy, future=future, expert_bytes=store.expert_bytes)
+        sharding = jax.sharding.SingleDeviceSharding(store.device)
+        self.slots = tuple(jax.device_put(np.zeros((size,) + shape, dtype), sharding)
+                           for shape, dtype in store.shapes)
+        self.num_experts = len(store.experts[layer])
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.book.stats
+
+    def device_bytes(self) -> int:
+        return int(sum(s.nbytes for s in self.slots))
+
+    def slot_table(self) -> np.ndarray:
+        """int32 [E]: each expert's slot, -1 if not resident."""
+        table = np.full((self.num_experts,), -1, np.int32)
+        for e, s in self.book.slot_of.items():
+            table[e] = s
+        return table
+
+    def apply(self, access: Access) -> None:
+        if access.loaded:
+            weights = self.store.to_device(self.layer, access.expert)
+            self.slots = _write_slot(self.slots, jnp.int32(access.slot), weights)
+
+    def prefetch(self, predicted) -> None:
+        for access in self.book.prefetch(predicted):
+            self.apply(access)
+
+    def plan_step(self, active) -> list[list[Access]]:
+        """Run the step's requests through the policy and start their copies. Returns the chunks: runs of
+        accesses to compute together, split where a load would evict an expert of the chunk not yet
+        computed. A chunk's loads are issued by `load_chunk` right before it is computed."""
+        active = _step_ids(active, f"layer {self.layer}")
+        self.book.begin_step(active)
+        chunks, chunk = [], []
+        for e in active:
+            access = self.book.request(e)
+            if access.evicted is not None and any(a.expert == access.evicted for a in chunk):
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(access)
+        if chunk:
+            chunks.append(chunk)
+        self.book.end_step()
+        return chunks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Buffered forward and generation
+
+
+def _strip_experts(layer_state):
+    """A MoE layer's state without its routed experts' weights (they live in the host store)."""
+    for name in ("w_gate", "w_up", "w_down"):
+        layer_state["mlp"][name] = jnp.zeros((0,), layer_state["mlp"][name][...].dtype)
+    return layer_state
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _prologue(embed, tokens, token_mask, cache_mask, cache_positions, index, prefill, rope, sliding_window):
+    """Embedding, rope angles and the attention mask: CausalLM.forward's preamble, with a cache."""
+    t = tokens.shape[1]
+    index = 0 if prefill else index
+    positions = cache_mask.sum(axis=1, keepdims=True) + jnp.cumsum(token_mask, axis=1) - 1
+    positions = jnp.maximum(positions, 0).astype(jnp.int32)
+    inv_freq, attention_factor = rope
+    cos, sin = rope_angles(positions, jnp.asarray(inv_freq, jnp.float32), attention_factor)
+    key_mask = jax.lax.dynamic_update_slice_in_dim(cache_mask, token_mask, index, axis=1)
+    key_positions = jax.lax.dynamic_update_slice_in_dim(cache_positions, positions, index, axis=1)
+    key_slots = jnp.arange(cache_mask.shape[1])
+    allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= (index + jnp.arange(t))[None, :, None])
+    if sliding_window:
+        allowed &= positions[:, :, None] - key_positions[:, None, :] < sliding_window
+    return embed[tokens], cos, sin, allowed, key_mask, key_positions
+
+
+def _layer_index(prefill, index):
+    return 0 if prefill else index  # a static 0 lets prefill attention skip future key slots
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9))
+def _dense_layer(graphdef, state, x, cos, sin, allowed, layer_kv, index, prefill, decode):
+    layer = nnx.merge(graphdef, state)
+    x, layer_kv, _, _ = layer(x, cos, sin, allowed, jnp.ones(x.shape[:2], bool), layer_kv,
+                              _layer_index(prefill, index), decode)
+    return x, layer_kv
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9, 10, 11))
+def _attention_and_route(graphdef, state, x, cos, sin, allowed, token_mask, layer_kv, index, prefill, decode,
+                         next_graphdef, next_state):
+    """Attention, the router and policy of this MoE layer; with a next MoE layer, its predicted experts
+    (its router on this layer's residual stream, through its own post-attention norm)."""
+    layer = nnx.merge(graphdef, state)
+    attn_out, layer_kv = layer.self_attn(layer.input_layernorm(x), cos, sin, allowed, layer_kv,
+                                         _layer_index(prefill, index))
+    x = x + attn_out
+    b, t, d = x.shape
+    mask = token_mask.reshape(b * t)
+    h = layer.post_attention_layernorm(x).reshape(b * t, d)
+    r = layer.mlp.route(h, mask, decode)
+    counts = _counts(r)
+    predicted = None
+    if next_graphdef is not None:
+        nxt = nnx.merge(next_graphdef, next_state)
+        predicted = _counts(nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(b * t, d), mask, decode))
+    return x, h, r, counts, predicted, layer_kv
+
+
+def _counts(r):
+    return jnp.zeros((r.scores.shape[-1],), jnp.int32).at[r.experts.reshape(-1)].add(r.keep.reshape(-1))
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8, 9), donate_argnums=(6,))
+def _experts_chunk(slots, h, experts, keep, slot_of_expert, in_chunk, acc, activation, implementation, tile):
+    """acc [T*k, d] (pair order) += the outputs of the pairs whose expert is in this chunk, from the slots.
+    Pairs outside the chunk come out exactly 0 (rows past the groups), so adding chunks is exact."""
+    num_slots = slots[0].shape[0]
+    chunk_keep = keep & in_chunk[experts]
+    group = jnp.where(chunk_keep, slot_of_expert[experts], num_slots).reshape(-1)
+    order = jnp.argsort(group, stable=True)
+    sizes = jnp.bincount(group, length=num_slots + 1)[:num_slots].astype(jnp.int32)
+    rows = h[order // experts.shape[1]]
+    out = kernels.grouped_ffn(rows, sizes, *slots, activation=activation, implementation=implementation, tile=tile)
+    return acc + out[jnp.argsort(order)].astype(acc.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _finish_moe(graphdef, state, x, h, acc, r):
+    """The combine (as dispatch.combine: weighted sum over k in f32) plus shared experts, into the residual."""
+    block = nnx.merge(graphdef, state).mlp
+    num_tokens, top_k = r.experts.shape
+    weights = jnp.where(r.keep, r.weights, 0.0)
+    out = jnp.einsum("tkd,tk->td", acc.reshape(num_tokens, top_k, -1).astype(jnp.float32), weights).astype(h.dtype)
+    if block.shared is not None:
+        shared = block.shared(h)
+        if block.shared_gate is not None:
+            shared = jax.nn.sigmoid(h @ block.shared_gate[...]) * shared
+        out = out + shared
+    return x + out.reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _head(norm_graphdef, norm_state, head, x):
+    """Final norm and LM head on the last position -> float32 logits [B, V]; head [d, V]."""
+    x = nnx.merge(norm_graphdef, norm_state)(x[:, -1])
+    return jnp.einsum("bd,dv->bv", x, head, preferred_element_type=jnp.float32)
+
+
+class BufferedModel:
+    """A CausalLM whose routed experts live in host memory, `cache_size` device slots per MoE layer.
+
+    Holds on the device only the non-expert parameters and the slots. `future` (belady): per MoE layer
+    index, its trace of steps (as `trace` records it). `prefetch`: load the next MoE layer's predicted
+    experts one layer early. `step(...)` runs one forward call (prefill or decode) and records, per MoE
+    layer, the step's active experts in `trace`.
+    """
+
+    def __init__(self, model: CausalLM, cache_size: int, policy: str = "lifo", *, future: dict | None = None,
+                 prefetch: bool = False, store: HostExpertStore | None = None):
+        check_policy(cache_size, policy)
+        if policy == "belady" and future is None:
+            raise ValueError("policy 'belady' needs the future trace: pass future=trace from record_trace(...)")
+        self.config = model.config
+        self.store = store or HostExpertStore(model)
+        moe = list(self.store.experts)
+        if future is not None and set(future) != set(moe):
+            raise ValueError(f"future has layers {sorted(future)}; the model's MoE layers are {moe}")
+        self.policy, self.cache_size, self.prefetch_enabled = policy, int(cache_size), prefetch
+        num_experts = self.config.num_experts
+        if self.cache_size > num_experts:
+            self.cache_size = num_experts  # more slots than experts would only hold zeros
+        self.caches = {i: DeviceExpertCache(self.store, i, self.cache_size, policy,
+                                            None if future is None else future[i]) for i in moe}
+        self.trace: dict[int, list[tuple[int, ...]]] = {i: [] for i in moe}
+        # per MoE layer, per step: the experts prefetched for it (None: no prediction), aligned with trace
+        self.predictions: dict[int, list[tuple[int, ...] | None]] = {i: [] for i in moe}
+        self.dtype = model.dtype
+        self.layers = []
+        for i, layer in enumerate(model.layers):
+            g, s = nnx.split(layer)
+            self.layers.append((g, _strip_experts(s) if i in self.caches else s))
+        # the top-level parameters: the layers run one by one in step()
+        self.embed = model.embed_tokens[...]
+        self.head = self.embed.T if model.lm_head is None else model.lm_head[...]
+        self.norm = nnx.split(model.norm)
+        self.rope = model._rope
+        self.next_moe = {a: b for a, b in zip(moe, moe[1:])}
+        block = model.moe_blocks()[0]
+        self.activation = ACTIVATIONS[self.config.hidden_act]
+        self.implementation = block.implementation
+
+    def expert_device_bytes(self) -> int:
+        return sum(c.device_bytes() for c in self.caches.values())
+
+    def stats(self) -> CacheStats:
+        """Summed over MoE layers."""
+        return sum((c.stats for c in self.caches.values()), CacheStats())
+
+    def step(self, tokens: jax.Array, token_mask: jax.Array, kv: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
+        """One forward call over tokens [B, T] at kv.index -> (last position's logits [B, V], updated cache)."""
+        decode = not prefill
+        index = jnp.asarray(kv.index, jnp.int32)
+        x, cos, sin, allowed, key_mask, key_positions = _prologue(
+            self.embed, tokens, token_mask, kv.mask, kv.positions, index, prefill, self.rope,
+            self.config.sliding_window)
+        new_layers = []
+        for i, (g, s) in enumerate(self.layers):
+            if i not in self.caches:
+                x, layer_kv = _dense_layer(g, s, x, cos, sin, allowed, kv.layers[i], index, prefill, decode)
+                new_layers.append(layer_kv)
+                continue
+            nxt = self.next_moe.get(i) if self.prefetch_enabled else None
+            next_g, next_s = self.layers[nxt] if nxt is not None else (None, None)
+            x, h, r, counts, predicted, layer_kv = _attention_and_route(
+                g, s, x, cos, sin, allowed, token_mask, kv.layers[i], index, prefill, decode, next_g, next_s)
+            new_layers.append(layer_kv)
+            counts, predicted = jax.device_get((counts, predicted))  # the one host sync per layer
+            active = tuple(int(e) for e in np.flatnonzero(counts))
+            self.trace[i].append(active)
+            cache = self.caches[i]
+            chunks = cache.plan_step(active)
+            for access in chunks[0] if chunks else ():
+                cache.apply(access)  # the first chunk's copies start now...
+            if nxt is not None:  # ...then the next layer's, one layer early
+                predicted = tuple(int(e) for e in np.flatnonzero(predicted))
+                self.predictions[nxt].append(predicted)
+                self.caches[nxt].prefetch(predicted)
+            if not self.prefetch_enabled or i == next(iter(self.caches)):
+                self.predictions[i].append(None)
+            acc = jnp.zeros((h.shape[0] * r.experts.shape[1], h.shape[1]), h.dtype)
+            # the tile the resident experts step would use, so each row's arithmetic is the same
+            tile = default_tile(acc.shape[0], self.config.num_experts)[0]
+            for c, chunk in enumerate(chunks):
+                if c:
+                    for access in chunk:
+                        cache.apply(access)  # evicts experts of the chunk just computed
+                in_chunk = np.zeros((self.config.num_experts,), bool)
+                in_chunk[[a.expert for a in chunk]] = True
+                slot_table = np.full((self.config.num_experts,), self.cache_size, np.int32)
+                for a in chunk:
+                    slot_table[a.expert] = a.slot
+                acc = _experts_chunk(cache.slots, h, r.experts, r.keep, slot_table, in_chunk, acc,
+                                     self.activation, self.implementation, tile)
+            x = _finish_moe(g, s, x, h, acc, r)
+        logits = _head(*self.norm, self.head, x)
+        return logits, KVCache(tuple(new_layers), key_mask, key_positions, kv.index + tokens.shape[1])
+
+
+class BufferedGeneration(NamedTuple):
+    tokens: np.ndarray  # int32 [B, max_new_tokens]
+    trace: dict  # MoE layer index -> per forward call (prefill first), the active experts
+    predictions: dict  # MoE layer index -> per forward call, the experts prefetched for it (None: none)
+    stats: dict  # MoE layer index -> CacheStats
+    decode_seconds: float  # wall time of the decode steps (after prefill), host copies included
+
+
+def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, *, cache_size: int | None = None,
+             policy: str = "lifo", future: dict | None = None, prefetch: bool = False, key: jax.Array | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, stop_tokens=None,
+             pad_token_id: int | None = None) -> BufferedGeneration:
+    """moejax.generate with buffered experts: same prompts, sampling and stop rules; greedy by default.
+
+    model: a CausalLM (then cache_size is required) or a BufferedModel (its caches carry over).
+    """
+    import time
+
+    if isinstance(model, CausalLM):
+        if cache_size is None:
+            raise ValueError("cache_size (expert slots per MoE layer) is required with a CausalLM")
+        model = BufferedModel(model, cache_size, policy, future=future, prefetch=prefetch)
+    config = model.config
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit PRNG key")
+    stops = np.asarray(() if stop_tokens is None else np.atleast_1d(stop_tokens), np.int32)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (int(stops[0]) if len(stops) else 0)
+    tokens, mask = pad_prompts(prompt)
+    check_token_ids(np.where(mask, tokens, 0), config.vocab_size)
+    key = jax.random.key(0) if key is None else key
+    kv = init_cache(config, tokens.shape[0], tokens.shape[1] + max_new_tokens, model.dtype)
+    logits, kv = model.step(jnp.asarray(tokens), jnp.asarray(mask), kv, prefill=True)
+    key, sub = jax.random.split(key)
+    last = np.asarray(sample_next(logits, sub, temperature, top_p))
+    generated = np.full((tokens.shape[0], max_new_tokens), pad_token_id, np.int32)
+    generated[:, 0] = last
+    done = np.isin(last, stops)
+    start = time.perf_counter()
+    for step in range(1, max_new_tokens):
+        if done.all():
+            break
+        # finished rows still run, as padding: no cache slot, no expert
+        logits, kv = model.step(jnp.asarray(last[:, None]), jnp.asarray(~done[:, None]), kv, prefill=False)
+        key, sub = jax.random.split(key)
+        last = np.where(done, pad_token_id, np.asarray(sample_next(logits, sub, temperature, top_p)))
+        generated[:, step] = last
+        done |= np.isin(last, stops)
+    seconds = time.perf_counter() - start
+    return BufferedGeneration(generated, {i: list(t) for i, t in model.trace.items()},
+                              {i: list(p) for i, p in model.predictions.items()},
+                              {i: c.stats for i, c in model.caches.items()}, seconds)
+
+
+def record_trace(model: CausalLM, prompt, max_new_tokens: int = 16, **kwargs) -> dict:
+    """Per MoE layer, per forward call (prefill, then each decode step), the active experts: a buffered run
+    with every expert resident (the same computation as any buffered run, so belady can replay it)."""
+    run = generate(model, prompt, max_new_tokens, cache_size=model.config.num_experts, policy="lru", **kwargs)
+    return run.trace

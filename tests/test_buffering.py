@@ -1,0 +1,256 @@
+"""Expert buffering: the cache policies against brute-force references, and buffered generation against
+generation with every expert resident."""
+
+import collections
+import functools
+import random
+
+import jax
+import numpy as np
+import pytest
+
+import moejax
+from moejax import buffering
+from tests.tiny import tiny_config
+
+OTHER_POLICIES = ("lifo", "lru", "fifo", "lfu")
+
+
+def _random_trace(rng: random.Random, steps: int, num_experts: int, max_active: int):
+    return [sorted(rng.sample(range(num_experts), rng.randint(1, max_active))) for _ in range(steps)]
+
+
+def _fewest_misses(trace, cache_size: int) -> int:
+    """Exhaustive search over every eviction choice at every miss (memoised on position and contents)."""
+    sequence = [e for step in trace for e in sorted(step)]
+
+    @functools.lru_cache(maxsize=None)
+    def best(position: int, resident: frozenset) -> int:
+        if position == len(sequence):
+            return 0
+        e = sequence[position]
+        if e in resident:
+            return best(position + 1, resident)
+        if len(resident) < cache_size:
+            return 1 + best(position + 1, resident | {e})
+        return 1 + min(best(position + 1, (resident - {victim}) | {e}) for victim in resident)
+
+    return best(0, frozenset())
+
+
+# -- reference policies, written the obvious way over the flattened request sequence
+
+
+def _reference_misses(trace, cache_size: int, policy: str) -> int:
+    resident = collections.OrderedDict()  # expert -> None, in the order the policy reads
+    loaded_at, last_used, uses = {}, {}, {}
+    misses, tick = 0, 0
+    for step in trace:
+        for e in sorted(step):
+            tick += 1
+            if e not in resident:
+                misses += 1
+                if len(resident) == cache_size:
+                    if policy == "fifo":
+                        victim = min(resident, key=loaded_at.get)
+                    elif policy == "lru":
+                        victim = min(resident, key=last_used.get)
+                    elif policy == "lfu":
+                        victim = min(resident, key=lambda x: (uses[x], last_used[x]))
+                    else:  # lifo, the paper's: inactive in this step first, then the most recently loaded
+                        inactive = [x for x in resident if x not in step]
+                        victim = max(inactive or list(resident), key=loaded_at.get)
+                    del resident[victim]
+                resident[e] = None
+                loaded_at[e], uses[e] = tick, 0
+            last_used[e] = tick
+            uses[e] += 1
+    return misses
+
+
+def test_belady_equals_exhaustive_search_and_beats_every_policy_on_tiny_traces():
+    rng = random.Random(0)
+    for _ in range(60):
+        trace = _random_trace(rng, steps=rng.randint(2, 5), num_experts=5, max_active=3)
+        for cache_size in (1, 2, 3):
+            optimum = _fewest_misses(trace, cache_size)
+            assert buffering.simulate(trace, cache_size, "belady").misses == optimum, (trace, cache_size)
+            for policy in OTHER_POLICIES:
+                assert buffering.simulate(trace, cache_size, policy).misses >= optimum
+
+
+def test_belady_never_worse_than_any_policy_on_longer_traces():
+    rng = random.Random(1)
+    for _ in range(10):
+        trace = _random_trace(rng, steps=60, num_experts=16, max_active=6)
+        for cache_size in (2, 5, 9):
+            belady = buffering.simulate(trace, cache_size, "belady").misses
+            assert all(belady <= buffering.simulate(trace, cache_size, p).misses for p in OTHER_POLICIES)
+
+
+def test_policies_match_reference_implementations():
+    rng = random.Random(2)
+    for _ in range(30):
+        trace = _random_trace(rng, steps=25, num_experts=8, max_active=5)
+        for cache_size in (1, 3, 6):
+            for policy in OTHER_POLICIES:
+                got = buffering.simulate(trace, cache_size, policy).misses
+                assert got == _reference_misses(trace, cache_size, policy), (policy, cache_size, trace)
+
+
+def test_lifo_on_a_hand_worked_trace():
+    cache = buffering.ExpertCache(3, "lifo")
+    A = buffering.Access
+    assert cache.run_step([0, 1, 2]) == [A(0, 0, True, None), A(1, 1, True, None), A(2, 2, True, None)]
+    # 3 misses; 0 and 2 are inactive in this step: the more recently loaded of them, 2, goes
+    assert cache.run_step([1, 3]) == [A(1, 1, False, None), A(3, 2, True, 2)]
+    # 2 misses; only 1 is inactive: it goes. 4 misses; all of 0, 2, 3 are active: the latest loaded, 2, goes
+    assert cache.run_step([0, 2, 3, 4]) == [A(0, 0, False, None), A(2, 1, True, 1), A(3, 2, False, None),
+                                           A(4, 1, True, 2)]
+    # 0, 3, 4 all inactive: the latest loaded, 4, goes
+    assert cache.run_step([2]) == [A(2, 1, True, 4)]
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.requests) == (3, 7, 10)
+    assert cache.resident == {0: 0, 3: 2, 2: 1}
+
+
+def test_every_policy_stays_within_the_cache_and_counts_every_request():
+    rng = random.Random(3)
+    for _ in range(10):
+        trace = _random_trace(rng, steps=40, num_experts=12, max_active=7)
+        predictions = [None if rng.random() < 0.3 else sorted(rng.sample(range(12), rng.randint(0, 6)))
+                       for _ in trace]
+        for cache_size in (1, 4, 12):
+            for policy in buffering.POLICIES:
+                cache = buffering.ExpertCache(cache_size, policy, future=trace if policy == "belady" else None)
+                for step, predicted in zip(trace, predictions):
+                    if predicted:
+                        cache.prefetch(predicted)
+                        assert len(cache.slot_of) <= cache_size
+                    cache.begin_step(step)
+                    for e in step:
+                        access = cache.request(e)
+                        assert cache.slot_of[e] == access.slot  # the requested expert is resident
+                        assert len(cache.slot_of) <= cache_size
+                        assert sorted(cache.slot_of.values()) == sorted(set(cache.slot_of.values()))
+                    cache.end_step()
+                stats = cache.stats
+                assert stats.hits + stats.misses == stats.requests == sum(len(s) for s in trace)
+                assert stats.max_resident <= cache_size
+                simulated = buffering.simulate(trace, cache_size, policy, prefetch=predictions)
+                assert (simulated.hits, simulated.misses, simulated.prefetch_loads) == (
+                    stats.hits, stats.misses, stats.prefetch_loads)
+
+
+def test_perfect_prefetch_leaves_no_demand_misses_and_counts_bytes():
+    trace = [[0, 3], [1, 3], [0, 2], [2, 3]]
+    stats = buffering.simulate(trace, 4, "lru", prefetch=trace, expert_bytes=100)
+    assert stats.misses == 0 and stats.hits == 8
+    assert stats.prefetch_loads == 4 and stats.bytes_moved == 400  # each expert copied once
+    assert stats.prediction_recall == stats.prediction_precision == 1.0
+    cold = buffering.simulate(trace, 4, "lru", expert_bytes=100)
+    assert (cold.misses, cold.bytes_moved, cold.prefetch_loads) == (4, 400, 0)
+    # right: 1 of {1, 2} for [1, 3], none of {3} for [0, 2], 2 of {2} for [2, 3]
+    partly = buffering.simulate(trace, 2, "lru", prefetch=[None, [1, 2], [3], [2]])
+    assert (partly.predicted, partly.predicted_right, partly.active_predicted_steps) == (4, 2, 6)
+    assert partly.prediction_recall == pytest.approx(2 / 6) and partly.prediction_precision == pytest.approx(2 / 4)
+
+
+def test_bad_input_names_the_bad_value():
+    with pytest.raises(ValueError, match="cache_size=0"):
+        buffering.simulate([[0]], 0, "lru")
+    with pytest.raises(ValueError, match="cache_size=-2"):
+        buffering.ExpertCache(-2, "lru")
+    with pytest.raises(ValueError, match="cache_size=1.5"):
+        buffering.simulate([[0]], 1.5, "lru")
+    with pytest.raises(ValueError, match="'mru'"):
+        buffering.simulate([[0]], 2, "mru")
+    with pytest.raises(ValueError, match="belady.*future"):
+        buffering.ExpertCache(2, "belady")
+    with pytest.raises(ValueError, match="expert id -1"):
+        buffering.simulate([[0, -1]], 2, "lru")
+    cache = buffering.ExpertCache(2, "belady", future=[[0, 1], [1]])
+    cache.run_step([0, 1])
+    with pytest.raises(ValueError, match=r"step 1 requests experts \[2\].*future trace says \[1\]"):
+        cache.begin_step([2])
+
+
+# -- buffered generation on a tiny model
+
+
+@pytest.fixture(scope="module")
+def model():
+    # decisive routing and greedy choices (far from ties), as in test_generate
+    m = moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2), seed=3)
+    for block in m.moe_blocks():
+        block.router[...] = block.router[...] * 20
+    m.lm_head[...] = m.lm_head[...] * 20
+    return m
+
+
+PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 9, 10, 11, 2, 6]]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def resident_tokens(model):
+    return np.asarray(moejax.generate(model, PROMPTS, max_new_tokens=NEW_TOKENS))
+
+
+def _check_slots_hold_their_experts(buffered):
+    for layer, cache in buffered.caches.items():
+        for expert, slot in cache.book.slot_of.items():
+            for device_slots, host in zip(cache.slots, buffered.store.experts[layer][expert]):
+                np.testing.assert_array_equal(np.asarray(device_slots[slot]), np.asarray(host))
+
+
+def test_buffered_generation_equals_resident_for_every_policy_with_one_slot(model, resident_tokens):
+    """One slot per layer: every step (4 active experts per decode step, all 8 in prefill) streams."""
+    runs = {}
+    for policy in buffering.POLICIES:
+        future = runs["lifo"][1].trace if policy == "belady" else None  # the trace does not depend on the cache
+        buffered = buffering.BufferedModel(model, 1, policy, future=future)
+        run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+        np.testing.assert_array_equal(run.tokens, resident_tokens, err_msg=policy)
+        assert max(len(step) for step in run.trace[0]) > 1  # the active set exceeds the cache
+        for layer, trace in run.trace.items():
+            simulated = buffering.simulate(trace, 1, policy)
+            assert (run.stats[layer].hits, run.stats[layer].misses) == (simulated.hits, simulated.misses)
+        _check_slots_hold_their_experts(buffered)
+        runs[policy] = (buffered, run)
+
+
+@pytest.mark.slow
+def test_buffered_generation_with_prefetch_matches_resident_and_the_simulator(model, resident_tokens):
+    for cache_size, policy in ((3, "lifo"), (3, "lfu"), (5, "fifo"), (8, "lru")):
+        buffered = buffering.BufferedModel(model, cache_size, policy, prefetch=True)
+        run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+        np.testing.assert_array_equal(run.tokens, resident_tokens, err_msg=f"{policy} {cache_size}")
+        assert run.predictions[0] == [None] * len(run.trace[0])  # the first MoE layer has no predecessor
+        assert all(p is not None for p in run.predictions[1])
+        for layer, trace in run.trace.items():
+            simulated = buffering.simulate(trace, cache_size, policy, prefetch=run.predictions[layer])
+            got = run.stats[layer]
+            assert (got.hits, got.misses, got.prefetch_loads, got.predicted_right) == (
+                simulated.hits, simulated.misses, simulated.prefetch_loads, simulated.predicted_right)
+        assert run.stats[1].predicted > 0
+        _check_slots_hold_their_experts(buffered)
+
+
+def test_buffered_generation_bad_input(model):
+    with pytest.raises(ValueError, match="belady.*future"):
+        buffering.generate(model, PROMPTS, 2, cache_size=2, policy="belady")
+    with pytest.raises(ValueError, match="cache_size=0"):
+        buffering.generate(model, PROMPTS, 2, cache_size=0)
+    with pytest.raises(ValueError, match="'random'"):
+        buffering.BufferedModel(model, 2, "random")
+    with pytest.raises(ValueError, match="cache_size"):
+        buffering.generate(model, PROMPTS, 2)
+
+
+def test_host_storage_is_numpy_on_the_cpu_backend(model):
+    assert jax.default_backend() == "cpu"
+    assert buffering.host_memory_kind() is None
+    store = buffering.HostExpertStore(model)
+    c = model.config
+    assert all(isinstance(w, np.ndarray) for expert in store.experts[0] for w in expert)
+    assert store.expert_bytes == 3 * c.hidden_size * c.moe_intermediate_size * 4  # three f32 matrices
