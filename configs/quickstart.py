@@ -1,4 +1,5 @@
-"""The quick start: a small built-in Mixtral-style MoE (random weights), one forward pass and a greedy generation.
+"""The quick start: the committed trained default MoE (experiments/default_model), one forward pass and a greedy
+generation of Python-like text. Set checkpoint="" for a small built-in Mixtral-style model with random weights.
 
 Run: ./launch.sh quickstart   (or python experiments/quickstart.py --config=configs/quickstart.py)
 Override any field from the command line, e.g. --config.model.num_experts=16 --config.max_new_tokens=32.
@@ -9,7 +10,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.checkpoint = ""  # a Hugging Face checkpoint directory; empty: the built-in model below
+    config.checkpoint = "experiments/default_model"  # a Hugging Face checkpoint directory; "": the model below
     config.dtype = "float32"
     config.seed = 0
     config.batch_size = 4

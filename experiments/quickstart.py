@@ -77,8 +77,14 @@ def main(argv):
     generate_s = time.perf_counter() - start
     print(f"Greedy generation: {config.batch_size} prompts of different lengths, {config.max_new_tokens} new "
           f"tokens each in {generate_s * 1e3:.1f} ms ({new.size / generate_s:.0f} tokens/s)")
+    tokenizer = moejax.load_tokenizer(config.checkpoint) if config.checkpoint else None
     for row in new[:2]:
         print("  new tokens:", row.tolist())
+    if tokenizer is not None:
+        prompt = "class Config:\n    def __init__(self"
+        ids = tokenizer.encode(prompt).ids
+        text = tokenizer.decode(np.asarray(moejax.generate(model, [ids], max_new_tokens=48))[0].tolist())
+        print(f"Greedy continuation of {prompt!r}:\n{prompt}{text}")
 
     os.makedirs(_WORKDIR.value, exist_ok=True)
     path = os.path.join(_WORKDIR.value, "results.json")
