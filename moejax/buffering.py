@@ -58,8 +58,6 @@ from moejax.models.rope import rope_angles
 
 POLICIES = ("lifo", "lru", "fifo", "lfu", "belady")
 
-Trace = list  # per step, the sorted active expert ids of one layer (a list of tuples of ints)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Bookkeeping: shared by the simulator and the real cache
@@ -109,6 +107,12 @@ class CacheStats:
         summed["max_resident"] = max(self.max_resident, other.max_resident)
         summed["expert_bytes"] = max(self.expert_bytes, other.expert_bytes)  # the same model's layers
         return CacheStats(**summed)
+
+    def __sub__(self, earlier: "CacheStats") -> "CacheStats":
+        """The counts since the snapshot `earlier` of the same cache (max_resident: the later value)."""
+        diff = {f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in dataclasses.fields(self)}
+        diff.update(max_resident=self.max_resident, expert_bytes=self.expert_bytes)
+        return CacheStats(**diff)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -296,24 +300,28 @@ class ExpertCache:
 
 
 def simulate(requests: Iterable, cache_size: int, policy: str = "lifo", *, expert_bytes: int = 0,
-             prefetch: Sequence | None = None) -> CacheStats:
+             prefetch: Sequence | None = None, warmup_steps: int = 0) -> CacheStats:
     """Trace-driven simulation of one layer's cache, starting empty.
 
     requests: per step, the active expert ids (requested in ascending id order). prefetch (optional): per
     step, the experts predicted for it, loaded before the step's requests (None or [] for no prediction).
     belady's future is the request trace itself. Returns CacheStats (.hits, .misses, .bytes_moved with
-    expert_bytes = one expert's size in bytes).
+    expert_bytes = one expert's size in bytes), counting the steps after the first `warmup_steps` (those
+    still fill the cache: e.g. a prefill before decode steps).
     """
     check_policy(cache_size, policy)
     steps = normalize_trace(requests)
     if prefetch is not None and len(prefetch) != len(steps):
         raise ValueError(f"prefetch has {len(prefetch)} steps; requests have {len(steps)}")
     cache = ExpertCache(cache_size, policy, future=steps if policy == "belady" else None, expert_bytes=expert_bytes)
+    warm = CacheStats(expert_bytes=expert_bytes)
     for t, step in enumerate(steps):
+        if t == warmup_steps:
+            warm = dataclasses.replace(cache.stats)
         if prefetch is not None and prefetch[t] is not None and len(prefetch[t]):
             cache.prefetch(prefetch[t])
         cache.run_step(step)
-    return cache.stats
+    return cache.stats - warm if warmup_steps < len(steps) else CacheStats(expert_bytes=expert_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -627,7 +635,8 @@ class BufferedGeneration(NamedTuple):
     tokens: np.ndarray  # int32 [B, max_new_tokens]
     trace: dict  # MoE layer index -> per forward call (prefill first), the active experts
     predictions: dict  # MoE layer index -> per forward call, the experts prefetched for it (None: none)
-    stats: dict  # MoE layer index -> CacheStats
+    stats: dict  # MoE layer index -> CacheStats (prefill and decode)
+    prefill_stats: dict  # MoE layer index -> CacheStats after the prefill (decode alone: stats - prefill_stats)
     decode_seconds: float  # wall time of the decode steps (after prefill), host copies included
 
 
@@ -663,6 +672,7 @@ def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, 
     generated = np.full((tokens.shape[0], max_new_tokens), pad_token_id, np.int32)
     generated[:, 0] = last
     done = np.isin(last, stops)
+    prefill_stats = {i: dataclasses.replace(c.stats) for i, c in model.caches.items()}
     start = time.perf_counter()
     for step in range(1, max_new_tokens):
         if done.all():
@@ -676,7 +686,7 @@ def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, 
     seconds = time.perf_counter() - start
     return BufferedGeneration(generated, {i: list(t) for i, t in model.trace.items()},
                               {i: list(p) for i, p in model.predictions.items()},
-                              {i: c.stats for i, c in model.caches.items()}, seconds)
+                              {i: c.stats for i, c in model.caches.items()}, prefill_stats, seconds)
 
 
 def record_trace(model: CausalLM, prompt, max_new_tokens: int = 16, **kwargs) -> dict:

@@ -215,6 +215,9 @@ def test_buffered_generation_equals_resident_for_every_policy_with_one_slot(mode
         for layer, trace in run.trace.items():
             simulated = buffering.simulate(trace, 1, policy)
             assert (run.stats[layer].hits, run.stats[layer].misses) == (simulated.hits, simulated.misses)
+            decode = run.stats[layer] - run.prefill_stats[layer]
+            simulated = buffering.simulate(trace, 1, policy, warmup_steps=1)
+            assert (decode.hits, decode.misses) == (simulated.hits, simulated.misses) != (0, 0)
         _check_slots_hold_their_experts(buffered)
         runs[policy] = (buffered, run)
 
