@@ -1,6 +1,6 @@
 """moejax: fast Mixture-of-Experts inference in JAX/Flax."""
 
-from moejax import capacity, config, dispatch, routing
+from moejax import buffering, capacity, config, dispatch, evaluation, parallel, placement, routing, stats
 from moejax.capacity import MoEPolicy
 from moejax.checkpoints import export_pretrained, load_pretrained, load_tokenizer, restore_converted, save_converted
 from moejax.config import ModelConfig, from_hf_config
@@ -9,6 +9,7 @@ from moejax.models.transformer import CausalLM
 from moejax.models import with_policy, random_model
 
 __all__ = [
+    "buffering", "evaluation", "parallel", "placement", "stats",
     "CausalLM", "ModelConfig", "MoEPolicy", "capacity", "config", "dispatch", "export_pretrained",
     "from_hf_config", "generate",
     "load_pretrained", "load_tokenizer", "random_model", "restore_converted", "routing", "save_converted",
