@@ -34,6 +34,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 import moejax
+from moejax.results import write_json_atomically
 from moejax import buffering
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/buffering", "Where results.json and plot.png go.")
@@ -55,13 +56,6 @@ RANDOM_MODEL = dict(architecture="mixtral", vocab_size=2048, hidden_size=128, nu
                     num_kv_heads=2, head_dim=32, intermediate_size=256, num_experts=32, num_experts_per_tok=4,
                     moe_intermediate_size=64, norm_topk_prob=True, max_position_embeddings=1024,
                     moe_layers=(True,) * 3)
-
-
-def write_json_atomically(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def load_model_and_prompts(rng: np.random.Generator):

@@ -34,13 +34,6 @@ _DECODE_PROMPTS = flags.DEFINE_integer("decode_prompts", 16, "Prompts decoded to
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 32, "Greedy decode steps recorded.")
 
 
-def write_json_atomically(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -49,6 +42,7 @@ def main(argv):
     from flax import nnx
 
     import moejax
+    from moejax.results import write_json_atomically
     from moejax import data, evaluation
 
     config, workdir = _CONFIG.value, _WORKDIR.value

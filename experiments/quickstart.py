@@ -17,6 +17,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 import moejax
+from moejax.results import write_json_atomically
 from moejax.config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.")
@@ -33,13 +34,6 @@ def build_model(config) -> moejax.CausalLM:
     print(f"Building the built-in {model_config.architecture}-style model with random weights: "
           f"{model_config.num_layers} layers, {model_config.num_experts} experts, top-{model_config.num_experts_per_tok}")
     return moejax.random_model(model_config, seed=config.seed, dtype=config.dtype, policy=policy)
-
-
-def write_json_atomically(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv):

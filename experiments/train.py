@@ -23,13 +23,6 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/train_default", "Checkpoints,
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Host CPU devices for data parallelism (0: JAX's default).")
 
 
-def write_json_atomically(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
@@ -38,6 +31,7 @@ def main(argv):
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
     import moejax
+    from moejax.results import write_json_atomically
     from moejax import training
 
     config, workdir = _CONFIG.value, _WORKDIR.value

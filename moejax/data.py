@@ -77,19 +77,24 @@ def _directory_documents(root: str, suffixes: tuple[str, ...]) -> list[Document]
     return sorted(documents, key=lambda d: d.name)
 
 
-def _jsonl_documents(path: str) -> list[Document]:
-    documents = []
+def read_jsonl(path: str):
+    """(line number, record) for each non-blank line; a malformed line fails naming the file and line."""
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{line_number}: expected an object with a string field 'text'")
-            documents.append(Document(f"{os.path.basename(path)}:{line_number}", record["text"]))
+
+
+def _jsonl_documents(path: str) -> list[Document]:
+    documents = []
+    for line_number, record in read_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{line_number}: expected an object with a string field 'text'")
+        documents.append(Document(f"{os.path.basename(path)}:{line_number}", record["text"]))
     return documents
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.data import read_jsonl
 from moejax.generate import pad_prompts
 from moejax.models.transformer import CausalLM
 
@@ -127,18 +128,11 @@ def read_multiple_choice(path: str) -> list[MultipleChoice]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"multiple-choice task file {path!r} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            try:
-                examples.append(_example(record))
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_number}: {e}") from None
+    for line_number, record in read_jsonl(path):
+        try:
+            examples.append(_example(record))
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_number}: {e}") from None
     if not examples:
         raise ValueError(f"multiple-choice task file {path!r} holds no examples")
     return examples
