@@ -16,7 +16,12 @@ Implementations behind one function (`implementation=`):
   "pallas"     Pallas kernels in the TPU (Mosaic) layout, kernels/pallas_grouped_matmul.py: a static grid
                over (row tile, group) visits that skips visits with no routed row; "pallas_interpret" runs
                them in interpret mode on any backend (the tests).
-  "ragged_dot" jax.lax.ragged_dot, differentiable; used on GPU (no Mosaic GPU kernel yet).
+  "mosaic_gpu" Pallas Mosaic GPU kernels for Hopper (wgmma, TMA pipelines), kernels/mosaic_gpu_grouped_matmul.py:
+               a static grid over (row tile, group) visits x column tiles whose blocks with no routed row return
+               at once; the SwiGLU gate and up projections fused in one kernel. bf16/f16 only, widths that
+               fill its tiles; "auto" falls back to ragged_dot otherwise. "mosaic_gpu_interpret" runs them in
+               GPU interpret mode on the CPU (the tests).
+  "ragged_dot" jax.lax.ragged_dot, differentiable; GPUs before Hopper, and shapes the Mosaic kernel does not take.
   "reference"  plain jnp in f32, obviously correct, slow: every row through every expert (a scan),
                each row keeps its own expert's result.
 "auto" picks per backend in `default_implementation`. `capacity` (optional) computes only the first
@@ -38,12 +43,24 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
     "relu": jax.nn.relu,
 }
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "ragged_dot", "reference")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret", "ragged_dot",
+                   "reference")
 
 
 def default_implementation() -> str:
     """The one place the backend picks the experts step."""
-    return {"cpu": "xla", "tpu": "pallas"}.get(jax.default_backend(), "ragged_dot")
+    backend = jax.default_backend()
+    if backend == "gpu" and _is_hopper_or_newer(jax.devices()[0]):
+        return "mosaic_gpu"
+    return {"cpu": "xla", "tpu": "pallas"}.get(backend, "ragged_dot")
+
+
+def _is_hopper_or_newer(device) -> bool:
+    """Mosaic GPU kernels need compute capability 9.0+ (wgmma, TMA)."""
+    try:
+        return float(getattr(device, "compute_capability", "0")) >= 9.0
+    except ValueError:
+        return False
 
 
 def default_tile(num_rows: int, num_groups: int) -> tuple[int, int]:
@@ -70,10 +87,19 @@ def _check(x, group_sizes, weights: tuple[tuple[str, jax.Array, tuple], ...], ac
         raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
 
 
-def _implementation(implementation: str) -> str:
+def _implementation(implementation: str, x: jax.Array, weights: tuple[jax.Array, ...]) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; supported: {IMPLEMENTATIONS}")
-    return default_implementation() if implementation == "auto" else implementation
+    impl = default_implementation() if implementation == "auto" else implementation
+    if impl.startswith("mosaic_gpu"):
+        from moejax.kernels import mosaic_gpu_grouped_matmul as mosaic
+
+        why_not = mosaic.supported(x, weights, mosaic.DEFAULT_FUSED if len(weights) > 1 else mosaic.DEFAULT)
+        if why_not and implementation == "auto":
+            return "ragged_dot"
+        if why_not:
+            raise ValueError(f"implementation {implementation!r} cannot take these inputs: {why_not}")
+    return impl
 
 
 def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
@@ -89,9 +115,15 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: j
     _check(x, group_sizes, (("w_gate", w_gate, (e, d, f)), ("w_up", w_up, (e, d, f)),
                             ("w_down", w_down, (e, f, d))), activation)
     act = ACTIVATIONS[activation]
-    impl = _implementation(implementation)
+    impl = _implementation(implementation, x, (w_gate, w_up))
     if impl == "reference":
         return grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, activation=activation, capacity=capacity)
+    if impl.startswith("mosaic_gpu"):
+        from moejax.kernels.mosaic_gpu_grouped_matmul import mosaic_grouped_ffn
+
+        out = mosaic_grouped_ffn(x, group_sizes, w_gate, w_up, w_down, activation=activation, capacity=capacity,
+                                 interpret=impl == "mosaic_gpu_interpret")
+        return _zero_uncomputed_rows(out, group_sizes, capacity)
     if impl.startswith("pallas"):
         from moejax.kernels.pallas_grouped_matmul import pallas_grouped_ffn
 
@@ -115,9 +147,14 @@ def grouped_matmul(x: jax.Array, group_sizes: jax.Array, w: jax.Array, *, implem
     n, d = x.shape if x.ndim == 2 else (0, 0)
     e = group_sizes.shape[0] if group_sizes.ndim == 1 else 0
     _check(x, group_sizes, (("w", w, (e, d, w.shape[-1])),), None)
-    impl = _implementation(implementation)
+    impl = _implementation(implementation, x, (w,))
     if impl == "reference":
         return grouped_matmul_reference(x, group_sizes, w, capacity=capacity)
+    if impl.startswith("mosaic_gpu"):
+        from moejax.kernels.mosaic_gpu_grouped_matmul import mosaic_grouped_matmul
+
+        out = mosaic_grouped_matmul(x, group_sizes, w, capacity=capacity, interpret=impl == "mosaic_gpu_interpret")
+        return _zero_uncomputed_rows(out, group_sizes, capacity)
     if impl.startswith("pallas"):
         from moejax.kernels.pallas_grouped_matmul import pallas_grouped_matmul
 
@@ -135,6 +172,12 @@ def _within_capacity(out: jax.Array, group_sizes: jax.Array, capacity: int | Non
     if capacity is None:
         return out
     return jnp.where((_rank_in_group(group_sizes, out.shape[0]) < capacity)[:, None], out, 0)
+
+
+def _zero_uncomputed_rows(out: jax.Array, group_sizes: jax.Array, capacity: int | None) -> jax.Array:
+    """0 for the rows the Mosaic GPU kernels leave unwritten: padding and rows past a group's capacity."""
+    computed = _reference_groups(group_sizes, out.shape[0], capacity) < group_sizes.shape[0]
+    return jnp.where(computed[:, None], out, 0)
 
 
 def _rank_in_group(group_sizes: jax.Array, n: int) -> jax.Array:
