@@ -29,6 +29,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from tqdm import tqdm
@@ -51,6 +52,9 @@ _POLICIES = flags.DEFINE_list("policies", list(buffering.POLICIES), "Eviction po
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measured cell (median reported).")
 _ROUTER_SCALE = flags.DEFINE_float("router_scale", 8.0, "Random model only: router weights times this.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the random model and prompt choice.")
+_HIDDEN = flags.DEFINE_integer("hidden_size", 128, "Random model only: model width.")
+_EXPERT_WIDTH = flags.DEFINE_integer("moe_intermediate_size", 64, "Random model only: expert FFN width.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Random model only: weight dtype.")
 
 RANDOM_MODEL = dict(architecture="mixtral", vocab_size=2048, hidden_size=128, num_layers=3, num_heads=4,
                     num_kv_heads=2, head_dim=32, intermediate_size=256, num_experts=32, num_experts_per_tok=4,
@@ -61,11 +65,13 @@ RANDOM_MODEL = dict(architecture="mixtral", vocab_size=2048, hidden_size=128, nu
 def load_model_and_prompts(rng: np.random.Generator):
     length, batch = _PROMPT_LEN.value, _BATCH.value
     if not _CHECKPOINT.value:
-        model = moejax.random_model(moejax.ModelConfig(**RANDOM_MODEL), seed=_SEED.value)
+        config = dict(RANDOM_MODEL, hidden_size=_HIDDEN.value, moe_intermediate_size=_EXPERT_WIDTH.value,
+                      intermediate_size=4 * _EXPERT_WIDTH.value, head_dim=_HIDDEN.value // RANDOM_MODEL["num_heads"])
+        model = moejax.random_model(moejax.ModelConfig(**config), seed=_SEED.value, dtype=jnp.dtype(_DTYPE.value))
         for block in model.moe_blocks():
             block.router[...] = block.router[...] * _ROUTER_SCALE.value
         prompts = rng.integers(1, RANDOM_MODEL["vocab_size"], size=(batch, length)).astype(np.int32)
-        return model, prompts, f"random model {RANDOM_MODEL}, router weights x{_ROUTER_SCALE.value}, random prompts"
+        return model, prompts, f"random model {config}, {_DTYPE.value}, router weights x{_ROUTER_SCALE.value}, random prompts"
     from moejax import data  # the corpus only matters for a trained checkpoint
 
     model = moejax.load_pretrained(_CHECKPOINT.value)
@@ -128,8 +134,8 @@ def main(argv):
     decode_steps = _NEW_TOKENS.value - 1  # each generates batch_size tokens
     results.update(
         command=" ".join(["python"] + sys.argv), model=model_note,
-        machine=f"{platform.platform()}, {os.cpu_count()} CPUs (shared), backend {jax.default_backend()}, "
-                f"no GPU for this run",
+        machine=f"{platform.platform()}, {os.cpu_count()} CPUs, backend {jax.default_backend()}, "
+                f"device {jax.devices()[0].device_kind}",
         versions={"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
                   "flax": __import__("flax").__version__},
         host_memory=buffering.host_memory_kind() or "numpy (CPU backend)",
