@@ -433,6 +433,31 @@ class DeviceExpertCache:
 # Buffered forward and generation
 
 
+class _Static:
+    """A graphdef as a jit static argument with an O(1) hash and equality: hashing an nnx GraphDef walks the
+    whole graph (~0.3 ms for a layer), which per layer and step was a large share of a decode step. One
+    canonical _Static per distinct graphdef (see `_static`), so identity is equality, also across models."""
+
+    def __init__(self, value, hash_value: int):
+        self.value, self._hash = value, hash_value
+
+    def __hash__(self):
+        return self._hash
+
+
+_CANONICAL: dict[int, list[_Static]] = {}
+
+
+def _static(graphdef) -> _Static:
+    """The canonical _Static of a graphdef (structurally equal graphdefs share one, and so share compiles)."""
+    h = hash(graphdef)
+    for candidate in _CANONICAL.setdefault(h, []):
+        if candidate.value == graphdef:
+            return candidate
+    _CANONICAL[h].append(_Static(graphdef, h))
+    return _CANONICAL[h][-1]
+
+
 def _strip_experts(layer_state):
     """A MoE layer's state without its routed experts' weights (they live in the host store)."""
     for name in ("w_gate", "w_up", "w_down"):
@@ -464,7 +489,7 @@ def _layer_index(prefill, index):
 
 @functools.partial(jax.jit, static_argnums=(0, 8, 9))
 def _dense_layer(graphdef, state, x, cos, sin, allowed, layer_kv, index, prefill, decode):
-    layer = nnx.merge(graphdef, state)
+    layer = nnx.merge(graphdef.value, state)
     x, layer_kv, _, _ = layer(x, cos, sin, allowed, jnp.ones(x.shape[:2], bool), layer_kv,
                               _layer_index(prefill, index), decode)
     return x, layer_kv
@@ -475,7 +500,7 @@ def _attention_and_route(graphdef, state, x, cos, sin, allowed, token_mask, laye
                          next_graphdef, next_state):
     """Attention, the router and policy of this MoE layer; with a next MoE layer, its predicted experts
     (its router on this layer's residual stream, through its own post-attention norm)."""
-    layer = nnx.merge(graphdef, state)
+    layer = nnx.merge(graphdef.value, state)
     attn_out, layer_kv = layer.self_attn(layer.input_layernorm(x), cos, sin, allowed, layer_kv,
                                          _layer_index(prefill, index))
     x = x + attn_out
@@ -486,7 +511,7 @@ def _attention_and_route(graphdef, state, x, cos, sin, allowed, token_mask, laye
     counts = _counts(r)
     predicted = None
     if next_graphdef is not None:
-        nxt = nnx.merge(next_graphdef, next_state)
+        nxt = nnx.merge(next_graphdef.value, next_state)
         predicted = _counts(nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(b * t, d), mask, decode))
     return x, h, r, counts, predicted, layer_kv
 
@@ -500,6 +525,8 @@ def _experts_chunk(slots, h, experts, keep, slot_of_expert, in_chunk, acc, activ
     """acc [T*k, d] (pair order) += the outputs of the pairs whose expert is in this chunk, from the slots.
     Pairs outside the chunk come out exactly 0 (rows past the groups), so adding chunks is exact."""
     num_slots = slots[0].shape[0]
+    if acc is None:  # the first chunk: zeros made here, not by an eager op per layer and step
+        acc = jnp.zeros((experts.size, h.shape[1]), h.dtype)
     chunk_keep = keep & in_chunk[experts]
     group = jnp.where(chunk_keep, slot_of_expert[experts], num_slots).reshape(-1)
     order = jnp.argsort(group, stable=True)
@@ -512,7 +539,7 @@ def _experts_chunk(slots, h, experts, keep, slot_of_expert, in_chunk, acc, activ
 @functools.partial(jax.jit, static_argnums=(0,))
 def _finish_moe(graphdef, state, x, h, acc, r):
     """The combine (as dispatch.combine: weighted sum over k in f32) plus shared experts, into the residual."""
-    block = nnx.merge(graphdef, state).mlp
+    block = nnx.merge(graphdef.value, state).mlp
     num_tokens, top_k = r.experts.shape
     weights = jnp.where(r.keep, r.weights, 0.0)
     out = jnp.einsum("tkd,tk->td", acc.reshape(num_tokens, top_k, -1).astype(jnp.float32), weights).astype(h.dtype)
@@ -527,7 +554,7 @@ def _finish_moe(graphdef, state, x, h, acc, r):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _head(norm_graphdef, norm_state, head, x):
     """Final norm and LM head on the last position -> float32 logits [B, V]; head [d, V]."""
-    x = nnx.merge(norm_graphdef, norm_state)(x[:, -1])
+    x = nnx.merge(norm_graphdef.value, norm_state)(x[:, -1])
     return jnp.einsum("bd,dv->bv", x, head, preferred_element_type=jnp.float32)
 
 
@@ -563,11 +590,12 @@ class BufferedModel:
         self.layers = []
         for i, layer in enumerate(model.layers):
             g, s = nnx.split(layer)
-            self.layers.append((g, _strip_experts(s) if i in self.caches else s))
+            self.layers.append((_static(g), _strip_experts(s) if i in self.caches else s))
         # the top-level parameters: the layers run one by one in step()
         self.embed = model.embed_tokens[...]
         self.head = self.embed.T if model.lm_head is None else model.lm_head[...]
-        self.norm = nnx.split(model.norm)
+        norm_graphdef, norm_state = nnx.split(model.norm)
+        self.norm = (_static(norm_graphdef), norm_state)
         self.rope = model._rope
         self.next_moe = {a: b for a, b in zip(moe, moe[1:])}
         block = model.moe_blocks()[0]
@@ -612,9 +640,9 @@ class BufferedModel:
                 self.caches[nxt].prefetch(predicted)
             if not self.prefetch_enabled or i == next(iter(self.caches)):
                 self.predictions[i].append(None)
-            acc = jnp.zeros((h.shape[0] * r.experts.shape[1], h.shape[1]), h.dtype)
+            acc = None
             # the tile the resident experts step would use, so each row's arithmetic is the same
-            tile = default_tile(acc.shape[0], self.config.num_experts)[0]
+            tile = default_tile(h.shape[0] * r.experts.shape[1], self.config.num_experts)[0]
             for c, chunk in enumerate(chunks):
                 if c:
                     for access in chunk:
@@ -626,6 +654,8 @@ class BufferedModel:
                     slot_table[a.expert] = a.slot
                 acc = _experts_chunk(cache.slots, h, r.experts, r.keep, slot_table, in_chunk, acc,
                                      self.activation, self.implementation, tile)
+            if acc is None:  # no pair kept in this step
+                acc = jnp.zeros((h.shape[0] * r.experts.shape[1], h.shape[1]), h.dtype)
             x = _finish_moe(g, s, x, h, acc, r)
         logits = _head(*self.norm, self.head, x)
         return logits, KVCache(tuple(new_layers), key_mask, key_positions, kv.index + tokens.shape[1])
