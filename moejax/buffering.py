@@ -364,16 +364,19 @@ class HostExpertStore:
         sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
         return jax.device_put(array, sharding)
 
-    def to_device(self, layer: int, expert: int) -> tuple[jax.Array, ...]:
-        """Start the copy of one expert to the device; returns at once (jax.device_put is asynchronous)."""
+    def to_device(self, layer: int, experts: list[int]) -> list[tuple[jax.Array, ...]]:
+        """Start the copies of some experts to the device; returns at once (jax.device_put is asynchronous).
+        One device_put call for all of them: per call, not per byte, is what small experts cost."""
         sharding = jax.sharding.SingleDeviceSharding(self.device)  # default memory kind: device memory
-        return tuple(jax.device_put(w, sharding) for w in self.experts[layer][expert])
+        flat = jax.device_put([w for e in experts for w in self.experts[layer][e]], sharding)
+        return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _write_slot(slots, slot, weights):
-    # donated: the update happens in place, and waits for earlier computations reading the slots
-    return tuple(s.at[slot].set(w) for s, w in zip(slots, weights))
+def _write_slots(slots, slot_ids, weights):
+    """slots[i][slot_ids[j]] = weights[j][i]. Donated: the update happens in place, after earlier computations
+    that read the slots."""
+    return tuple(s.at[slot_ids].set(jnp.stack([w[i] for w in weights])) for i, s in enumerate(slots))
 
 
 class DeviceExpertCache:
@@ -401,14 +404,20 @@ class DeviceExpertCache:
             table[e] = s
         return table
 
-    def apply(self, access: Access) -> None:
-        if access.loaded:
-            weights = self.store.to_device(self.layer, access.expert)
-            self.slots = _write_slot(self.slots, jnp.int32(access.slot), weights)
+    def apply(self, accesses: list[Access]) -> None:
+        """Copy in the experts these accesses load, as one transfer and one slot write. Where two loads share a
+        slot (a prefetch evicting an expert it just prefetched) only the later one is copied, as in
+        sequential order. The count is padded to a power of two by repeating the last load (an identical
+        write), so the write compiles for a few sizes only."""
+        loads = list({a.slot: a for a in accesses if a.loaded}.values())
+        if not loads:
+            return
+        loads += [loads[-1]] * ((1 << (len(loads) - 1).bit_length()) - len(loads))
+        weights = self.store.to_device(self.layer, [a.expert for a in loads])
+        self.slots = _write_slots(self.slots, np.asarray([a.slot for a in loads], np.int32), weights)
 
     def prefetch(self, predicted) -> None:
-        for access in self.book.prefetch(predicted):
-            self.apply(access)
+        self.apply(self.book.prefetch(predicted))
 
     def plan_step(self, active) -> list[list[Access]]:
         """Run the step's requests through the policy and start their copies. Returns the chunks: runs of
@@ -632,8 +641,7 @@ class BufferedModel:
             self.trace[i].append(active)
             cache = self.caches[i]
             chunks = cache.plan_step(active)
-            for access in chunks[0] if chunks else ():
-                cache.apply(access)  # the first chunk's copies start now...
+            cache.apply(chunks[0] if chunks else [])  # the first chunk's copies start now...
             if nxt is not None:  # ...then the next layer's, one layer early
                 predicted = tuple(int(e) for e in np.flatnonzero(predicted))
                 self.predictions[nxt].append(predicted)
@@ -645,8 +653,7 @@ class BufferedModel:
             tile = default_tile(h.shape[0] * r.experts.shape[1], self.config.num_experts)[0]
             for c, chunk in enumerate(chunks):
                 if c:
-                    for access in chunk:
-                        cache.apply(access)  # evicts experts of the chunk just computed
+                    cache.apply(chunk)  # evicts experts of the chunk just computed
                 in_chunk = np.zeros((self.config.num_experts,), bool)
                 in_chunk[[a.expert for a in chunk]] = True
                 slot_table = np.full((self.config.num_experts,), self.cache_size, np.int32)
