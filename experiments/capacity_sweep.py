@@ -1,21 +1,27 @@
 """Capacity-aware inference sweep (papers.md A): capacity factor x drop strategy -> quality, loads, speed.
 
-Per cell: perplexity on the evaluation sequences, drop rate, tokens that lost every expert, max/mean load
-of the experts after the policy, the modelled MoE-layer speedup under expert parallelism (a layer waits for
-its busiest device) and the measured one: the time of the busiest device's expert work at the loads the
-policy leaves, against dropless (this CPU has no real 8-device mesh to time per device).
+Per cell: perplexity on held-out validation text (the corpus of --config split by document exactly as
+moejax.data and experiments/evaluate.py split it, tokenised with the checkpoint's tokenizer), lm-eval style
+multiple-choice accuracy on --tasks, drop rate, tokens that lost every expert, max/mean load of the experts
+after the policy, the modelled MoE-layer speedup under expert parallelism (a layer waits for its busiest
+device) and the measured one: the time of the busiest device's expert work at the loads the policy leaves,
+against dropless (this CPU has no real 8-device mesh to time per device).
 
-Results JSON is written after every cell (a rerun skips finished cells), with a table and a plot of
-perplexity against measured speedup.
+results.json is written after every cell (a rerun with the same settings skips finished cells; one with
+other settings is refused rather than mixed), then plot.png (perplexity and MC accuracy against measured
+speedup) and README.md (the tables of markdown_tables, the machine and the command).
 
-  python experiments/capacity_sweep.py --checkpoint=PATH --text_file=FILE --workdir=workdir/capacity_sweep
+  python experiments/capacity_sweep.py --sequences=64
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import platform
+import sys
 import time
 
 import jax
@@ -23,26 +29,80 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 from tqdm import tqdm
 
 import moejax
-from moejax import evaluation, placement, stats
+from moejax import data, evaluation, placement, stats
 from moejax.generate import pad_prompts
 from moejax.kernels import grouped_ffn
+from moejax.results import write_json_atomically
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A load_pretrained checkpoint; empty: a random built-in "
-                                  "model (its quality numbers mean nothing: use a trained model).")
-_TEXT = flags.DEFINE_string("text_file", "", "Evaluation text, tokenised with the checkpoint's tokenizer.json; "
-                            "empty or no tokenizer: random token sequences.")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/capacity_sweep", "Where results.json and plot.png go.")
-_FACTORS = flags.DEFINE_list("factors", ["none", "0.5", "1.0", "1.25", "1.5", "2.0"], "Capacity factors.")
-_STRATEGIES = flags.DEFINE_list("strategies", ["score", "first", "last", "random", "expanded_local",
-                                               "expanded_global"], "Drop strategies.")
+STRATEGIES = ("score", "first", "last", "random", "expanded_local", "expanded_global")
+DEFAULT_TASKS = ["experiments/results/default_model/next_word.jsonl",
+                 "experiments/results/default_model/next_line.jsonl"]
+# He et al. 2025 (papers.md A): MoE-layer speedup under expert parallelism at gamma 2.0 / 1.5 / 1.0.
+PAPER_SPEEDUP = {
+    "OLMoE, 64 experts on 8 GPUs": {"score": (1.21, 1.30, 1.46), "expanded_local": (1.16, 1.25, 1.36)},
+    "Mixtral-8x7B, one expert per GPU": {"score": (1.44, 1.89, 2.55), "expanded_local": (1.43, 1.86, 2.51)},
+}
+PAPER_FACTORS = ("2.0", "1.5", "1.0")
+# The built-in model when --checkpoint is empty (and the tests' tiny model): OLMoE-shaped, random weights.
+RANDOM_MODEL = dict(architecture="olmoe", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=4, head_dim=32, qk_norm=True, moe_layers=(True, True), num_experts=32,
+                    num_experts_per_tok=4, moe_intermediate_size=64)
+TIMING_KEYS = ("busiest_device_seconds", "measured_speedup", "seconds")  # differ run to run
+HAND_WRITTEN = "<!-- Everything below this line is written by hand and kept when the README is regenerated. -->"
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "experiments/default_model", "A load_pretrained checkpoint with a "
+                                  "tokenizer.json; empty: a random built-in model on random tokens (its quality "
+                                  "numbers mean nothing; needs --tasks= empty).")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_default.py",
+                                          "The corpus and its split (as experiments/evaluate.py reads them).")
+_TASKS = flags.DEFINE_list("tasks", DEFAULT_TASKS, "lm-eval style multiple-choice JSONL files ({context, "
+                           "choices, gold}); the task name is the file name without .jsonl.")
+_TASK_EXAMPLES = flags.DEFINE_integer("task_examples", 250, "The first N examples of each task (0: all).")
+_WORKDIR = flags.DEFINE_string("workdir", "experiments/results/capacity_sweep",
+                               "Where results.json, plot.png and README.md go.")
+_FACTORS = flags.DEFINE_list("factors", ["none", "0.5", "1.0", "1.25", "1.5", "2.0"],
+                             "Capacity factors gamma (> 0); none: dropless (always run: it is the reference).")
+_STRATEGIES = flags.DEFINE_list("strategies", list(STRATEGIES), f"Drop strategies, of {STRATEGIES}.")
 _DEVICES = flags.DEFINE_integer("num_devices", 8, "Devices of the expert axis (local experts, busiest device).")
-_SEQUENCES = flags.DEFINE_integer("sequences", 32, "Evaluation sequences.")
-_LENGTH = flags.DEFINE_integer("length", 128, "Tokens per evaluation sequence.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward (tokens in one batch share capacity).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats of the busiest device's expert work.")
+_SEQUENCES = flags.DEFINE_integer("sequences", 32, "Validation windows, spread evenly over the split.")
+_LENGTH = flags.DEFINE_integer("length", 256, "Tokens per validation window.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences (or choice requests) per forward; the tokens of one "
+                              "batch share the experts' capacity, so results depend on it.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats of the busiest device's expert work (median).")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags and inputs
+
+
+def check_factors(factors) -> list[str]:
+    """The factors as given ("none" or a finite number > 0), duplicates removed; else a ValueError naming it."""
+    out = []
+    for f in factors:
+        f = f.strip()
+        if f != "none":
+            try:
+                value = float(f)
+            except ValueError:
+                raise ValueError(f"capacity factor {f!r} is neither 'none' nor a number") from None
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"capacity factor {f!r} must be a finite number > 0 (or 'none': dropless)")
+        if f not in out:
+            out.append(f)
+    return out
+
+
+def check_strategies(strategies) -> list[str]:
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategy {unknown[0]!r}; strategies: {STRATEGIES}")
+    if not strategies:
+        raise ValueError(f"--strategies is empty; strategies: {STRATEGIES}")
+    return list(dict.fromkeys(strategies))
 
 
 def policy_for(factor: str, strategy: str, num_devices: int) -> moejax.MoEPolicy:
@@ -54,15 +114,44 @@ def policy_for(factor: str, strategy: str, num_devices: int) -> moejax.MoEPolicy
     return moejax.MoEPolicy(capacity_factor=float(factor), drop=strategy)
 
 
-def evaluation_sequences(model) -> list[list[int]]:
-    tokenizer = moejax.load_tokenizer(_CHECKPOINT.value) if _CHECKPOINT.value else None
-    if _TEXT.value and tokenizer is not None:
-        ids = tokenizer.encode(open(_TEXT.value, encoding="utf-8").read()).ids
-        n = _LENGTH.value
-        return [ids[i:i + n] for i in range(0, len(ids) - n, n)][:_SEQUENCES.value]
-    logging.warning("no text + tokenizer: evaluating on random token sequences")
-    rng = np.random.default_rng(0)
-    return rng.integers(0, model.config.vocab_size, size=(_SEQUENCES.value, _LENGTH.value)).tolist()
+def task_name(path: str) -> str:
+    name = os.path.basename(path)
+    return name[:-len(".jsonl")] if name.endswith(".jsonl") else name
+
+
+def load_tasks(paths, examples: int) -> dict[str, list[evaluation.MultipleChoice]]:
+    """{task name: its first `examples` examples (0: all)}; a missing or malformed file fails naming it."""
+    if examples < 0:
+        raise ValueError(f"--task_examples={examples} must be >= 0 (0: all)")
+    tasks = {}
+    for path in paths:
+        name = task_name(path)
+        if name in tasks:
+            raise ValueError(f"two task files are named {name!r}: {path!r} and another")
+        tasks[name] = evaluation.read_multiple_choice(path)[:examples or None]
+    return tasks
+
+
+def validation_sequences(tokenizer, config, count: int, length: int) -> tuple[list[np.ndarray], dict]:
+    """`count` full windows of `length` tokens spread evenly over the validation split's token stream (the
+    split of moejax.data.split_documents, joined as experiments/evaluate.py joins it), so that they cover
+    many documents rather than the first few."""
+    splits = data.split_documents(data.load_documents(config.corpus), config.validation_fraction,
+                                  config.test_fraction)
+    separator = tokenizer.token_to_id(data.END_OF_DOCUMENT)
+    stream = data.token_stream(data.encode_documents(tokenizer, splits["validation"]),
+                               separator if separator is not None else 0)
+    windows = [w for w in data.chunks(stream, length) if len(w) == length]
+    if len(windows) < count:
+        raise ValueError(f"the validation split has {len(stream)} tokens: {len(windows)} windows of {length}, "
+                         f"fewer than --sequences={count}")
+    picks = np.linspace(0, len(windows) - 1, count).round().astype(int)
+    return [windows[i] for i in picks], {"corpus": config.corpus, "split": "validation",
+                                         "documents": len(splits["validation"]), "split_tokens": int(len(stream))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One cell
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -70,13 +159,13 @@ def _routings(graphdef, state, tokens, mask):
     return nnx.merge(graphdef, state).forward(tokens, token_mask=mask).routings
 
 
-def layer_counts(model, sequences) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]:
+def layer_counts(model, sequences, batch_size: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]:
     """Per MoE layer, over every evaluation batch: routed, kept, and kept-of-routed pairs per expert, tokens,
     tokens that lost every expert."""
     graphdef, state = nnx.split(model)
     totals: dict[int, list] = {}
-    for start in range(0, len(sequences), _BATCH.value):
-        tokens, mask = pad_prompts(sequences[start:start + _BATCH.value])
+    for start in range(0, len(sequences), batch_size):
+        tokens, mask = pad_prompts(sequences[start:start + batch_size])
         routings = _routings(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask))
         loads = stats.layer_loads(routings, jnp.asarray(mask), top_k=model.config.num_experts_per_tok)
         for layer, l in loads.items():
@@ -87,7 +176,7 @@ def layer_counts(model, sequences) -> dict[int, tuple[np.ndarray, np.ndarray, np
 
 
 def busiest_device_seconds(block, kept: np.ndarray, device_of_expert: np.ndarray, num_devices: int,
-                           batches: int) -> float:
+                           batches: int, repeats: int) -> float:
     """Time of the expert work of the device with the most kept pairs (per batch), with its real weights."""
     per_batch = np.ceil(kept / batches).astype(np.int32)
     busiest = int(np.argmax(stats.device_loads(per_batch, device_of_expert, num_devices)))
@@ -99,71 +188,187 @@ def busiest_device_seconds(block, kept: np.ndarray, device_of_expert: np.ndarray
     fn = jax.jit(grouped_ffn)
     jax.block_until_ready(fn(rows, sizes, *weights))
     times = []
-    for _ in range(_REPEATS.value):
+    for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(rows, sizes, *weights))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-def run_cell(model, sequences, factor, strategy, dropless_time) -> dict:
-    policy = policy_for(factor, strategy, _DEVICES.value)
+def run_cell(model, sequences, tasks, tokenizer, factor: str, strategy: str, *, num_devices: int, batch_size: int,
+             repeats: int, dropless_seconds: float | None) -> dict:
+    start = time.perf_counter()
+    policy = policy_for(factor, strategy, num_devices)
     m = moejax.with_policy(model, policy)
-    device_of_expert = placement.contiguous(model.config.num_experts, _DEVICES.value)
-    counts = layer_counts(m, sequences)
-    batches = -(-len(sequences) // _BATCH.value)
+    device_of_expert = placement.contiguous(model.config.num_experts, num_devices)
+    counts = layer_counts(m, sequences, batch_size)
+    batches = -(-len(sequences) // batch_size)
     blocks = {i: layer.mlp for i, layer in enumerate(m.layers) if counts.get(i) is not None}
-    layer_time = sum(busiest_device_seconds(blocks[i], c[1], device_of_expert, _DEVICES.value, batches)
+    layer_time = sum(busiest_device_seconds(blocks[i], c[1], device_of_expert, num_devices, batches, repeats)
                      for i, c in counts.items())
     routed = sum(c[0].sum() for c in counts.values())
     kept_of_routed = sum(c[2].sum() for c in counts.values())
+    scores = {name: evaluation.score_multiple_choice(m, tokenizer, examples, batch_size=batch_size)
+              for name, examples in tasks.items()}
     return {
         "factor": factor, "strategy": strategy, "policy": repr(policy),
-        "perplexity": evaluation.perplexity(m, sequences, batch_size=_BATCH.value),
+        "perplexity": evaluation.perplexity(m, sequences, batch_size=batch_size),
+        "tasks": {name: {"acc": s["acc"], "acc_norm": s["acc_norm"]} for name, s in scores.items()},
+        "mc_accuracy": float(np.mean([s["acc"] for s in scores.values()])) if scores else None,
         "drop_rate": float(1 - kept_of_routed / routed),
         "added_pairs": float((sum(c[1].sum() for c in counts.values()) - kept_of_routed) / routed),
         "tokens_without_experts": float(sum(c[4] for c in counts.values()) / sum(c[3] for c in counts.values())),
         "kept_max_over_mean": float(np.mean([stats.max_over_mean(c[1]) for c in counts.values()])),
         "routed_max_over_mean": float(np.mean([stats.max_over_mean(c[0]) for c in counts.values()])),
-        "modelled_speedup": float(np.mean([stats.modelled_speedup(c[0], c[1], device_of_expert, _DEVICES.value)
+        "modelled_speedup": float(np.mean([stats.modelled_speedup(c[0], c[1], device_of_expert, num_devices)
                                            for c in counts.values()])),
         "busiest_device_seconds": layer_time,
-        "measured_speedup": (dropless_time / layer_time) if dropless_time else 1.0,
+        "measured_speedup": (dropless_seconds / layer_time) if dropless_seconds else 1.0,
+        "seconds": time.perf_counter() - start,
     }
 
 
-def main(argv):
-    del argv
-    if _CHECKPOINT.value:
-        model = moejax.load_pretrained(_CHECKPOINT.value)
-    else:
-        config = moejax.ModelConfig(architecture="olmoe", vocab_size=512, hidden_size=128, num_layers=2,
-                                    num_heads=4, num_kv_heads=4, head_dim=32, qk_norm=True, moe_layers=(True, True),
-                                    num_experts=32, num_experts_per_tok=4, moe_intermediate_size=64)
-        model = moejax.random_model(config, seed=0)
-    sequences = evaluation_sequences(model)
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    path = os.path.join(_WORKDIR.value, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {"cells": []}
-    results["settings"] = {"checkpoint": _CHECKPOINT.value or "random built-in", "text_file": _TEXT.value,
-                           "sequences": len(sequences), "length": _LENGTH.value, "batch_size": _BATCH.value,
-                           "num_devices": _DEVICES.value, "jax": jax.__version__, "backend": jax.default_backend()}
-    cells = [("none", "dropless")] + [(f, s) for f in _FACTORS.value if f != "none" for s in _STRATEGIES.value]
+# ---------------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def sweep_cells(factors, strategies) -> list[tuple[str, str]]:
+    """Dropless first (every measured speedup is against it), then factor x strategy."""
+    return [("none", "dropless")] + [(f, s) for f in factors if f != "none" for s in strategies]
+
+
+def run_sweep(model, sequences, tasks, tokenizer, workdir: str, *, factors, strategies, settings: dict,
+              num_devices: int = 8, batch_size: int = 8, repeats: int = 5, extra: dict | None = None,
+              progress: bool = True) -> dict:
+    """Run every cell not yet in workdir/results.json, writing the file after each. `settings` are what the
+    numbers depend on: a results.json made with other settings is refused, never mixed in."""
+    if tasks and tokenizer is None:
+        raise ValueError("multiple-choice tasks need the checkpoint's tokenizer; this model has none")
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "results.json")
+    results = {"settings": settings, "cells": []}
+    if os.path.exists(path):
+        previous = json.load(open(path))
+        if previous.get("settings") != settings:
+            differ = sorted(k for k in set(settings) | set(previous.get("settings", {}))
+                            if settings.get(k) != previous.get("settings", {}).get(k))
+            raise ValueError(f"{path} was made with other settings (differing: {differ}); use another --workdir "
+                             "or remove it")
+        results["cells"] = previous["cells"]
+    results.update(extra or {})
     done = {(c["factor"], c["strategy"]) for c in results["cells"]}
     dropless = next((c for c in results["cells"] if c["factor"] == "none"), None)
-    for factor, strategy in tqdm([c for c in cells if c not in done], desc="capacity cells"):
-        cell = run_cell(model, sequences, factor, strategy, dropless and dropless["busiest_device_seconds"])
+    todo = [c for c in sweep_cells(factors, strategies) if c not in done]
+    for factor, strategy in tqdm(todo, desc="capacity cells", disable=not progress):
+        cell = run_cell(model, sequences, tasks, tokenizer, factor, strategy, num_devices=num_devices,
+                        batch_size=batch_size, repeats=repeats,
+                        dropless_seconds=dropless and dropless["busiest_device_seconds"])
         if factor == "none":
             dropless = cell
         results["cells"].append(cell)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
-        tqdm.write(f"gamma={factor:>5} {strategy:>16}: ppl {cell['perplexity']:9.3f}  drop {cell['drop_rate']:.3f}  "
-                   f"max/mean {cell['kept_max_over_mean']:.2f}  speedup modelled {cell['modelled_speedup']:.2f} "
-                   f"measured {cell['measured_speedup']:.2f}")
-    plot(results["cells"], os.path.join(_WORKDIR.value, "plot.png"))
-    print(f"Wrote {path}")
+        write_json_atomically(path, results)
+        if progress:
+            acc = "" if cell["mc_accuracy"] is None else f"  acc {cell['mc_accuracy']:.3f}"
+            tqdm.write(f"gamma={factor:>5} {strategy:>16}: ppl {cell['perplexity']:9.3f}{acc}  drop "
+                       f"{cell['drop_rate']:.3f}  max/mean {cell['kept_max_over_mean']:.2f}  speedup modelled "
+                       f"{cell['modelled_speedup']:.2f} measured {cell['measured_speedup']:.2f}  "
+                       f"({cell['seconds']:.0f} s)")
+    write_json_atomically(path, results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables, plot, README
+
+
+def _grid(results: dict):
+    cells = results["cells"]
+    factors = sorted({c["factor"] for c in cells if c["factor"] != "none"}, key=float)
+    strategies = [s for s in STRATEGIES if any(c["strategy"] == s for c in cells)]
+    by_key = {(c["factor"], c["strategy"]): c for c in cells}
+    dropless = next((c for c in cells if c["factor"] == "none"), None)
+    return factors, strategies, by_key, dropless
+
+
+def _table(title: str, factors, strategies, by_key, render) -> list[str]:
+    lines = [title, "", "| strategy | " + " | ".join(f"gamma={f}" for f in factors) + " |",
+             "|---|" + "---:|" * len(factors)]
+    for s in strategies:
+        lines.append(f"| {s} | " + " | ".join("-" if (f, s) not in by_key else render(by_key[(f, s)])
+                                               for f in factors) + " |")
+    return lines + [""]
+
+
+def markdown_tables(results: dict) -> str:
+    """The sweep in the paper's shape (rows: strategy, columns: capacity factor): perplexity, MC accuracy,
+    and drop rate with modelled / measured speedup; then the speedups beside the paper's."""
+    factors, strategies, by_key, dropless = _grid(results)
+    lines = []
+    if dropless:
+        acc = "" if dropless.get("mc_accuracy") is None else (
+            f", MC accuracy {dropless['mc_accuracy']:.3f} ("
+            + ", ".join(f"{n} {t['acc']:.3f}" for n, t in dropless["tasks"].items()) + ")")
+        lines += [f"Dropless reference: perplexity {dropless['perplexity']:.3f}{acc}.", ""]
+
+    def ppl(c):
+        change = f" ({c['perplexity'] / dropless['perplexity'] - 1:+.1%})" if dropless else ""
+        return f"{c['perplexity']:.3f}{change}"
+
+    def acc(c):
+        if c.get("mc_accuracy") is None:
+            return "-"
+        change = f" ({c['mc_accuracy'] - dropless['mc_accuracy']:+.3f})" if dropless and dropless.get("mc_accuracy") is not None else ""
+        return f"{c['mc_accuracy']:.3f}{change}"
+
+    lines += _table("Validation perplexity (change against dropless):", factors, strategies, by_key, ppl)
+    lines += _table("Multiple-choice accuracy, mean acc over the tasks (change against dropless):", factors,
+                    strategies, by_key, acc)
+    if any(c.get("tasks") for c in results["cells"]):
+        for name in (dropless or results["cells"][0]).get("tasks", {}):
+            lines += _table(f"{name}: acc / acc_norm:", factors, strategies, by_key,
+                            lambda c: f"{c['tasks'][name]['acc']:.3f} / {c['tasks'][name]['acc_norm']:.3f}")
+    lines += _table("Drop rate (routed pairs dropped) / modelled speedup / measured speedup of the MoE layers:",
+                    factors, strategies, by_key,
+                    lambda c: f"{c['drop_rate']:.1%} / {c['modelled_speedup']:.2f}x / {c['measured_speedup']:.2f}x")
+    comparable = [f for f in PAPER_FACTORS if f in factors]
+    if comparable:
+        lines += ["MoE-layer speedup beside the paper's (He et al. 2025, papers.md A; token drop = score):", "",
+                  "| | " + " | ".join(f"gamma={f}" for f in comparable) + " |", "|---|" + "---:|" * len(comparable)]
+        for strategy, label in (("score", "token drop (score)"), ("expanded_local", "expanded drop (local)")):
+            for kind in ("modelled", "measured"):
+                values = [by_key.get((f, strategy), {}).get(f"{kind}_speedup") for f in comparable]
+                lines.append(f"| ours, {label}, {kind} | "
+                             + " | ".join("-" if v is None else f"{v:.2f}x" for v in values) + " |")
+        for model, rows in PAPER_SPEEDUP.items():
+            for strategy, values in rows.items():
+                label = "token drop" if strategy == "score" else "expanded drop"
+                lines.append(f"| paper: {model}, {label} | "
+                             + " | ".join(f"{values[PAPER_FACTORS.index(f)]:.2f}x" for f in comparable) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def comparison_at(results: dict, factor: str = "1.5") -> list[str]:
+    """Sentences stating, from the numbers alone, whether score-based and expanded drop lose less quality
+    than first / last / random drop at `factor` (the issue's claim)."""
+    _, _, by_key, _ = _grid(results)
+    baselines = [s for s in ("first", "last", "random") if (factor, s) in by_key]
+    if not baselines:
+        return []
+    out = []
+    for metric, better, fmt in (("perplexity", min, "{:.3f}"), ("mc_accuracy", max, "{:.3f}")):
+        if any(by_key[(factor, s)].get(metric) is None for s in baselines):
+            continue
+        best_name = better(baselines, key=lambda s: by_key[(factor, s)][metric])
+        best = by_key[(factor, best_name)][metric]
+        for s in ("score", "expanded_local", "expanded_global"):
+            if (factor, s) not in by_key:
+                continue
+            value = by_key[(factor, s)][metric]
+            wins = value < best if metric == "perplexity" else value > best
+            out.append(f"- gamma={factor}, {metric}: {s} {fmt.format(value)} vs the best of first/last/random "
+                       f"({best_name}) {fmt.format(best)}: {'better' if wins else 'NOT better'}.")
+    return out
 
 
 def plot(cells: list[dict], path: str) -> None:
@@ -172,16 +377,131 @@ def plot(cells: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for strategy in sorted({c["strategy"] for c in cells}):
-        points = sorted((c["measured_speedup"], c["perplexity"]) for c in cells if c["strategy"] == strategy)
-        ax.plot(*zip(*points), marker="o", label=strategy)
-    ax.set_xlabel("measured MoE-layer speedup (busiest device)")
-    ax.set_ylabel("perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = [("perplexity", "validation perplexity")]
+    if any(c.get("mc_accuracy") is not None for c in cells):
+        panels.append(("mc_accuracy", "multiple-choice accuracy (mean acc)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    dropless = next((c for c in cells if c["factor"] == "none"), None)
+    for ax, (key, label) in zip(axes[0], panels):
+        for strategy in STRATEGIES:
+            points = sorted((c["measured_speedup"], c[key], c["factor"]) for c in cells if c["strategy"] == strategy)
+            if not points:
+                continue
+            xs, ys, fs = zip(*points)
+            ax.plot(xs, ys, marker="o", label=strategy)
+            for x, y, f in points:
+                ax.annotate(f, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        if dropless:
+            ax.plot([dropless["measured_speedup"]], [dropless[key]], "k*", markersize=12, label="dropless")
+        ax.set_xlabel("measured MoE-layer speedup (busiest device)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("quality against measured speedup; point labels: capacity factor gamma", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    import flax
+
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), cpu)
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__}
+
+
+def write_readme(workdir: str, results: dict) -> None:
+    """README.md from results.json; anything below HAND_WRITTEN in an existing README is kept."""
+    path = os.path.join(workdir, "README.md")
+    kept = ""
+    if os.path.exists(path):
+        text = open(path, encoding="utf-8").read()
+        if HAND_WRITTEN in text:
+            kept = text.split(HAND_WRITTEN, 1)[1].lstrip("\n")
+    s, m = results["settings"], results.get("machine", {})
+    cells = results["cells"]
+    lines = [f"# Capacity-aware inference sweep on `{s['checkpoint']}`", "",
+             f"Command: `{results.get('command', '?')}`", "",
+             f"Machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPU cores (shared with other jobs), "
+             f"{m.get('platform', '?')}; JAX {m.get('jax', '?')} ({m.get('backend', '?')}), flax {m.get('flax', '?')}, "
+             f"Python {m.get('python', '?')}. {len(cells)} cells in {sum(c.get('seconds', 0) for c in cells) / 60:.1f} "
+             "min of cell time.", "",
+             f"Perplexity: {s['sequences']} windows of {s['length']} tokens spread over the {s.get('split', '?')} "
+             f"split of `{s.get('corpus', '?')}` (the documents training never saw; split as moejax.data / "
+             f"experiments/evaluate.py). Multiple choice: "
+             + (", ".join(f"`{t}`" for t in s["tasks"]) or "none")
+             + f", the first {s['task_examples'] or 'all'} examples of each (acc: the highest log-likelihood "
+             f"choice is gold; chance 0.25). Batches of {s['batch_size']} sequences (or choice requests) share the "
+             f"capacity C = ceil(gamma * T * k / E) of a forward; expert axis of {s['num_devices']} devices "
+             "(contiguous placement) for expanded drop, the latency model and the busiest device.", "",
+             "Speedups are of the MoE layers only. Modelled: a layer waits for its busiest device, whose time is its "
+             "kept pairs. Measured: the time of the busiest device's expert work (grouped SwiGLU with the real "
+             "weights, at the per-batch loads the policy leaves), summed over layers, dropless over policy, median of "
+             f"{s['repeats']} repeats; on this CPU, not an 8-GPU mesh, so communication is not in it.", "",
+             "![quality against measured speedup](plot.png)", "",
+             markdown_tables(results),
+             f"Score / expanded drop against first / last / random at gamma=1.5 (computed from the table):", ""]
+    lines += comparison_at(results, "1.5") + ["", HAND_WRITTEN, "", kept]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines).rstrip("\n") + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        factors = check_factors(_FACTORS.value)
+        strategies = check_strategies(_STRATEGIES.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    for name, flag, least in (("sequences", _SEQUENCES, 1), ("length", _LENGTH, 2), ("batch_size", _BATCH, 1),
+                              ("repeats", _REPEATS, 1), ("num_devices", _DEVICES, 1)):
+        if flag.value < least:
+            raise app.UsageError(f"--{name}={flag.value} must be >= {least}")
+    try:
+        tasks = load_tasks(_TASKS.value, _TASK_EXAMPLES.value)
+    except (OSError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
+    settings = {"checkpoint": _CHECKPOINT.value or "random built-in", "sequences": _SEQUENCES.value,
+                "length": _LENGTH.value, "batch_size": _BATCH.value, "num_devices": _DEVICES.value,
+                "repeats": _REPEATS.value, "tasks": list(_TASKS.value), "task_examples": _TASK_EXAMPLES.value}
+    if _CHECKPOINT.value:
+        model = moejax.load_pretrained(_CHECKPOINT.value)
+        tokenizer = moejax.load_tokenizer(_CHECKPOINT.value)
+        if tokenizer is None:
+            raise app.UsageError(f"checkpoint {_CHECKPOINT.value!r} has no tokenizer.json to read the validation "
+                                 "text and the tasks with")
+        sequences, corpus = validation_sequences(tokenizer, _CONFIG.value, _SEQUENCES.value, _LENGTH.value)
+        settings.update(corpus=corpus["corpus"], split="validation", validation_fraction=_CONFIG.value.validation_fraction,
+                        test_fraction=_CONFIG.value.test_fraction)
+    else:
+        if tasks:
+            raise app.UsageError("the random built-in model (--checkpoint empty) has no tokenizer: pass --tasks= "
+                                 "(empty)")
+        model, tokenizer, corpus = moejax.random_model(moejax.ModelConfig(**RANDOM_MODEL), seed=0), None, {}
+        rng = np.random.default_rng(0)
+        sequences = list(rng.integers(0, model.config.vocab_size, size=(_SEQUENCES.value, _LENGTH.value)))
+        settings.update(corpus="random tokens", split="-")
+    if model.config.num_experts % _DEVICES.value:
+        raise app.UsageError(f"--num_devices={_DEVICES.value} does not divide the model's "
+                             f"{model.config.num_experts} experts")
+    extra = {"command": " ".join(["python"] + sys.argv), "machine": machine(), "corpus": corpus}
+    results = run_sweep(model, sequences, tasks, tokenizer, _WORKDIR.value, factors=factors, strategies=strategies,
+                        settings=settings, num_devices=_DEVICES.value, batch_size=_BATCH.value,
+                        repeats=_REPEATS.value, extra=extra)
+    plot(results["cells"], os.path.join(_WORKDIR.value, "plot.png"))
+    write_readme(_WORKDIR.value, results)
+    print(markdown_tables(results))
+    print(f"Wrote {os.path.join(_WORKDIR.value, 'results.json')}, plot.png and README.md")
 
 
 if __name__ == "__main__":
