@@ -329,8 +329,9 @@ def search(batch_loads, num_devices: int | None = None, start=None, *, max_steps
 
     Starts from `start` (a Placement, a device_of_expert array, or None: `greedy` on the mean loads) and
     keeps its slots and replica counts; only which device holds each slot changes. Iterated local search:
-    steepest descent over every pairwise swap of two slots on different devices (all evaluated at once,
-    inside a lax.while_loop) until no swap improves, then `restarts` times: `kick` random swaps from the
+    every pairwise swap of two slots on different devices is scored at once (inside a lax.while_loop) and
+    a step takes the best swap, or every swap that is the best for both its devices when together they do
+    better, until no swap improves; then `restarts` times: `kick` random swaps from the
     best placement so far and descend again, keeping the best. Never returns a placement with a higher Avg
     Max Load on `batch_loads` than `start` (checked in float64 at the end)."""
     a = check_loads(batch_loads, 2, "batch_loads")
@@ -358,27 +359,70 @@ def _avg_max(x, device, num_devices):
     return (x @ jax.nn.one_hot(device, num_devices, dtype=x.dtype)).max(-1).mean()
 
 
-def _swap_objectives(x, device, num_devices):
-    """[P, P]: Avg Max Load after swapping the devices of slots i and j (inf where they share a device)."""
-    loads = x @ jax.nn.one_hot(device, num_devices, dtype=x.dtype)  # [B, D]
-    d = jnp.arange(num_devices)
-    others = (d[None, None, :] != d[:, None, None]) & (d[None, None, :] != d[None, :, None])  # [D, D, D]
-    rest = jnp.where(others[:, :, None, :], loads[None, None], 0.0).max(-1)  # [D, D, B]: untouched devices
-    own = loads[:, device] - x  # [B, P]: slot i's device without it
-    new_i = own[:, :, None] + x[:, None, :]  # [B, i, j]: i's device with j instead
-    new_j = own[:, None, :] + x[:, :, None]  # [B, i, j]: j's device with i instead
-    rest_ij = jnp.moveaxis(rest[device[:, None], device[None, :]], -1, 0)  # [B, i, j]
-    obj = jnp.maximum(jnp.maximum(new_i, new_j), rest_ij).mean(0)
-    return jnp.where(device[:, None] == device[None, :], jnp.inf, obj)
+def _swap_objectives(x, device, num_devices, rows):
+    """[R, P]: Avg Max Load after swapping the devices of slot rows[r] and slot j (inf on one device).
+
+    A swap changes two devices' loads; every other device keeps its load, so the largest of those is the
+    largest of each batch's three most loaded devices that is on neither: elementwise work on [R, P, B]
+    (batches innermost, for the reduction), done 16 rows at a time so each block stays in cache."""
+    xt = x.T  # [P, B]
+    loads = jax.nn.one_hot(device, num_devices, dtype=x.dtype).T @ xt  # [D, B]
+    top, top_device = jax.lax.top_k(loads.T, min(3, num_devices))  # [B, <=3]
+    own = loads[device] - xt  # [P, B]: each slot's device without it
+
+    def block(r):  # [R', P]
+        di, dj = device[r][:, None, None], device[None, :, None]
+        rest = top[None, None, :, 2] if num_devices >= 3 else jnp.zeros((), x.dtype)
+        for k in (1, 0):  # the first of the top three on neither device
+            d = top_device[None, None, :, k]
+            rest = jnp.where((d != di) & (d != dj), top[None, None, :, k], rest)
+        new_i = own[r][:, None, :] + xt[None, :, :]  # row slot's device with j instead
+        new_j = own[None, :, :] + xt[r][:, None, :]  # j's device with the row slot instead
+        obj = jnp.maximum(jnp.maximum(new_i, new_j), rest).mean(-1)
+        return jnp.where(di[..., 0] == dj[..., 0], jnp.inf, obj)
+
+    chunk = 16
+    if rows.shape[0] <= chunk or rows.shape[0] % chunk:
+        return block(rows)
+    return jax.lax.map(block, rows.reshape(-1, chunk)).reshape(rows.shape[0], -1)
 
 
 def _swap(device, i, j):
     return device.at[i].set(device[j]).at[j].set(device[i])
 
 
+def _best_swaps(x, device, num_devices, current, devices):
+    """Score every swap of a slot on `devices` [K] with any slot; return the single best swap and the set
+    of improving swaps, each the best of its device, taken best first while their device pairs are
+    disjoint (swaps on disjoint device pairs do not touch each other's loads), each with its Avg Max Load."""
+    num_slots = x.shape[1]
+    slots = jnp.argsort(device, stable=True).reshape(num_devices, -1)[devices]  # [K, S]
+    obj = _swap_objectives(x, device, num_devices, slots.reshape(-1)).reshape(slots.shape[0], -1)  # [K, S*P]
+    flat = jnp.argmin(obj, axis=1)
+    value = jnp.take_along_axis(obj, flat[:, None], axis=1)[:, 0]  # [K]: each device's best swap
+    i = jnp.take_along_axis(slots, (flat // num_slots)[:, None], axis=1)[:, 0]
+    j = flat % num_slots
+    order = jnp.argsort(value)
+
+    def take(n, state):
+        many, used = state
+        k = order[n]
+        a, b = devices[k], device[j[k]]
+        ok = (value[k] < current) & ~used[a] & ~used[b]
+        many = jnp.where(ok, _swap(many, i[k], j[k]), many)
+        return many, used.at[a].set(used[a] | ok).at[b].set(used[b] | ok)
+
+    many, _ = jax.lax.fori_loop(0, devices.shape[0], take, (device, jnp.zeros(num_devices, bool)))
+    single = _swap(device, i[order[0]], j[order[0]])
+    single_value, many_value = _avg_max(x, single, num_devices), _avg_max(x, many, num_devices)
+    use_many = many_value < single_value  # swaps interact through the batch max: keep them if they do better
+    return jnp.where(use_many, many, single), jnp.minimum(many_value, single_value)
+
+
 @functools.partial(jax.jit, static_argnames=("num_devices", "max_steps", "restarts", "kick"))
 def _search(x, device, key, *, num_devices, max_steps, restarts, kick):
     num_slots = x.shape[1]
+    hot_count = min(num_devices, 8)
 
     def descend(device):
         def cond(state):
@@ -387,10 +431,17 @@ def _search(x, device, key, *, num_devices, max_steps, restarts, kick):
 
         def body(state):
             step, device, current, _ = state
-            obj = _swap_objectives(x, device, num_devices).reshape(-1)
-            best = jnp.argmin(obj)  # ties: the lowest (i, j)
-            candidate = _swap(device, best // num_slots, best % num_slots)
-            value = _avg_max(x, candidate, num_devices)
+            # First only the swaps of the devices that carry the most batch maxima (cheap); when none of
+            # those improves, every swap, so the descent stops only at a local optimum of the whole
+            # neighbourhood.
+            loads = x @ jax.nn.one_hot(device, num_devices, dtype=x.dtype)  # [B, D]
+            top, top_device = jax.lax.top_k(loads, 2)
+            weight = jnp.zeros(num_devices, x.dtype).at[top_device[:, 0]].add(top[:, 0] - top[:, 1] + 1e-9)
+            hot = jax.lax.top_k(weight, hot_count)[1]
+            candidate, value = _best_swaps(x, device, num_devices, current, hot)
+            candidate, value = jax.lax.cond(
+                value < current * (1 - 1e-6), lambda: (candidate, value),
+                lambda: _best_swaps(x, device, num_devices, current, jnp.arange(num_devices)))
             improved = value < current * (1 - 1e-6)  # a strict gain, so the loop cannot cycle on rounding
             return (step + 1, jnp.where(improved, candidate, device), jnp.where(improved, value, current),
                     improved)
