@@ -156,6 +156,14 @@ def placement_section(r: dict, workdir: str) -> list[str]:
         tps = f"{throughput['tokens_per_second']:.0f}" if "tokens_per_second" in throughput else "-"
         lines.append(f"| {c['method']} | {c['devices']} | {c['max_load']:.3f} | {c['avg_max_load']:.3f} | "
                      f"{c['fit_avg_max_load']:.3f} | {tps} |")
+    bench = r.get("search_benchmark")
+    if bench and "search" in bench:
+        baselines = ", ".join(f"{k} {v:.4f}" for k, v in bench["held_out_avg_max_load"].items())
+        lines += ["", f"Search benchmark ({bench['experts']} experts on {bench['devices']} devices, {bench['batches']} "
+                  f"synthetic skewed batches; target < {bench['target_seconds']:g} s after compilation): "
+                  + "; ".join(f"restarts={run['restarts']}: {run['seconds']:.2f} s, held-out Avg Max Load "
+                              f"{run['held_out_avg_max_load']:.4f}" for run in bench["search"])
+                  + f" ({baselines})."]
     _plot(workdir, "placement", lines, "Avg Max Load per method and device count")
     return lines
 
