@@ -422,7 +422,7 @@ def _best_swaps(x, device, num_devices, current, devices):
 @functools.partial(jax.jit, static_argnames=("num_devices", "max_steps", "restarts", "kick"))
 def _search(x, device, key, *, num_devices, max_steps, restarts, kick):
     num_slots = x.shape[1]
-    hot_count = min(num_devices, 8)
+    hot_count = min(num_devices, max(8, num_devices // 2))  # half the devices: measured fastest at 64
 
     def descend(device):
         def cond(state):
@@ -439,9 +439,10 @@ def _search(x, device, key, *, num_devices, max_steps, restarts, kick):
             weight = jnp.zeros(num_devices, x.dtype).at[top_device[:, 0]].add(top[:, 0] - top[:, 1] + 1e-9)
             hot = jax.lax.top_k(weight, hot_count)[1]
             candidate, value = _best_swaps(x, device, num_devices, current, hot)
-            candidate, value = jax.lax.cond(
-                value < current * (1 - 1e-6), lambda: (candidate, value),
-                lambda: _best_swaps(x, device, num_devices, current, jnp.arange(num_devices)))
+            if hot_count < num_devices:
+                candidate, value = jax.lax.cond(
+                    value < current * (1 - 1e-6), lambda: (candidate, value),
+                    lambda: _best_swaps(x, device, num_devices, current, jnp.arange(num_devices)))
             improved = value < current * (1 - 1e-6)  # a strict gain, so the loop cannot cycle on rounding
             return (step + 1, jnp.where(improved, candidate, device), jnp.where(improved, value, current),
                     improved)
