@@ -80,8 +80,11 @@ def run_stage(name: str, config, quick: bool, workdir: str, force: bool) -> dict
     if os.path.exists(marker) and not force:
         return json.load(open(marker))
     os.makedirs(out, exist_ok=True)
-    args = [f"--workdir={out}"] + ([f"--checkpoint={config.checkpoint}"] if stage.uses_checkpoint else [])
-    command = [sys.executable, os.path.join(ROOT, "experiments", f"{stage.script}.py"), *args,
+    # The stage runs in ROOT: paths relative to it (as given, when the caller's cwd is ROOT), so the scripts
+    # record commands a reader can paste
+    rel = lambda path: os.path.relpath(os.path.abspath(path), ROOT)  # noqa: E731
+    args = [f"--workdir={rel(out)}"] + ([f"--checkpoint={rel(config.checkpoint)}"] if stage.uses_checkpoint else [])
+    command = [sys.executable, os.path.join("experiments", f"{stage.script}.py"), *args,
                *stage.args(config, quick)]
     start = time.perf_counter()
     log_path = os.path.join(out, "log.txt")
@@ -90,7 +93,7 @@ def run_stage(name: str, config, quick: bool, workdir: str, force: bool) -> dict
     if process.returncode != 0:
         tail = "".join(open(log_path).readlines()[-15:])
         raise RuntimeError(f"stage {name} failed (exit {process.returncode}); its log {log_path} ends:\n{tail}")
-    record = {"stage": name, "command": shlex.join(["python", *command[1:]]).replace(ROOT + "/", ""),
+    record = {"stage": name, "command": shlex.join(["python", *command[1:]]),
               "seconds": time.perf_counter() - start, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(marker, "w") as f:
         json.dump(record, f, indent=2)
