@@ -328,12 +328,13 @@ def search(batch_loads, num_devices: int | None = None, start=None, *, max_steps
     """Minimise Avg Max Load over `batch_loads` [B, E] by moving slots between devices; compiled with jit.
 
     Starts from `start` (a Placement, a device_of_expert array, or None: `greedy` on the mean loads) and
-    keeps its slots and replica counts; only which device holds each slot changes. Iterated local search:
-    every pairwise swap of two slots on different devices is scored at once (inside a lax.while_loop) and
-    a step takes the best swap, or every swap that is the best for both its devices when together they do
-    better, until no swap improves; then `restarts` times: `kick` random swaps from the
-    best placement so far and descend again, keeping the best. Never returns a placement with a higher Avg
-    Max Load on `batch_loads` than `start` (checked in float64 at the end)."""
+    keeps its slots and replica counts; only which device holds each slot changes. Iterated local search
+    inside a lax.while_loop: a step scores, at once, every swap of a slot on the devices that carry the
+    most batch maxima (half of them, at least 8) with any slot (every swap of every slot when none of those improves) and
+    takes the best swap, or each device's best swap wherever their device pairs are disjoint when together
+    they do better; it stops when no swap at all improves. Then `restarts` times: `kick` random swaps from
+    the best placement so far and descend again, keeping the best. Never returns a placement with a higher
+    Avg Max Load on `batch_loads` than `start` (checked in float64 at the end)."""
     a = check_loads(batch_loads, 2, "batch_loads")
     if start is None:
         if num_devices is None:
@@ -392,9 +393,9 @@ def _swap(device, i, j):
 
 
 def _best_swaps(x, device, num_devices, current, devices):
-    """Score every swap of a slot on `devices` [K] with any slot; return the single best swap and the set
-    of improving swaps, each the best of its device, taken best first while their device pairs are
-    disjoint (swaps on disjoint device pairs do not touch each other's loads), each with its Avg Max Load."""
+    """Score every swap of a slot on `devices` [K] with any slot. Returns the better of two moves and its Avg
+    Max Load: the single best swap, or the improving swaps (each device's best), taken best first while
+    their device pairs are disjoint (such swaps change different devices' loads)."""
     num_slots = x.shape[1]
     slots = jnp.argsort(device, stable=True).reshape(num_devices, -1)[devices]  # [K, S]
     obj = _swap_objectives(x, device, num_devices, slots.reshape(-1)).reshape(slots.shape[0], -1)  # [K, S*P]
