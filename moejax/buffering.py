@@ -340,12 +340,13 @@ def host_memory_kind(device: jax.Device | None = None) -> str | None:
 
 
 class HostExpertStore:
-    """Every routed expert's (w_gate, w_up, w_down) of every MoE layer, one host array per expert and weight."""
+    """Every routed expert's weights of every MoE layer in host memory: per expert one flat array holding
+    w_gate, w_up and w_down one after the other, so a load is one host -> device transfer, not three."""
 
     def __init__(self, model: CausalLM, device: jax.Device | None = None):
         self.device = device or jax.devices()[0]
         self.memory_kind = host_memory_kind(self.device)
-        self.experts: dict[int, list[tuple]] = {}  # layer index -> per expert (gate, up, down)
+        self.experts: dict[int, list] = {}  # layer index -> per expert its flat weights
         for i, layer in enumerate(model.layers):
             block = layer.mlp
             if not isinstance(block, MoEBlock):
@@ -353,10 +354,10 @@ class HostExpertStore:
             if block.parallel is not None:
                 raise ValueError(f"layer {i} runs expert parallel; buffering takes a single-device model")
             weights = [np.asarray(jax.device_get(w[...])) for w in (block.w_gate, block.w_up, block.w_down)]
-            self.experts[i] = [tuple(self._to_host(w[e]) for w in weights) for e in range(weights[0].shape[0])]
-        first = next(iter(self.experts.values()))
-        self.expert_bytes = int(sum(w.nbytes for w in first[0]))
-        self.shapes = tuple((w.shape, w.dtype) for w in first[0])
+            self.experts[i] = [self._to_host(np.concatenate([w[e].ravel() for w in weights]))
+                               for e in range(weights[0].shape[0])]
+            self.shapes = tuple((w.shape[1:], w.dtype) for w in weights)  # (gate, up, down) of one expert
+        self.expert_bytes = int(next(iter(self.experts.values()))[0].nbytes)
 
     def _to_host(self, array: np.ndarray):
         if self.memory_kind is None:
@@ -364,19 +365,34 @@ class HostExpertStore:
         sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
         return jax.device_put(array, sharding)
 
-    def to_device(self, layer: int, experts: list[int]) -> list[tuple[jax.Array, ...]]:
-        """Start the copies of some experts to the device; returns at once (jax.device_put is asynchronous).
-        One device_put call for all of them: per call, not per byte, is what small experts cost."""
+    def expert_weights(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
+        """One expert's (w_gate, w_up, w_down), read back from its flat host array."""
+        flat, start, out = np.asarray(jax.device_get(self.experts[layer][expert])), 0, []
+        for shape, _ in self.shapes:
+            size = int(np.prod(shape))
+            out.append(flat[start:start + size].reshape(shape))
+            start += size
+        return tuple(out)
+
+    def to_device(self, layer: int, experts: list[int]) -> list[jax.Array]:
+        """Start the copies of some experts' flat weights to the device; returns at once (jax.device_put is
+        asynchronous). One device_put call for all of them: per call, not per byte, is what small experts
+        cost."""
         sharding = jax.sharding.SingleDeviceSharding(self.device)  # default memory kind: device memory
-        flat = jax.device_put([w for e in experts for w in self.experts[layer][e]], sharding)
-        return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+        return jax.device_put([self.experts[layer][e] for e in experts], sharding)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _write_slots(slots, slot_ids, weights):
-    """slots[i][slot_ids[j]] = weights[j][i]. Donated: the update happens in place, after earlier computations
-    that read the slots."""
-    return tuple(s.at[slot_ids].set(jnp.stack([w[i] for w in weights])) for i, s in enumerate(slots))
+def _write_slots(slots, slot_ids, flat_weights):
+    """slots[i][slot_ids[j]] = weight i of flat_weights[j] (gate, up, down one after the other). Donated: the
+    update happens in place, after earlier computations that read the slots."""
+    stacked, start, out = jnp.stack(flat_weights), 0, []
+    for s in slots:
+        size = int(np.prod(s.shape[1:]))
+        part = stacked[:, start:start + size].reshape((len(flat_weights),) + s.shape[1:])
+        out.append(s.at[slot_ids].set(part))
+        start += size
+    return tuple(out)
 
 
 class DeviceExpertCache:

@@ -199,7 +199,7 @@ def resident_tokens(model):
 def _check_slots_hold_their_experts(buffered):
     for layer, cache in buffered.caches.items():
         for expert, slot in cache.book.slot_of.items():
-            for device_slots, host in zip(cache.slots, buffered.store.experts[layer][expert]):
+            for device_slots, host in zip(cache.slots, buffered.store.expert_weights(layer, expert)):
                 np.testing.assert_array_equal(np.asarray(device_slots[slot]), np.asarray(host))
 
 
@@ -255,5 +255,9 @@ def test_host_storage_is_numpy_on_the_cpu_backend(model):
     assert buffering.host_memory_kind() is None
     store = buffering.HostExpertStore(model)
     c = model.config
-    assert all(isinstance(w, np.ndarray) for expert in store.experts[0] for w in expert)
+    assert all(isinstance(expert, np.ndarray) and expert.ndim == 1 for expert in store.experts[0])  # one flat array
     assert store.expert_bytes == 3 * c.hidden_size * c.moe_intermediate_size * 4  # three f32 matrices
+    block = model.layers[0].mlp
+    for e in (0, c.num_experts - 1):  # the flat array reads back as the model's own matrices
+        for got, want in zip(store.expert_weights(0, e), (block.w_gate, block.w_up, block.w_down)):
+            np.testing.assert_array_equal(got, np.asarray(want[...][e]))
