@@ -46,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 import moejax  # noqa: E402
 from moejax import parallel, stats  # noqa: E402
 from moejax import placement as pl  # noqa: E402
+from moejax.results import write_json_atomically  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/placement", "Where results.json and plot.png go.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "experiments/default_model",
@@ -333,9 +334,7 @@ def main(argv):
         if _THROUGHPUT.value:
             cell["throughput"] = throughput(model, placements, num_devices, batches[len(batches) // 2:])
         results["cells"].append(cell)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json_atomically(path, results)
         tput = cell.get("throughput", {})
         tqdm.write(f"D={num_devices} {method:17s} Max Load {cell['max_load']:.3f}  Avg Max Load "
                    f"{cell['avg_max_load']:.3f} (fit {cell['fit_avg_max_load']:.3f})  modelled time "
@@ -344,9 +343,7 @@ def main(argv):
     if _BENCHMARK.value and "search_benchmark" not in results:
         bench = search_benchmark()
         results["search_benchmark"] = bench
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json_atomically(path, results)
         baselines = ", ".join(f"{k} {v:.4f}" for k, v in bench["held_out_avg_max_load"].items())
         for run in bench["search"]:
             print(f"search benchmark: {bench['experts']} experts on {bench['devices']} devices over "

@@ -367,12 +367,7 @@ class HostExpertStore:
 
     def expert_weights(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
         """One expert's (w_gate, w_up, w_down), read back from its flat host array."""
-        flat, start, out = np.asarray(jax.device_get(self.experts[layer][expert])), 0, []
-        for shape, _ in self.shapes:
-            size = int(np.prod(shape))
-            out.append(flat[start:start + size].reshape(shape))
-            start += size
-        return tuple(out)
+        return _unflatten(np.asarray(jax.device_get(self.experts[layer][expert])), [s for s, _ in self.shapes])
 
     def to_device(self, layer: int, experts: list[int]) -> list[jax.Array]:
         """Start the copies of some experts' flat weights to the device; returns at once (jax.device_put is
@@ -382,17 +377,22 @@ class HostExpertStore:
         return jax.device_put([self.experts[layer][e] for e in experts], sharding)
 
 
+def _unflatten(flat, shapes):
+    """[..., sum of sizes] -> one [..., *shape] array per shape, in order (numpy or jax)."""
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[..., start:start + size].reshape(flat.shape[:-1] + tuple(shape)))
+        start += size
+    return tuple(out)
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_slots(slots, slot_ids, flat_weights):
     """slots[i][slot_ids[j]] = weight i of flat_weights[j] (gate, up, down one after the other). Donated: the
     update happens in place, after earlier computations that read the slots."""
-    stacked, start, out = jnp.stack(flat_weights), 0, []
-    for s in slots:
-        size = int(np.prod(s.shape[1:]))
-        part = stacked[:, start:start + size].reshape((len(flat_weights),) + s.shape[1:])
-        out.append(s.at[slot_ids].set(part))
-        start += size
-    return tuple(out)
+    parts = _unflatten(jnp.stack(flat_weights), [s.shape[1:] for s in slots])
+    return tuple(s.at[slot_ids].set(part) for s, part in zip(slots, parts))
 
 
 class DeviceExpertCache:

@@ -360,16 +360,17 @@ def _avg_max(x, device, num_devices):
     return (x @ jax.nn.one_hot(device, num_devices, dtype=x.dtype)).max(-1).mean()
 
 
-def _swap_objectives(x, device, num_devices, rows):
+def _swap_objectives(x, device, loads, rows):
     """[R, P]: Avg Max Load after swapping the devices of slot rows[r] and slot j (inf on one device).
 
     A swap changes two devices' loads; every other device keeps its load, so the largest of those is the
     largest of each batch's three most loaded devices that is on neither: elementwise work on [R, P, B]
-    (batches innermost, for the reduction), done 16 rows at a time so each block stays in cache."""
+    (batches innermost, for the reduction), done 16 rows at a time so each block stays in cache. loads:
+    [B, D], each batch's device loads under `device`."""
+    num_devices = loads.shape[1]
     xt = x.T  # [P, B]
-    loads = jax.nn.one_hot(device, num_devices, dtype=x.dtype).T @ xt  # [D, B]
-    top, top_device = jax.lax.top_k(loads.T, min(3, num_devices))  # [B, <=3]
-    own = loads[device] - xt  # [P, B]: each slot's device without it
+    top, top_device = jax.lax.top_k(loads, min(3, num_devices))  # [B, <=3]
+    own = loads.T[device] - xt  # [P, B]: each slot's device without it
 
     def block(r):  # [R', P]
         di, dj = device[r][:, None, None], device[None, :, None]
@@ -392,13 +393,13 @@ def _swap(device, i, j):
     return device.at[i].set(device[j]).at[j].set(device[i])
 
 
-def _best_swaps(x, device, num_devices, current, devices):
+def _best_swaps(x, device, loads, current, devices):
     """Score every swap of a slot on `devices` [K] with any slot. Returns the better of two moves and its Avg
     Max Load: the single best swap, or the improving swaps (each device's best), taken best first while
-    their device pairs are disjoint (such swaps change different devices' loads)."""
-    num_slots = x.shape[1]
+    their device pairs are disjoint (such swaps change different devices' loads). loads: [B, D] of device."""
+    num_slots, num_devices = x.shape[1], loads.shape[1]
     slots = jnp.argsort(device, stable=True).reshape(num_devices, -1)[devices]  # [K, S]
-    obj = _swap_objectives(x, device, num_devices, slots.reshape(-1)).reshape(slots.shape[0], -1)  # [K, S*P]
+    obj = _swap_objectives(x, device, loads, slots.reshape(-1)).reshape(slots.shape[0], -1)  # [K, S*P]
     flat = jnp.argmin(obj, axis=1)
     value = jnp.take_along_axis(obj, flat[:, None], axis=1)[:, 0]  # [K]: each device's best swap
     i = jnp.take_along_axis(slots, (flat // num_slots)[:, None], axis=1)[:, 0]
@@ -439,11 +440,11 @@ def _search(x, device, key, *, num_devices, max_steps, restarts, kick):
             top, top_device = jax.lax.top_k(loads, 2)
             weight = jnp.zeros(num_devices, x.dtype).at[top_device[:, 0]].add(top[:, 0] - top[:, 1] + 1e-9)
             hot = jax.lax.top_k(weight, hot_count)[1]
-            candidate, value = _best_swaps(x, device, num_devices, current, hot)
+            candidate, value = _best_swaps(x, device, loads, current, hot)
             if hot_count < num_devices:
                 candidate, value = jax.lax.cond(
                     value < current * (1 - 1e-6), lambda: (candidate, value),
-                    lambda: _best_swaps(x, device, num_devices, current, jnp.arange(num_devices)))
+                    lambda: _best_swaps(x, device, loads, current, jnp.arange(num_devices)))
             improved = value < current * (1 - 1e-6)  # a strict gain, so the loop cannot cycle on rounding
             return (step + 1, jnp.where(improved, candidate, device), jnp.where(improved, value, current),
                     improved)
