@@ -340,13 +340,18 @@ def host_memory_kind(device: jax.Device | None = None) -> str | None:
 
 
 class HostExpertStore:
-    """Every routed expert's weights of every MoE layer in host memory: per expert one flat array holding
-    w_gate, w_up and w_down one after the other, so a load is one host -> device transfer, not three."""
+    """Every routed expert's weights of every MoE layer in host memory, per expert one flat row holding
+    w_gate, w_up and w_down one after the other, so loading any set of experts is one host -> device call.
+
+    `experts[layer]`: with `pinned_host` memory (GPU/TPU) a list of one [P] array per expert (a list of
+    device-committed host arrays goes to the device in one batched call); on the CPU backend one numpy
+    [E, P] array, from which a load gathers its rows into one contiguous buffer first.
+    """
 
     def __init__(self, model: CausalLM, device: jax.Device | None = None):
         self.device = device or jax.devices()[0]
         self.memory_kind = host_memory_kind(self.device)
-        self.experts: dict[int, list] = {}  # layer index -> per expert its flat weights
+        self.experts: dict[int, list | np.ndarray] = {}
         for i, layer in enumerate(model.layers):
             block = layer.mlp
             if not isinstance(block, MoEBlock):
@@ -354,27 +359,31 @@ class HostExpertStore:
             if block.parallel is not None:
                 raise ValueError(f"layer {i} runs expert parallel; buffering takes a single-device model")
             weights = [np.asarray(jax.device_get(w[...])) for w in (block.w_gate, block.w_up, block.w_down)]
-            self.experts[i] = [self._to_host(np.concatenate([w[e].ravel() for w in weights]))
-                               for e in range(weights[0].shape[0])]
+            flat = np.concatenate([w.reshape(w.shape[0], -1) for w in weights], axis=1)  # [E, P]
+            if self.memory_kind is None:
+                self.experts[i] = np.ascontiguousarray(flat)
+            else:
+                sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
+                self.experts[i] = [jax.device_put(row, sharding) for row in flat]
             self.shapes = tuple((w.shape[1:], w.dtype) for w in weights)  # (gate, up, down) of one expert
+        if not self.experts:
+            raise ValueError("the model has no MoE layer: there are no experts to buffer")
         self.expert_bytes = int(next(iter(self.experts.values()))[0].nbytes)
 
-    def _to_host(self, array: np.ndarray):
-        if self.memory_kind is None:
-            return np.ascontiguousarray(array)
-        sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.memory_kind)
-        return jax.device_put(array, sharding)
-
     def expert_weights(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
-        """One expert's (w_gate, w_up, w_down), read back from its flat host array."""
+        """One expert's (w_gate, w_up, w_down), read back from its flat host row."""
         return _unflatten(np.asarray(jax.device_get(self.experts[layer][expert])), [s for s, _ in self.shapes])
 
-    def to_device(self, layer: int, experts: list[int]) -> list[jax.Array]:
-        """Start the copies of some experts' flat weights to the device; returns at once (jax.device_put is
-        asynchronous). One device_put call for all of them: per call, not per byte, is what small experts
-        cost."""
+    def to_device(self, layer: int, experts: list[int]) -> tuple:
+        """Start the copies of some experts' flat [P] rows to the device, in the order given; returns at once
+        (jax.device_put is asynchronous). On the CPU backend, where host memory is device memory, the rows
+        themselves (numpy views): `DeviceExpertCache.plan_step` gathers them into one array, which the
+        jitted step takes as an argument, and that gather is the copy."""
+        host = self.experts[layer]
+        if isinstance(host, np.ndarray):
+            return tuple(host[e] for e in experts)
         sharding = jax.sharding.SingleDeviceSharding(self.device)  # default memory kind: device memory
-        return jax.device_put([self.experts[layer][e] for e in experts], sharding)
+        return tuple(jax.device_put([host[e] for e in experts], sharding))
 
 
 def _unflatten(flat, shapes):
@@ -387,16 +396,22 @@ def _unflatten(flat, shapes):
     return tuple(out)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_slots(slots, slot_ids, flat_weights):
-    """slots[i][slot_ids[j]] = weight i of flat_weights[j] (gate, up, down one after the other). Donated: the
-    update happens in place, after earlier computations that read the slots."""
-    parts = _unflatten(jnp.stack(flat_weights), [s.shape[1:] for s in slots])
-    return tuple(s.at[slot_ids].set(part) for s, part in zip(slots, parts))
+class _Copies(NamedTuple):
+    """Host -> device copies in flight for one layer's slots."""
+    loads: list  # the Accesses whose experts are copied
+    rows: tuple  # per load its expert's flat weights (see HostExpertStore.to_device)
+
+
+class _ExpertsStep(NamedTuple):
+    """Everything a jitted experts step needs besides the activations: see _experts."""
+    arrays: tuple  # the copied rows (prefetched ones first), n in all with padding: [P] arrays or one [n, P]
+    writes: np.ndarray  # int32 [chunks, n]: the slot row j goes to before chunk c is computed; `slots`: not then
+    tables: np.ndarray  # int32 [chunks, E]: each expert's slot while chunk c is computed; `slots`: not in c
 
 
 class DeviceExpertCache:
-    """One MoE layer's device slots ([slots, d, f] gate and up, [slots, f, d] down) and their bookkeeping."""
+    """One MoE layer's device slots ([slots, d, f] gate and up, [slots, f, d] down) and their bookkeeping.
+    The slots are written inside the jitted experts step (`_experts`), from copies `start_copies` began."""
 
     def __init__(self, store: HostExpertStore, layer: int, size: int, policy: str, future=None):
         self.store, self.layer = store, layer
@@ -405,6 +420,7 @@ class DeviceExpertCache:
         self.slots = tuple(jax.device_put(np.zeros((size,) + shape, dtype), sharding)
                            for shape, dtype in store.shapes)
         self.num_experts = len(store.experts[layer])
+        self.prefetched: list[_Copies] = []  # prefetch copies started for this layer's next step
 
     @property
     def stats(self) -> CacheStats:
@@ -413,32 +429,22 @@ class DeviceExpertCache:
     def device_bytes(self) -> int:
         return int(sum(s.nbytes for s in self.slots))
 
-    def slot_table(self) -> np.ndarray:
-        """int32 [E]: each expert's slot, -1 if not resident."""
-        table = np.full((self.num_experts,), -1, np.int32)
-        for e, s in self.book.slot_of.items():
-            table[e] = s
-        return table
-
-    def apply(self, accesses: list[Access]) -> None:
-        """Copy in the experts these accesses load, as one transfer and one slot write. Where two loads share a
-        slot (a prefetch evicting an expert it just prefetched) only the later one is copied, as in
-        sequential order. The count is padded to a power of two by repeating the last load (an identical
-        write), so the write compiles for a few sizes only."""
-        loads = list({a.slot: a for a in accesses if a.loaded}.values())
-        if not loads:
-            return
-        loads += [loads[-1]] * ((1 << (len(loads) - 1).bit_length()) - len(loads))
-        weights = self.store.to_device(self.layer, [a.expert for a in loads])
-        self.slots = _write_slots(self.slots, np.asarray([a.slot for a in loads], np.int32), weights)
+    def start_copies(self, accesses: list[Access]) -> _Copies | None:
+        """Start copying in the experts these accesses load, as one host -> device call."""
+        loads = [a for a in accesses if a.loaded]
+        return _Copies(loads, self.store.to_device(self.layer, [a.expert for a in loads])) if loads else None
 
     def prefetch(self, predicted) -> None:
-        self.apply(self.book.prefetch(predicted))
+        """Run a prediction for the next step through the policy and start its copies now."""
+        copies = self.start_copies(self.book.prefetch(predicted))
+        if copies is not None:
+            self.prefetched.append(copies)
 
-    def plan_step(self, active) -> list[list[Access]]:
-        """Run the step's requests through the policy and start their copies. Returns the chunks: runs of
-        accesses to compute together, split where a load would evict an expert of the chunk not yet
-        computed. A chunk's loads are issued by `load_chunk` right before it is computed."""
+    def plan_step(self, active) -> _ExpertsStep:
+        """Run the step's requests through the policy, start the copies of its misses, and lay out the step:
+        chunks of requests computed together, split where a load would evict an expert of the chunk not
+        yet computed; each chunk's loads are written to their slots right before it is computed (prefetched
+        copies before the first chunk's)."""
         active = _step_ids(active, f"layer {self.layer}")
         self.book.begin_step(active)
         chunks, chunk = [], []
@@ -448,10 +454,34 @@ class DeviceExpertCache:
                 chunks.append(chunk)
                 chunk = []
             chunk.append(access)
-        if chunk:
-            chunks.append(chunk)
         self.book.end_step()
-        return chunks
+        chunks.append(chunk)  # an empty chunk (no expert active) still writes the prefetched copies
+        copies, row, last_write = self.prefetched, 0, {}  # (chunk, slot) -> the row written there last
+        self.prefetched = []
+        for c in copies:  # prefetched rows: written before the first chunk
+            for a in c.loads:
+                last_write[0, a.slot] = row
+                row += 1
+        demand = self.start_copies([a for ch in chunks for a in ch])
+        if demand is not None:
+            chunk_of = {id(a): k for k, ch in enumerate(chunks) for a in ch}
+            for a in demand.loads:
+                last_write[chunk_of[id(a)], a.slot] = row  # overrides a prefetch into the same slot
+                row += 1
+            copies.append(demand)
+        rows = [x for c in copies for x in c.rows]
+        if rows:  # padded to a power of two by repeating the last row: the jitted step compiles for few sizes
+            rows += [rows[-1]] * ((1 << (len(rows) - 1).bit_length()) - len(rows))
+        arrays = (np.stack(rows),) if rows and isinstance(rows[0], np.ndarray) else tuple(rows)
+        size = self.book.size
+        writes = np.full((len(chunks), len(rows)), size, np.int32)  # padding and overridden rows: dropped
+        for (k, slot), j in last_write.items():
+            writes[k, j] = slot
+        tables = np.full((len(chunks), self.num_experts), size, np.int32)
+        for k, ch in enumerate(chunks):
+            for a in ch:
+                tables[k, a.expert] = a.slot
+        return _ExpertsStep(arrays, writes, tables)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -459,9 +489,9 @@ class DeviceExpertCache:
 
 
 class _Static:
-    """A graphdef as a jit static argument with an O(1) hash and equality: hashing an nnx GraphDef walks the
-    whole graph (~0.3 ms for a layer), which per layer and step was a large share of a decode step. One
-    canonical _Static per distinct graphdef (see `_static`), so identity is equality, also across models."""
+    """A jit static argument with an O(1) hash and identity equality: hashing an nnx GraphDef walks the whole
+    graph (~0.3 ms for a layer), which per call was a large share of a decode step. One canonical _Static
+    per distinct value (see `_static`), so identity is equality, also across models."""
 
     def __init__(self, value, hash_value: int):
         self.value, self._hash = value, hash_value
@@ -473,13 +503,13 @@ class _Static:
 _CANONICAL: dict[int, list[_Static]] = {}
 
 
-def _static(graphdef) -> _Static:
-    """The canonical _Static of a graphdef (structurally equal graphdefs share one, and so share compiles)."""
-    h = hash(graphdef)
+def _static(value) -> _Static:
+    """The canonical _Static of a hashable value (equal values share one, and so share compiles)."""
+    h = hash(value)
     for candidate in _CANONICAL.setdefault(h, []):
-        if candidate.value == graphdef:
+        if candidate.value == value:
             return candidate
-    _CANONICAL[h].append(_Static(graphdef, h))
+    _CANONICAL[h].append(_Static(value, h))
     return _CANONICAL[h][-1]
 
 
@@ -490,7 +520,36 @@ def _strip_experts(layer_state):
     return layer_state
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+class _Segment(NamedTuple):
+    """The static part of one jitted piece of a buffered forward call, which runs: the experts of MoE layer
+    `finish` (first piece: the embedding instead), the whole layers `dense`, then the attention and router
+    of MoE layer `route` (last piece: the final norm and head instead) and, with prefetch, the router of
+    the MoE layer after it, `predict`. A forward call is one piece per MoE layer plus one, with one host
+    round trip between pieces: reading the routed layer's active experts."""
+
+    finish: int | None
+    dense: tuple[int, ...]
+    route: int | None
+    predict: int | None
+    modules: tuple  # per layer index in `layers` order: (graphdef, treedef of its parameter leaves)
+    norm: tuple  # (graphdef, treedef) of the final norm
+    prefill: bool
+    rope: tuple
+    sliding_window: int | None
+    activation: str
+    implementation: str
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers whose modules (parameters) the piece uses."""
+        return tuple(i for i in (self.finish, *self.dense, self.route, self.predict) if i is not None)
+
+    @property
+    def attention(self) -> tuple[int, ...]:
+        """The layers whose attention (and KV cache) the piece runs, in order."""
+        return self.dense + ((self.route,) if self.route is not None else ())
+
+
 def _prologue(embed, tokens, token_mask, cache_mask, cache_positions, index, prefill, rope, sliding_window):
     """Embedding, rope angles and the attention mask: CausalLM.forward's preamble, with a cache."""
     t = tokens.shape[1]
@@ -508,63 +567,54 @@ def _prologue(embed, tokens, token_mask, cache_mask, cache_positions, index, pre
     return embed[tokens], cos, sin, allowed, key_mask, key_positions
 
 
-def _layer_index(prefill, index):
-    return 0 if prefill else index  # a static 0 lets prefill attention skip future key slots
+def _counts(r):
+    return jnp.zeros((r.scores.shape[-1],), jnp.int32).at[r.experts.reshape(-1)].add(r.keep.reshape(-1))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9))
-def _dense_layer(graphdef, state, x, cos, sin, allowed, layer_kv, index, prefill, decode):
-    layer = nnx.merge(graphdef.value, state)
-    x, layer_kv, _, _ = layer(x, cos, sin, allowed, jnp.ones(x.shape[:2], bool), layer_kv,
-                              _layer_index(prefill, index), decode)
-    return x, layer_kv
-
-
-@functools.partial(jax.jit, static_argnums=(0, 9, 10, 11))
-def _attention_and_route(graphdef, state, x, cos, sin, allowed, token_mask, layer_kv, index, prefill, decode,
-                         next_graphdef, next_state):
-    """Attention, the router and policy of this MoE layer; with a next MoE layer, its predicted experts
-    (its router on this layer's residual stream, through its own post-attention norm)."""
-    layer = nnx.merge(graphdef.value, state)
-    attn_out, layer_kv = layer.self_attn(layer.input_layernorm(x), cos, sin, allowed, layer_kv,
-                                         _layer_index(prefill, index))
+def _attention_and_route(layer, x, cos, sin, allowed, token_mask, layer_kv, index, decode, next_layer):
+    """Attention, the router and policy of a MoE layer; with the next MoE layer, its predicted experts (its
+    router on this layer's residual stream, through its own post-attention norm)."""
+    attn_out, layer_kv = layer.self_attn(layer.input_layernorm(x), cos, sin, allowed, layer_kv, index)
     x = x + attn_out
     b, t, d = x.shape
     mask = token_mask.reshape(b * t)
     h = layer.post_attention_layernorm(x).reshape(b * t, d)
     r = layer.mlp.route(h, mask, decode)
-    counts = _counts(r)
-    predicted = None
-    if next_graphdef is not None:
-        nxt = nnx.merge(next_graphdef.value, next_state)
-        predicted = _counts(nxt.mlp.route(nxt.post_attention_layernorm(x).reshape(b * t, d), mask, decode))
-    return x, h, r, counts, predicted, layer_kv
+    out = dict(x=x, h=h, r=r, counts=_counts(r))
+    if next_layer is not None:
+        h_next = next_layer.post_attention_layernorm(x).reshape(b * t, d)
+        out["predicted"] = _counts(next_layer.mlp.route(h_next, mask, decode))
+    return out, layer_kv
 
 
-def _counts(r):
-    return jnp.zeros((r.scores.shape[-1],), jnp.int32).at[r.experts.reshape(-1)].add(r.keep.reshape(-1))
-
-
-@functools.partial(jax.jit, static_argnums=(7, 8, 9), donate_argnums=(6,))
-def _experts_chunk(slots, h, experts, keep, slot_of_expert, in_chunk, acc, activation, implementation, tile):
-    """acc [T*k, d] (pair order) += the outputs of the pairs whose expert is in this chunk, from the slots.
-    Pairs outside the chunk come out exactly 0 (rows past the groups), so adding chunks is exact."""
+def _experts(slots, arrays, writes, tables, h, r, activation, implementation):
+    """One MoE layer's routed experts over its slots -> (outputs per pair [T*k, d] in pair order, slots).
+    Per chunk c: the copied rows whose writes[c] is a slot go there (others are dropped), then the pairs
+    whose expert is in tables[c] are computed from the slots. Pairs outside a chunk come out exactly 0
+    (rows past the groups), so adding the chunks is exact."""
     num_slots = slots[0].shape[0]
-    if acc is None:  # the first chunk: zeros made here, not by an eager op per layer and step
-        acc = jnp.zeros((experts.size, h.shape[1]), h.dtype)
-    chunk_keep = keep & in_chunk[experts]
-    group = jnp.where(chunk_keep, slot_of_expert[experts], num_slots).reshape(-1)
-    order = jnp.argsort(group, stable=True)
-    sizes = jnp.bincount(group, length=num_slots + 1)[:num_slots].astype(jnp.int32)
-    rows = h[order // experts.shape[1]]
-    out = kernels.grouped_ffn(rows, sizes, *slots, activation=activation, implementation=implementation, tile=tile)
-    return acc + out[jnp.argsort(order)].astype(acc.dtype)
+    parts = None
+    if arrays:
+        flat = jnp.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
+        parts = _unflatten(flat, [s.shape[1:] for s in slots])
+    experts, keep = r.experts, r.keep
+    tile = default_tile(experts.size, tables.shape[1])[0]  # the resident experts step's tile: same arithmetic
+    acc = jnp.zeros((experts.size, h.shape[1]), h.dtype)
+    for c in range(tables.shape[0]):
+        if parts is not None:
+            slots = tuple(s.at[writes[c]].set(p, mode="drop") for s, p in zip(slots, parts))
+        slot_of = tables[c][experts]
+        group = jnp.where(keep & (slot_of < num_slots), slot_of, num_slots).reshape(-1)
+        order = jnp.argsort(group, stable=True)
+        sizes = jnp.bincount(group, length=num_slots + 1)[:num_slots].astype(jnp.int32)
+        out = kernels.grouped_ffn(h[order // experts.shape[1]], sizes, *slots, activation=activation,
+                                  implementation=implementation, tile=tile)
+        acc = acc + out[jnp.argsort(order)].astype(acc.dtype)
+    return acc, slots
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _finish_moe(graphdef, state, x, h, acc, r):
+def _finish_moe(block, x, h, acc, r):
     """The combine (as dispatch.combine: weighted sum over k in f32) plus shared experts, into the residual."""
-    block = nnx.merge(graphdef.value, state).mlp
     num_tokens, top_k = r.experts.shape
     weights = jnp.where(r.keep, r.weights, 0.0)
     out = jnp.einsum("tkd,tk->td", acc.reshape(num_tokens, top_k, -1).astype(jnp.float32), weights).astype(h.dtype)
@@ -576,11 +626,43 @@ def _finish_moe(graphdef, state, x, h, acc, r):
     return x + out.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _head(norm_graphdef, norm_state, head, x):
-    """Final norm and LM head on the last position -> float32 logits [B, V]; head [d, V]."""
-    x = nnx.merge(norm_graphdef.value, norm_state)(x[:, -1])
-    return jnp.einsum("bd,dv->bv", x, head, preferred_element_type=jnp.float32)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _segment(segment: _Static, params, slots, experts_step, carry, kv_layers):
+    """One piece of a buffered forward call (see _Segment) -> (outputs, the finished layer's slots).
+    params: {"layers": per layer of segment.layers its parameter leaves, "embed" / "norm" + "head" for
+    the first / last piece}. slots (donated: written in place) and experts_step (_ExpertsStep's arrays):
+    the finished layer's. carry: the call's context (token_mask, index, and after the prologue cos, sin,
+    allowed) and the finished layer's x, h and routing."""
+    s = segment.value
+    modules = {i: nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+               for i, (graphdef, treedef), leaves in zip(s.layers, s.modules, params["layers"])}
+    decode = not s.prefill
+    out = {}
+    if s.finish is None:
+        x, cos, sin, allowed, key_mask, key_positions = _prologue(
+            params["embed"], carry["tokens"], carry["token_mask"], carry["cache_mask"], carry["cache_positions"],
+            carry["index"], s.prefill, s.rope, s.sliding_window)
+        out["context"] = dict(cos=cos, sin=sin, allowed=allowed, key_mask=key_mask, key_positions=key_positions)
+    else:
+        cos, sin, allowed = carry["cos"], carry["sin"], carry["allowed"]
+        acc, slots = _experts(slots, *experts_step, carry["h"], carry["r"], s.activation, s.implementation)
+        x = _finish_moe(modules[s.finish].mlp, carry["x"], carry["h"], acc, carry["r"])
+    token_mask = carry["token_mask"]
+    index = 0 if s.prefill else carry["index"]  # a static 0 lets prefill attention skip future key slots
+    new_kv = []
+    for i, layer_kv in zip(s.dense, kv_layers):
+        x, layer_kv, _, _ = modules[i](x, cos, sin, allowed, token_mask, layer_kv, index, decode)
+        new_kv.append(layer_kv)
+    if s.route is None:
+        norm = nnx.merge(s.norm[0], jax.tree_util.tree_unflatten(s.norm[1], params["norm"]))
+        out["logits"] = jnp.einsum("bd,dv->bv", norm(x[:, -1]), params["head"], preferred_element_type=jnp.float32)
+    else:
+        routed, layer_kv = _attention_and_route(modules[s.route], x, cos, sin, allowed, token_mask,
+                                                kv_layers[-1], index, decode, modules.get(s.predict))
+        out.update(routed)
+        new_kv.append(layer_kv)
+    out["kv"] = tuple(new_kv)
+    return out, slots
 
 
 class BufferedModel:
@@ -590,6 +672,10 @@ class BufferedModel:
     index, its trace of steps (as `trace` records it). `prefetch`: load the next MoE layer's predicted
     experts one layer early. `step(...)` runs one forward call (prefill or decode) and records, per MoE
     layer, the step's active experts in `trace`.
+
+    A forward call is one jitted piece per MoE layer plus one (`_Segment`); between two, the host reads the
+    routed layer's active experts, runs them through the policy and starts the copies of its misses, which
+    the next piece writes into the slots right before computing the experts.
     """
 
     def __init__(self, model: CausalLM, cache_size: int, policy: str = "lifo", *, future: dict | None = None,
@@ -612,20 +698,41 @@ class BufferedModel:
         # per MoE layer, per step: the experts prefetched for it (None: no prediction), aligned with trace
         self.predictions: dict[int, list[tuple[int, ...] | None]] = {i: [] for i in moe}
         self.dtype = model.dtype
-        self.layers = []
+
+        modules, leaves = [], []
         for i, layer in enumerate(model.layers):
-            g, s = nnx.split(layer)
-            self.layers.append((_static(g), _strip_experts(s) if i in self.caches else s))
-        # the top-level parameters: the layers run one by one in step()
-        self.embed = model.embed_tokens[...]
-        self.head = self.embed.T if model.lm_head is None else model.lm_head[...]
+            graphdef, state = nnx.split(layer)
+            layer_leaves, treedef = jax.tree_util.tree_flatten(_strip_experts(state) if i in self.caches else state)
+            modules.append((graphdef, treedef))
+            leaves.append(tuple(layer_leaves))
         norm_graphdef, norm_state = nnx.split(model.norm)
-        self.norm = (_static(norm_graphdef), norm_state)
-        self.rope = model._rope
-        self.next_moe = {a: b for a, b in zip(moe, moe[1:])}
+        norm_leaves, norm_treedef = jax.tree_util.tree_flatten(norm_state)
+        embed = model.embed_tokens[...]
+        head = embed.T if model.lm_head is None else model.lm_head[...]
         block = model.moe_blocks()[0]
-        self.activation = ACTIVATIONS[self.config.hidden_act]
-        self.implementation = block.implementation
+        # the pieces of a forward call: boundaries at the MoE layers
+        self.segments: dict[bool, list[tuple[_Static, dict]]] = {True: [], False: []}
+        bounds = [None] + moe + [None]
+        for finish, route in zip(bounds, bounds[1:]):
+            start = 0 if finish is None else finish + 1
+            dense = tuple(range(start, len(model.layers) if route is None else route))
+            predict = self.next_moe(route) if prefetch and route is not None else None
+            for prefill in (True, False):
+                spec = _Segment(finish, dense, route, predict, (), (norm_graphdef, norm_treedef), prefill,
+                                model._rope, self.config.sliding_window, ACTIVATIONS[self.config.hidden_act],
+                                block.implementation)
+                spec = spec._replace(modules=tuple(modules[i] for i in spec.layers))
+                params = {"layers": tuple(leaves[i] for i in spec.layers)}
+                if finish is None:
+                    params["embed"] = embed
+                if route is None:
+                    params["norm"], params["head"] = tuple(norm_leaves), head
+                self.segments[prefill].append((_static(spec), params))
+
+    def next_moe(self, layer: int) -> int | None:
+        """The MoE layer after `layer`, None for the last."""
+        later = [i for i in self.caches if i > layer]
+        return later[0] if later else None
 
     def expert_device_bytes(self) -> int:
         return sum(c.device_bytes() for c in self.caches.values())
@@ -636,52 +743,40 @@ class BufferedModel:
 
     def step(self, tokens: jax.Array, token_mask: jax.Array, kv: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
         """One forward call over tokens [B, T] at kv.index -> (last position's logits [B, V], updated cache)."""
-        decode = not prefill
-        index = jnp.asarray(kv.index, jnp.int32)
-        x, cos, sin, allowed, key_mask, key_positions = _prologue(
-            self.embed, tokens, token_mask, kv.mask, kv.positions, index, prefill, self.rope,
-            self.config.sliding_window)
-        new_layers = []
-        for i, (g, s) in enumerate(self.layers):
-            if i not in self.caches:
-                x, layer_kv = _dense_layer(g, s, x, cos, sin, allowed, kv.layers[i], index, prefill, decode)
-                new_layers.append(layer_kv)
-                continue
-            nxt = self.next_moe.get(i) if self.prefetch_enabled else None
-            next_g, next_s = self.layers[nxt] if nxt is not None else (None, None)
-            x, h, r, counts, predicted, layer_kv = _attention_and_route(
-                g, s, x, cos, sin, allowed, token_mask, kv.layers[i], index, prefill, decode, next_g, next_s)
-            new_layers.append(layer_kv)
-            counts, predicted = jax.device_get((counts, predicted))  # the one host sync per layer
+        index = np.int32(kv.index)  # numpy, not jnp: no eager dispatch
+        carry = dict(tokens=tokens, token_mask=token_mask, cache_mask=kv.mask, cache_positions=kv.positions,
+                     index=index)
+        new_kv = list(kv.layers)
+        slots = experts_step = context = None
+        first_moe = next(iter(self.caches))
+        for segment, params in self.segments[prefill]:
+            s = segment.value
+            out, slots = _segment(segment, params, slots, experts_step, carry, tuple(kv.layers[i] for i in s.attention))
+            if s.finish is None:
+                context = out["context"]
+            else:
+                self.caches[s.finish].slots = slots
+            for i, layer_kv in zip(s.attention, out["kv"]):
+                new_kv[i] = layer_kv
+            if s.route is None:
+                logits = out["logits"]
+                break
+            counts, predicted = jax.device_get((out["counts"], out.get("predicted")))  # the host round trip
             active = tuple(int(e) for e in np.flatnonzero(counts))
-            self.trace[i].append(active)
-            cache = self.caches[i]
-            chunks = cache.plan_step(active)
-            cache.apply(chunks[0] if chunks else [])  # the first chunk's copies start now...
-            if nxt is not None:  # ...then the next layer's, one layer early
+            self.trace[s.route].append(active)
+            cache = self.caches[s.route]
+            experts_step = cache.plan_step(active)  # its copies start now...
+            slots = cache.slots
+            if s.predict is not None:  # ...then the next layer's predicted ones, one layer early
                 predicted = tuple(int(e) for e in np.flatnonzero(predicted))
-                self.predictions[nxt].append(predicted)
-                self.caches[nxt].prefetch(predicted)
-            if not self.prefetch_enabled or i == next(iter(self.caches)):
-                self.predictions[i].append(None)
-            acc = None
-            # the tile the resident experts step would use, so each row's arithmetic is the same
-            tile = default_tile(h.shape[0] * r.experts.shape[1], self.config.num_experts)[0]
-            for c, chunk in enumerate(chunks):
-                if c:
-                    cache.apply(chunk)  # evicts experts of the chunk just computed
-                in_chunk = np.zeros((self.config.num_experts,), bool)
-                in_chunk[[a.expert for a in chunk]] = True
-                slot_table = np.full((self.config.num_experts,), self.cache_size, np.int32)
-                for a in chunk:
-                    slot_table[a.expert] = a.slot
-                acc = _experts_chunk(cache.slots, h, r.experts, r.keep, slot_table, in_chunk, acc,
-                                     self.activation, self.implementation, tile)
-            if acc is None:  # no pair kept in this step
-                acc = jnp.zeros((h.shape[0] * r.experts.shape[1], h.shape[1]), h.dtype)
-            x = _finish_moe(g, s, x, h, acc, r)
-        logits = _head(*self.norm, self.head, x)
-        return logits, KVCache(tuple(new_layers), key_mask, key_positions, kv.index + tokens.shape[1])
+                self.predictions[s.predict].append(predicted)
+                self.caches[s.predict].prefetch(predicted)
+            if not self.prefetch_enabled or s.route == first_moe:
+                self.predictions[s.route].append(None)
+            carry = dict(token_mask=token_mask, index=index, cos=context["cos"], sin=context["sin"],
+                         allowed=context["allowed"], x=out["x"], h=out["h"], r=out["r"])
+        return logits, KVCache(tuple(new_kv), context["key_mask"], context["key_positions"],
+                               kv.index + tokens.shape[1])
 
 
 class BufferedGeneration(NamedTuple):

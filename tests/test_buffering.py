@@ -224,7 +224,8 @@ def test_buffered_generation_equals_resident_for_every_policy_with_one_slot(mode
 
 @pytest.mark.slow
 def test_buffered_generation_with_prefetch_matches_resident_and_the_simulator(model, resident_tokens):
-    for cache_size, policy in ((3, "lifo"), (3, "lfu"), (5, "fifo"), (8, "lru")):
+    # 1 and 2 slots: prefetched copies evicted by the same step's demand loads, streaming with prefetch
+    for cache_size, policy in ((1, "lru"), (2, "lifo"), (3, "lfu"), (5, "fifo")):
         buffered = buffering.BufferedModel(model, cache_size, policy, prefetch=True)
         run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
         np.testing.assert_array_equal(run.tokens, resident_tokens, err_msg=f"{policy} {cache_size}")
@@ -239,6 +240,28 @@ def test_buffered_generation_with_prefetch_matches_resident_and_the_simulator(mo
         _check_slots_hold_their_experts(buffered)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_buffered_generation_with_dense_layers_and_a_shared_expert(prefetch):
+    """Dense layers before, between and after MoE layers (one jitted piece spans them), and a gated shared
+    expert beside the routed ones (Qwen2-MoE); the prediction skips the dense layer between."""
+    config = tiny_config(architecture="qwen2_moe", num_layers=5, moe_layers=(False, True, False, True, False),
+                         num_experts=8, shared_expert_intermediate_size=16, shared_expert_gate=True)
+    m = moejax.random_model(config, seed=5)
+    for block in m.moe_blocks():
+        block.router[...] = block.router[...] * 20
+    m.lm_head[...] = m.lm_head[...] * 20
+    resident = np.asarray(moejax.generate(m, PROMPTS, max_new_tokens=NEW_TOKENS))
+    buffered = buffering.BufferedModel(m, 3, "lifo", prefetch=prefetch)
+    run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+    np.testing.assert_array_equal(run.tokens, resident)
+    assert sorted(run.trace) == [1, 3]
+    for layer, trace in run.trace.items():
+        simulated = buffering.simulate(trace, 3, "lifo", prefetch=run.predictions[layer] if prefetch else None)
+        assert (run.stats[layer].hits, run.stats[layer].misses) == (simulated.hits, simulated.misses)
+    assert (run.stats[3].predicted > 0) == prefetch
+    _check_slots_hold_their_experts(buffered)
+
+
 def test_buffered_generation_bad_input(model):
     with pytest.raises(ValueError, match="belady.*future"):
         buffering.generate(model, PROMPTS, 2, cache_size=2, policy="belady")
@@ -248,6 +271,9 @@ def test_buffered_generation_bad_input(model):
         buffering.BufferedModel(model, 2, "random")
     with pytest.raises(ValueError, match="cache_size"):
         buffering.generate(model, PROMPTS, 2)
+    dense = moejax.random_model(tiny_config(moe_layers=(False, False)), seed=0)
+    with pytest.raises(ValueError, match="no MoE layer"):
+        buffering.BufferedModel(dense, 2)
 
 
 def test_host_storage_is_numpy_on_the_cpu_backend(model):
