@@ -741,8 +741,9 @@ class BufferedModel:
         """Summed over MoE layers."""
         return sum((c.stats for c in self.caches.values()), CacheStats())
 
-    def step(self, tokens: jax.Array, token_mask: jax.Array, kv: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
-        """One forward call over tokens [B, T] at kv.index -> (last position's logits [B, V], updated cache)."""
+    def step(self, tokens, token_mask, kv: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
+        """One forward call over tokens [B, T] at kv.index -> (last position's logits [B, V], updated cache).
+        tokens int32 and token_mask bool [B, T]: numpy or jax arrays."""
         index = np.int32(kv.index)  # numpy, not jnp: no eager dispatch
         carry = dict(tokens=tokens, token_mask=token_mask, cache_mask=kv.mask, cache_positions=kv.positions,
                      index=index)
@@ -777,6 +778,13 @@ class BufferedModel:
                          allowed=context["allowed"], x=out["x"], h=out["h"], r=out["r"])
         return logits, KVCache(tuple(new_kv), context["key_mask"], context["key_positions"],
                                kv.index + tokens.shape[1])
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _sample(logits, key, temperature: float, top_p: float):
+    """The next tokens and the next key, as moejax.generate draws them, in one dispatch."""
+    key, sub = jax.random.split(key)
+    return sample_next(logits, sub, temperature, top_p), key
 
 
 class BufferedGeneration(NamedTuple):
@@ -814,9 +822,9 @@ def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, 
     check_token_ids(np.where(mask, tokens, 0), config.vocab_size)
     key = jax.random.key(0) if key is None else key
     kv = init_cache(config, tokens.shape[0], tokens.shape[1] + max_new_tokens, model.dtype)
-    logits, kv = model.step(jnp.asarray(tokens), jnp.asarray(mask), kv, prefill=True)
-    key, sub = jax.random.split(key)
-    last = np.asarray(sample_next(logits, sub, temperature, top_p))
+    logits, kv = model.step(tokens, mask, kv, prefill=True)
+    last, key = _sample(logits, key, float(temperature), float(top_p))
+    last = np.asarray(last)
     generated = np.full((tokens.shape[0], max_new_tokens), pad_token_id, np.int32)
     generated[:, 0] = last
     done = np.isin(last, stops)
@@ -826,9 +834,9 @@ def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, 
         if done.all():
             break
         # finished rows still run, as padding: no cache slot, no expert
-        logits, kv = model.step(jnp.asarray(last[:, None]), jnp.asarray(~done[:, None]), kv, prefill=False)
-        key, sub = jax.random.split(key)
-        last = np.where(done, pad_token_id, np.asarray(sample_next(logits, sub, temperature, top_p)))
+        logits, kv = model.step(last[:, None], ~done[:, None], kv, prefill=False)
+        last, key = _sample(logits, key, float(temperature), float(top_p))
+        last = np.where(done, pad_token_id, np.asarray(last))
         generated[:, step] = last
         done |= np.isin(last, stops)
     seconds = time.perf_counter() - start

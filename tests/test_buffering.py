@@ -240,6 +240,16 @@ def test_buffered_generation_with_prefetch_matches_resident_and_the_simulator(mo
         _check_slots_hold_their_experts(buffered)
 
 
+def test_buffered_sampling_draws_what_generate_draws(model):
+    """Temperature and nucleus sampling with the same key: the same tokens as moejax.generate."""
+    key = jax.random.key(7)
+    want = np.asarray(moejax.generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, key=key, temperature=1.5, top_p=0.9))
+    greedy = np.asarray(moejax.generate(model, PROMPTS, max_new_tokens=NEW_TOKENS))
+    assert not np.array_equal(want, greedy)  # the draw matters
+    run = buffering.generate(model, PROMPTS, NEW_TOKENS, cache_size=3, key=key, temperature=1.5, top_p=0.9)
+    np.testing.assert_array_equal(run.tokens, want)
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_buffered_generation_with_dense_layers_and_a_shared_expert(prefetch):
     """Dense layers before, between and after MoE layers (one jitted piece spans them), and a gated shared
