@@ -7,11 +7,14 @@ Three layers, each usable alone:
   weights. So the simulator and the real cache cannot disagree on a miss.
 - `HostExpertStore` / `DeviceExpertCache`: the weights. Host storage is `pinned_host` memory on GPU/TPU
   (DMA-able, so `jax.device_put` to the device is an asynchronous copy) and numpy arrays on the CPU backend,
-  whose memory kinds are unreliable (`host_memory_kind` is the one place that chooses). Each layer's device
-  cache is three [slots, d, f] arrays updated in place (donated) one expert at a time.
-- `BufferedModel` / `generate`: a decode loop that runs the model's own modules layer by layer, reads each
-  MoE layer's active experts on the host after routing, starts their copies, and runs the experts step over
-  the slots. Greedy output equals `moejax.generate` with every expert resident.
+  whose memory kinds are unreliable (`host_memory_kind` is the one place that chooses); one flat row per
+  expert, so a step's loads are one host -> device call. Each layer's device cache is three [slots, d, f]
+  arrays, written in place (donated) inside the jitted step that computes the experts.
+- `BufferedModel` / `generate`: the model's own modules, run as one jitted piece per MoE layer (that layer's
+  experts, the dense layers after it, the next MoE layer's attention and router). Between two pieces the
+  host reads the routed layer's active experts (the one host round trip per MoE layer), runs them through
+  the policy and starts the copies of the misses; the next piece writes them into the slots and computes.
+  Output (greedy or sampled with the same key) equals `moejax.generate` with every expert resident.
 
 Semantics of a step (shared by all of the above). A step's active experts (count > 0) are requested one at
 a time in ascending id order; an expert is computed no earlier than its own request, so each layer's
@@ -343,14 +346,18 @@ class HostExpertStore:
     """Every routed expert's weights of every MoE layer in host memory, per expert one flat row holding
     w_gate, w_up and w_down one after the other, so loading any set of experts is one host -> device call.
 
-    `experts[layer]`: with `pinned_host` memory (GPU/TPU) a list of one [P] array per expert (a list of
-    device-committed host arrays goes to the device in one batched call); on the CPU backend one numpy
-    [E, P] array, from which a load gathers its rows into one contiguous buffer first.
+    `experts[layer]`: with a memory kind (`pinned_host` on GPU/TPU) a list of one [P] jax array per expert
+    (a list of such arrays goes to the device in one batched call); without (the CPU backend) one numpy
+    [E, P] array, from which a load gathers its rows into one contiguous buffer. memory_kind: "auto" is
+    `host_memory_kind(device)`; None forces numpy, a kind name forces that kind.
     """
 
-    def __init__(self, model: CausalLM, device: jax.Device | None = None):
+    def __init__(self, model: CausalLM, device: jax.Device | None = None, memory_kind: str | None = "auto"):
         self.device = device or jax.devices()[0]
-        self.memory_kind = host_memory_kind(self.device)
+        kinds = {m.kind for m in self.device.addressable_memories()}
+        if memory_kind not in kinds | {"auto", None}:
+            raise ValueError(f"memory_kind={memory_kind!r}: {self.device} has {sorted(kinds)} (or 'auto', None)")
+        self.memory_kind = host_memory_kind(self.device) if memory_kind == "auto" else memory_kind
         self.experts: dict[int, list | np.ndarray] = {}
         for i, layer in enumerate(model.layers):
             block = layer.mlp
@@ -396,6 +403,11 @@ def _unflatten(flat, shapes):
     return tuple(out)
 
 
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n else 0
+
+
 class _Copies(NamedTuple):
     """Host -> device copies in flight for one layer's slots."""
     loads: list  # the Accesses whose experts are copied
@@ -404,7 +416,7 @@ class _Copies(NamedTuple):
 
 class _ExpertsStep(NamedTuple):
     """Everything a jitted experts step needs besides the activations: see _experts."""
-    arrays: tuple  # the copied rows (prefetched ones first), n in all with padding: [P] arrays or one [n, P]
+    arrays: tuple  # the copied rows (prefetched ones first), n with padding: n [P] arrays or one [n, P]
     writes: np.ndarray  # int32 [chunks, n]: the slot row j goes to before chunk c is computed; `slots`: not then
     tables: np.ndarray  # int32 [chunks, E]: each expert's slot while chunk c is computed; `slots`: not in c
 
@@ -469,15 +481,20 @@ class DeviceExpertCache:
                 last_write[chunk_of[id(a)], a.slot] = row  # overrides a prefetch into the same slot
                 row += 1
             copies.append(demand)
+        # rows and chunks padded to powers of two (padding is never written, computes nothing), so that
+        # _experts compiles for a few shapes only
         rows = [x for c in copies for x in c.rows]
-        if rows:  # padded to a power of two by repeating the last row: the jitted step compiles for few sizes
-            rows += [rows[-1]] * ((1 << (len(rows) - 1).bit_length()) - len(rows))
-        arrays = (np.stack(rows),) if rows and isinstance(rows[0], np.ndarray) else tuple(rows)
+        padded_rows = _power_of_two(len(rows))
+        if rows and isinstance(rows[0], np.ndarray):  # CPU: gather into one array, the padding left zero
+            arrays = (np.zeros((padded_rows, rows[0].shape[0]), rows[0].dtype),)
+            arrays[0][:len(rows)] = rows
+        else:  # device arrays: padding repeats the last one, which copies nothing
+            arrays = tuple(rows + rows[-1:] * (padded_rows - len(rows)))
         size = self.book.size
-        writes = np.full((len(chunks), len(rows)), size, np.int32)  # padding and overridden rows: dropped
+        writes = np.full((_power_of_two(len(chunks)), padded_rows), size, np.int32)  # size: no write
         for (k, slot), j in last_write.items():
             writes[k, j] = slot
-        tables = np.full((len(chunks), self.num_experts), size, np.int32)
+        tables = np.full((writes.shape[0], self.num_experts), size, np.int32)
         for k, ch in enumerate(chunks):
             for a in ch:
                 tables[k, a.expert] = a.slot
@@ -521,11 +538,12 @@ def _strip_experts(layer_state):
 
 
 class _Segment(NamedTuple):
-    """The static part of one jitted piece of a buffered forward call, which runs: the experts of MoE layer
-    `finish` (first piece: the embedding instead), the whole layers `dense`, then the attention and router
-    of MoE layer `route` (last piece: the final norm and head instead) and, with prefetch, the router of
-    the MoE layer after it, `predict`. A forward call is one piece per MoE layer plus one, with one host
-    round trip between pieces: reading the routed layer's active experts."""
+    """The static part of one jitted piece of a buffered forward call, which runs: the combine of MoE layer
+    `finish` (the experts' outputs come from `_experts`; first piece: the embedding instead), the whole
+    layers `dense`, then the attention and router of MoE layer `route` (last piece: the final norm and head
+    instead) and, with prefetch, the router of the MoE layer after it, `predict`. A forward call is one
+    piece per MoE layer plus one; between two, one host round trip (reading the routed layer's active
+    experts) and the experts step."""
 
     finish: int | None
     dense: tuple[int, ...]
@@ -536,8 +554,6 @@ class _Segment(NamedTuple):
     prefill: bool
     rope: tuple
     sliding_window: int | None
-    activation: str
-    implementation: str
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -587,30 +603,34 @@ def _attention_and_route(layer, x, cos, sin, allowed, token_mask, layer_kv, inde
     return out, layer_kv
 
 
+@functools.partial(jax.jit, static_argnums=(6, 7), donate_argnums=0)
 def _experts(slots, arrays, writes, tables, h, r, activation, implementation):
     """One MoE layer's routed experts over its slots -> (outputs per pair [T*k, d] in pair order, slots).
-    Per chunk c: the copied rows whose writes[c] is a slot go there (others are dropped), then the pairs
-    whose expert is in tables[c] are computed from the slots. Pairs outside a chunk come out exactly 0
-    (rows past the groups), so adding the chunks is exact."""
+    slots: donated, so written in place. Per chunk c: each copied row whose writes[c] is a slot is written
+    there (other writes are dropped), then the pairs whose expert has a slot in tables[c] are computed from
+    the slots. Pairs outside a chunk come out exactly 0 (rows past the groups), so adding chunks is exact.
+    Its own jitted call, apart from the layers around it: only this small step is compiled again for each
+    count of copied rows and chunks (powers of two)."""
     num_slots = slots[0].shape[0]
-    parts = None
-    if arrays:
-        flat = jnp.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
-        parts = _unflatten(flat, [s.shape[1:] for s in slots])
+    shapes = [s.shape[1:] for s in slots]
+    rows = list(arrays[0]) if len(arrays) == 1 and arrays[0].ndim == 2 else list(arrays)
     experts, keep = r.experts, r.keep
     tile = default_tile(experts.size, tables.shape[1])[0]  # the resident experts step's tile: same arithmetic
-    acc = jnp.zeros((experts.size, h.shape[1]), h.dtype)
-    for c in range(tables.shape[0]):
-        if parts is not None:
-            slots = tuple(s.at[writes[c]].set(p, mode="drop") for s, p in zip(slots, parts))
+
+    def chunk(c, carry):
+        acc, slots = carry
+        for j, row in enumerate(rows):  # one row at a time: no [rows, P] temporary of large experts
+            slots = tuple(s.at[writes[c, j]].set(p, mode="drop") for s, p in zip(slots, _unflatten(row, shapes)))
         slot_of = tables[c][experts]
         group = jnp.where(keep & (slot_of < num_slots), slot_of, num_slots).reshape(-1)
         order = jnp.argsort(group, stable=True)
         sizes = jnp.bincount(group, length=num_slots + 1)[:num_slots].astype(jnp.int32)
         out = kernels.grouped_ffn(h[order // experts.shape[1]], sizes, *slots, activation=activation,
                                   implementation=implementation, tile=tile)
-        acc = acc + out[jnp.argsort(order)].astype(acc.dtype)
-    return acc, slots
+        return acc + out[jnp.argsort(order)].astype(acc.dtype), slots
+
+    acc = jnp.zeros((experts.size, h.shape[1]), h.dtype)
+    return jax.lax.fori_loop(0, tables.shape[0], chunk, (acc, slots))
 
 
 def _finish_moe(block, x, h, acc, r):
@@ -626,13 +646,12 @@ def _finish_moe(block, x, h, acc, r):
     return x + out.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _segment(segment: _Static, params, slots, experts_step, carry, kv_layers):
-    """One piece of a buffered forward call (see _Segment) -> (outputs, the finished layer's slots).
+@functools.partial(jax.jit, static_argnums=0)
+def _segment(segment: _Static, params, carry, kv_layers):
+    """One piece of a buffered forward call (see _Segment) -> its outputs (a dict).
     params: {"layers": per layer of segment.layers its parameter leaves, "embed" / "norm" + "head" for
-    the first / last piece}. slots (donated: written in place) and experts_step (_ExpertsStep's arrays):
-    the finished layer's. carry: the call's context (token_mask, index, and after the prologue cos, sin,
-    allowed) and the finished layer's x, h and routing."""
+    the first / last piece}. carry: the call's context (token_mask, index, and after the prologue cos, sin,
+    allowed) and the finished layer's x, h, routing and experts' outputs (acc)."""
     s = segment.value
     modules = {i: nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
                for i, (graphdef, treedef), leaves in zip(s.layers, s.modules, params["layers"])}
@@ -645,8 +664,7 @@ def _segment(segment: _Static, params, slots, experts_step, carry, kv_layers):
         out["context"] = dict(cos=cos, sin=sin, allowed=allowed, key_mask=key_mask, key_positions=key_positions)
     else:
         cos, sin, allowed = carry["cos"], carry["sin"], carry["allowed"]
-        acc, slots = _experts(slots, *experts_step, carry["h"], carry["r"], s.activation, s.implementation)
-        x = _finish_moe(modules[s.finish].mlp, carry["x"], carry["h"], acc, carry["r"])
+        x = _finish_moe(modules[s.finish].mlp, carry["x"], carry["h"], carry["acc"], carry["r"])
     token_mask = carry["token_mask"]
     index = 0 if s.prefill else carry["index"]  # a static 0 lets prefill attention skip future key slots
     new_kv = []
@@ -662,7 +680,7 @@ def _segment(segment: _Static, params, slots, experts_step, carry, kv_layers):
         out.update(routed)
         new_kv.append(layer_kv)
     out["kv"] = tuple(new_kv)
-    return out, slots
+    return out
 
 
 class BufferedModel:
@@ -709,18 +727,18 @@ class BufferedModel:
         norm_leaves, norm_treedef = jax.tree_util.tree_flatten(norm_state)
         embed = model.embed_tokens[...]
         head = embed.T if model.lm_head is None else model.lm_head[...]
-        block = model.moe_blocks()[0]
+        self.activation = ACTIVATIONS[self.config.hidden_act]
+        self.implementation = model.moe_blocks()[0].implementation
         # the pieces of a forward call: boundaries at the MoE layers
         self.segments: dict[bool, list[tuple[_Static, dict]]] = {True: [], False: []}
         bounds = [None] + moe + [None]
         for finish, route in zip(bounds, bounds[1:]):
             start = 0 if finish is None else finish + 1
             dense = tuple(range(start, len(model.layers) if route is None else route))
-            predict = self.next_moe(route) if prefetch and route is not None else None
+            predict = self._next_moe(route) if prefetch and route is not None else None
             for prefill in (True, False):
                 spec = _Segment(finish, dense, route, predict, (), (norm_graphdef, norm_treedef), prefill,
-                                model._rope, self.config.sliding_window, ACTIVATIONS[self.config.hidden_act],
-                                block.implementation)
+                                model._rope, self.config.sliding_window)
                 spec = spec._replace(modules=tuple(modules[i] for i in spec.layers))
                 params = {"layers": tuple(leaves[i] for i in spec.layers)}
                 if finish is None:
@@ -729,7 +747,7 @@ class BufferedModel:
                     params["norm"], params["head"] = tuple(norm_leaves), head
                 self.segments[prefill].append((_static(spec), params))
 
-    def next_moe(self, layer: int) -> int | None:
+    def _next_moe(self, layer: int) -> int | None:
         """The MoE layer after `layer`, None for the last."""
         later = [i for i in self.caches if i > layer]
         return later[0] if later else None
@@ -748,15 +766,13 @@ class BufferedModel:
         carry = dict(tokens=tokens, token_mask=token_mask, cache_mask=kv.mask, cache_positions=kv.positions,
                      index=index)
         new_kv = list(kv.layers)
-        slots = experts_step = context = None
+        context = None
         first_moe = next(iter(self.caches))
         for segment, params in self.segments[prefill]:
             s = segment.value
-            out, slots = _segment(segment, params, slots, experts_step, carry, tuple(kv.layers[i] for i in s.attention))
+            out = _segment(segment, params, carry, tuple(kv.layers[i] for i in s.attention))
             if s.finish is None:
                 context = out["context"]
-            else:
-                self.caches[s.finish].slots = slots
             for i, layer_kv in zip(s.attention, out["kv"]):
                 new_kv[i] = layer_kv
             if s.route is None:
@@ -766,8 +782,8 @@ class BufferedModel:
             active = tuple(int(e) for e in np.flatnonzero(counts))
             self.trace[s.route].append(active)
             cache = self.caches[s.route]
-            experts_step = cache.plan_step(active)  # its copies start now...
-            slots = cache.slots
+            step = cache.plan_step(active)  # its copies start now...
+            acc, cache.slots = _experts(cache.slots, *step, out["h"], out["r"], self.activation, self.implementation)
             if s.predict is not None:  # ...then the next layer's predicted ones, one layer early
                 predicted = tuple(int(e) for e in np.flatnonzero(predicted))
                 self.predictions[s.predict].append(predicted)
@@ -775,7 +791,7 @@ class BufferedModel:
             if not self.prefetch_enabled or s.route == first_moe:
                 self.predictions[s.route].append(None)
             carry = dict(token_mask=token_mask, index=index, cos=context["cos"], sin=context["sin"],
-                         allowed=context["allowed"], x=out["x"], h=out["h"], r=out["r"])
+                         allowed=context["allowed"], x=out["x"], h=out["h"], r=out["r"], acc=acc)
         return logits, KVCache(tuple(new_kv), context["key_mask"], context["key_positions"],
                                kv.index + tokens.shape[1])
 

@@ -272,6 +272,20 @@ def test_buffered_generation_with_dense_layers_and_a_shared_expert(prefetch):
     _check_slots_hold_their_experts(buffered)
 
 
+def test_buffered_generation_from_jax_host_arrays(model, resident_tokens):
+    """The GPU/TPU path (per expert a jax array in a memory kind, a load a batched device_put of them),
+    run here with the CPU device's own memory: the same tokens and slots as the numpy path."""
+    store = buffering.HostExpertStore(model, memory_kind="device")
+    assert all(isinstance(row, jax.Array) for row in store.experts[0])
+    buffered = buffering.BufferedModel(model, 3, "lifo", prefetch=True, store=store)
+    run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+    np.testing.assert_array_equal(run.tokens, resident_tokens)
+    assert run.stats[1].prefetch_loads > 0 and run.stats[0].misses > 3  # copies happened
+    _check_slots_hold_their_experts(buffered)
+    with pytest.raises(ValueError, match="memory_kind='hbm'"):
+        buffering.HostExpertStore(model, memory_kind="hbm")
+
+
 def test_buffered_generation_bad_input(model):
     with pytest.raises(ValueError, match="belady.*future"):
         buffering.generate(model, PROMPTS, 2, cache_size=2, policy="belady")
