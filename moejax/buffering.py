@@ -603,6 +603,9 @@ def _attention_and_route(layer, x, cos, sin, allowed, token_mask, layer_kv, inde
     return out, layer_kv
 
 
+_STACK_LIMIT_BYTES = 256 * 2**20  # copied rows up to this size are stacked on the device for one write
+
+
 @functools.partial(jax.jit, static_argnums=(6, 7), donate_argnums=0)
 def _experts(slots, arrays, writes, tables, h, r, activation, implementation):
     """One MoE layer's routed experts over its slots -> (outputs per pair [T*k, d] in pair order, slots).
@@ -613,13 +616,20 @@ def _experts(slots, arrays, writes, tables, h, r, activation, implementation):
     count of copied rows and chunks (powers of two)."""
     num_slots = slots[0].shape[0]
     shapes = [s.shape[1:] for s in slots]
-    rows = list(arrays[0]) if len(arrays) == 1 and arrays[0].ndim == 2 else list(arrays)
+    if len(arrays) == 1 and arrays[0].ndim == 2:  # gathered on the host (CPU)
+        stacked, rows = arrays[0], []
+    elif sum(a.nbytes for a in arrays) <= _STACK_LIMIT_BYTES:  # one write per weight, from a small temporary
+        stacked, rows = (jnp.stack(arrays) if arrays else None), []
+    else:  # large experts: one row at a time, no [rows, P] temporary
+        stacked, rows = None, list(arrays)
     experts, keep = r.experts, r.keep
     tile = default_tile(experts.size, tables.shape[1])[0]  # the resident experts step's tile: same arithmetic
 
     def chunk(c, carry):
         acc, slots = carry
-        for j, row in enumerate(rows):  # one row at a time: no [rows, P] temporary of large experts
+        if stacked is not None:
+            slots = tuple(s.at[writes[c]].set(p, mode="drop") for s, p in zip(slots, _unflatten(stacked, shapes)))
+        for j, row in enumerate(rows):
             slots = tuple(s.at[writes[c, j]].set(p, mode="drop") for s, p in zip(slots, _unflatten(row, shapes)))
         slot_of = tables[c][experts]
         group = jnp.where(keep & (slot_of < num_slots), slot_of, num_slots).reshape(-1)

@@ -272,9 +272,13 @@ def test_buffered_generation_with_dense_layers_and_a_shared_expert(prefetch):
     _check_slots_hold_their_experts(buffered)
 
 
-def test_buffered_generation_from_jax_host_arrays(model, resident_tokens):
+@pytest.mark.parametrize("stack_limit", [buffering._STACK_LIMIT_BYTES, 0])
+def test_buffered_generation_from_jax_host_arrays(model, resident_tokens, stack_limit, monkeypatch):
     """The GPU/TPU path (per expert a jax array in a memory kind, a load a batched device_put of them),
-    run here with the CPU device's own memory: the same tokens and slots as the numpy path."""
+    run here with the CPU device's own memory: the same tokens and slots as the numpy path, with the copied
+    rows stacked for one write, or (as large experts are) written one by one."""
+    monkeypatch.setattr(buffering, "_STACK_LIMIT_BYTES", stack_limit)
+    buffering._experts.clear_cache()  # the limit is read when the step is traced
     store = buffering.HostExpertStore(model, memory_kind="device")
     assert all(isinstance(row, jax.Array) for row in store.experts[0])
     buffered = buffering.BufferedModel(model, 3, "lifo", prefetch=True, store=store)
