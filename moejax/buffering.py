@@ -10,11 +10,11 @@ Three layers, each usable alone:
   whose memory kinds are unreliable (`host_memory_kind` is the one place that chooses); one flat row per
   expert, so a step's loads are one host -> device call. Each layer's device cache is three [slots, d, f]
   arrays, written in place (donated) inside the jitted step that computes the experts.
-- `BufferedModel` / `generate`: the model's own modules, run as one jitted piece per MoE layer (that layer's
-  experts, the dense layers after it, the next MoE layer's attention and router). Between two pieces the
-  host reads the routed layer's active experts (the one host round trip per MoE layer), runs them through
-  the policy and starts the copies of the misses; the next piece writes them into the slots and computes.
-  Output (greedy or sampled with the same key) equals `moejax.generate` with every expert resident.
+- `BufferedModel` / `generate`: the model's own modules, run as two jitted calls per MoE layer: a piece
+  that ends with the layer's attention and router, then, after the host has read the active experts (the
+  one host round trip per layer), run them through the policy and started the copies of the misses, the
+  experts step, which writes the copies into the slots and computes; the next piece starts with the
+  combine. Output (greedy or sampled with the same key) equals `moejax.generate` with every expert resident.
 
 Semantics of a step (shared by all of the above). A step's active experts (count > 0) are requested one at
 a time in ascending id order; an expert is computed no earlier than its own request, so each layer's
@@ -640,6 +640,8 @@ def _experts(slots, arrays, writes, tables, h, r, activation, implementation):
         return acc + out[jnp.argsort(order)].astype(acc.dtype), slots
 
     acc = jnp.zeros((experts.size, h.shape[1]), h.dtype)
+    if tables.shape[0] == 1:  # the usual case, straight-line code
+        return chunk(0, (acc, slots))
     return jax.lax.fori_loop(0, tables.shape[0], chunk, (acc, slots))
 
 
@@ -702,8 +704,8 @@ class BufferedModel:
     layer, the step's active experts in `trace`.
 
     A forward call is one jitted piece per MoE layer plus one (`_Segment`); between two, the host reads the
-    routed layer's active experts, runs them through the policy and starts the copies of its misses, which
-    the next piece writes into the slots right before computing the experts.
+    routed layer's active experts, runs them through the policy and starts the copies of its misses, and
+    `_experts` writes them into the slots and computes the layer's experts.
     """
 
     def __init__(self, model: CausalLM, cache_size: int, policy: str = "lifo", *, future: dict | None = None,
