@@ -119,8 +119,9 @@ def jitted_seconds_per_step(model, prompts) -> float:
 
 
 def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, trace, results):
-    """A cell's record: median decode seconds per step (batch_size tokens) over the timed rounds, its decode
-    misses against the simulator's, its tokens against moejax.generate's."""
+    """A cell's record: median decode seconds per step (batch_size tokens) over the timed rounds, where the
+    last round's time went (BufferedGeneration.decode_breakdown), its decode misses against the simulator's,
+    its tokens against moejax.generate's."""
     decode = sum((run.stats[l] - run.prefill_stats[l] for l in run.stats), buffering.CacheStats())
     simulated = sum((buffering.simulate(trace[l], size, policy, warmup_steps=1,
                                         prefetch=run.predictions[l] if prefetch else None) for l in trace),
@@ -131,7 +132,8 @@ def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, tra
             "decode_bytes_moved_per_step": decode.bytes_moved / (_NEW_TOKENS.value - 1),
             "simulator_agrees": (decode.misses, decode.prefetch_loads) == (simulated.misses, simulated.prefetch_loads),
             "same_tokens_as_resident": bool(np.array_equal(run.tokens, results["resident_tokens"])),
-            "expert_device_bytes": expert_device_bytes}
+            "expert_device_bytes": expert_device_bytes,
+            "last_round_ms_per_step": {k: v * 1e3 / (_NEW_TOKENS.value - 1) for k, v in run.decode_breakdown.items()}}
 
 
 def main(argv):
@@ -215,10 +217,12 @@ def main(argv):
     plot(results, os.path.join(_WORKDIR.value, "plot.png"))
     print(json.dumps({k: v for k, v in results.items() if k not in ("trace", "predictions", "resident_tokens")},
                      indent=1)[:4000])
-    print("\nms per decode step, side by side (x buffered loop with every expert resident, x moejax.generate):")
+    print("\nms per decode step, side by side (x buffered loop with every expert resident, x moejax.generate;"
+          " last round: waiting for routing / policy and copies / dispatch and other):")
     for key, m in results["measured"].items():
+        split = " / ".join(f"{v:.2f}" for v in m["last_round_ms_per_step"].values()) if "last_round_ms_per_step" in m else ""
         print(f"  {key:24s} {m['seconds_per_step'] * 1e3:8.2f}  {m['over_buffered_resident']:5.2f}x  "
-              f"{m['over_jitted_resident']:5.2f}x")
+              f"{m['over_jitted_resident']:5.2f}x  {split}")
     half = results["measured"].get(f"lifo/{c.num_experts // 2}/demand")
     if half:
         print(f"target (Expert Buffering issue): lifo at half the experts <= 1.5x all-resident: "

@@ -25,7 +25,7 @@ from tqdm import tqdm
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Model preset and sweep settings.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where stages and the report go; default workdir/reproduce[_quick].")
 _STAGES = flags.DEFINE_list("stages", [], "Stages to run (default: all, in order).")
-_QUICK = flags.DEFINE_boolean("quick", False, "Smaller sweeps: the whole run in about 8 minutes on 2 CPU cores.")
+_QUICK = flags.DEFINE_boolean("quick", False, "Smaller sweeps: the whole run in about 9 minutes on 2 CPU cores.")
 _FORCE = flags.DEFINE_boolean("force", False, "Rerun stages that have finished.")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

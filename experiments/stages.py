@@ -44,7 +44,7 @@ STAGES = {
                     + (["--repeats=3"] if quick else []), uses_checkpoint=False),
     "buffering": Stage("buffering", lambda c, quick: [
         f"--cache_sizes={c.buffering_cache_sizes}", f"--measured_sizes={c.buffering_measured_sizes}"]
-        + (["--new_tokens=32", "--repeats=1"] if quick else [])),
+        + (["--new_tokens=32", "--repeats=3"] if quick else [])),
     "placement": Stage("placement", lambda c, quick: [
         f"--devices={c.placement_devices}", f"--batches={c.placement_batches}"]
         + (["--search_restarts=8", "--repeats=1"] if quick else [])),

@@ -45,6 +45,7 @@ import bisect
 import dataclasses
 import functools
 import math
+import time
 from typing import Iterable, NamedTuple, Sequence
 
 import jax
@@ -728,6 +729,11 @@ class BufferedModel:
         # per MoE layer, per step: the experts prefetched for it (None: no prediction), aligned with trace
         self.predictions: dict[int, list[tuple[int, ...] | None]] = {i: [] for i in moe}
         self.dtype = model.dtype
+        # where a forward call's wall time goes: waiting for the device to deliver each MoE layer's active
+        # experts (the device work before it, copies included, that the host did not overlap), and the
+        # policy with the start of the copies; the rest is dispatch and Python. (The CPU backend runs part
+        # of a small computation inside the dispatching call, so there compute shows up in the rest too.)
+        self.seconds = {"waiting_for_routing": 0.0, "policy_and_copies": 0.0}
 
         modules, leaves = [], []
         for i, layer in enumerate(model.layers):
@@ -790,16 +796,23 @@ class BufferedModel:
             if s.route is None:
                 logits = out["logits"]
                 break
+            waited = time.perf_counter()
             counts, predicted = jax.device_get((out["counts"], out.get("predicted")))  # the host round trip
+            planned = time.perf_counter()
+            self.seconds["waiting_for_routing"] += planned - waited
             active = tuple(int(e) for e in np.flatnonzero(counts))
             self.trace[s.route].append(active)
             cache = self.caches[s.route]
             step = cache.plan_step(active)  # its copies start now...
+            policy = time.perf_counter() - planned
             acc, cache.slots = _experts(cache.slots, *step, out["h"], out["r"], self.activation, self.implementation)
             if s.predict is not None:  # ...then the next layer's predicted ones, one layer early
+                started = time.perf_counter()
                 predicted = tuple(int(e) for e in np.flatnonzero(predicted))
                 self.predictions[s.predict].append(predicted)
                 self.caches[s.predict].prefetch(predicted)
+                policy += time.perf_counter() - started
+            self.seconds["policy_and_copies"] += policy
             if not self.prefetch_enabled or s.route == first_moe:
                 self.predictions[s.route].append(None)
             carry = dict(token_mask=token_mask, index=index, cos=context["cos"], sin=context["sin"],
@@ -822,6 +835,7 @@ class BufferedGeneration(NamedTuple):
     stats: dict  # MoE layer index -> CacheStats (prefill and decode)
     prefill_stats: dict  # MoE layer index -> CacheStats after the prefill (decode alone: stats - prefill_stats)
     decode_seconds: float  # wall time of the decode steps (after prefill), host copies included
+    decode_breakdown: dict  # decode_seconds split as BufferedModel.seconds, plus "dispatch_and_other"
 
 
 def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, *, cache_size: int | None = None,
@@ -832,8 +846,6 @@ def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, 
 
     model: a CausalLM (then cache_size is required) or a BufferedModel (its caches carry over).
     """
-    import time
-
     if isinstance(model, CausalLM):
         if cache_size is None:
             raise ValueError("cache_size (expert slots per MoE layer) is required with a CausalLM")
@@ -857,7 +869,7 @@ def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, 
     generated[:, 0] = last
     done = np.isin(last, stops)
     prefill_stats = {i: dataclasses.replace(c.stats) for i, c in model.caches.items()}
-    start = time.perf_counter()
+    start, before = time.perf_counter(), dict(model.seconds)
     for step in range(1, max_new_tokens):
         if done.all():
             break
@@ -868,9 +880,11 @@ def generate(model: CausalLM | BufferedModel, prompt, max_new_tokens: int = 16, 
         generated[:, step] = last
         done |= np.isin(last, stops)
     seconds = time.perf_counter() - start
+    breakdown = {k: model.seconds[k] - before[k] for k in before}
+    breakdown["dispatch_and_other"] = seconds - sum(breakdown.values())
     return BufferedGeneration(generated, {i: list(t) for i, t in model.trace.items()},
                               {i: list(p) for i, p in model.predictions.items()},
-                              {i: c.stats for i, c in model.caches.items()}, prefill_stats, seconds)
+                              {i: c.stats for i, c in model.caches.items()}, prefill_stats, seconds, breakdown)
 
 
 def record_trace(model: CausalLM, prompt, max_new_tokens: int = 16, **kwargs) -> dict:

@@ -219,6 +219,8 @@ def test_buffered_generation_equals_resident_for_every_policy_with_one_slot(mode
             simulated = buffering.simulate(trace, 1, policy, warmup_steps=1)
             assert (decode.hits, decode.misses) == (simulated.hits, simulated.misses) != (0, 0)
         _check_slots_hold_their_experts(buffered)
+        assert sum(run.decode_breakdown.values()) == pytest.approx(run.decode_seconds)
+        assert min(run.decode_breakdown.values()) >= 0 and run.decode_breakdown["waiting_for_routing"] > 0
         runs[policy] = (buffered, run)
 
 
