@@ -6,6 +6,7 @@ import functools
 import random
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -271,6 +272,21 @@ def test_buffered_generation_with_dense_layers_and_a_shared_expert(prefetch):
         simulated = buffering.simulate(trace, 3, "lifo", prefetch=run.predictions[layer] if prefetch else None)
         assert (run.stats[layer].hits, run.stats[layer].misses) == (simulated.hits, simulated.misses)
     assert (run.stats[3].predicted > 0) == prefetch
+    _check_slots_hold_their_experts(buffered)
+
+
+@pytest.mark.slow
+def test_buffered_generation_in_bfloat16():
+    """bf16 weights: host rows, copies and slots keep the dtype; tokens equal moejax.generate's."""
+    m = moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2), seed=3, dtype=jnp.bfloat16)
+    for block in m.moe_blocks():
+        block.router[...] = block.router[...] * 20
+    m.lm_head[...] = m.lm_head[...] * 20
+    want = np.asarray(moejax.generate(m, PROMPTS, max_new_tokens=NEW_TOKENS))
+    buffered = buffering.BufferedModel(m, 3, "lifo", prefetch=True)
+    assert all(s.dtype == jnp.bfloat16 for c in buffered.caches.values() for s in c.slots)
+    run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+    np.testing.assert_array_equal(run.tokens, want)
     _check_slots_hold_their_experts(buffered)
 
 
