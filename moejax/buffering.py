@@ -475,12 +475,12 @@ class DeviceExpertCache:
             for a in c.loads:
                 last_write[0, a.slot] = row
                 row += 1
-        demand = self.start_copies([a for ch in chunks for a in ch])
+        loads = [(k, a) for k, ch in enumerate(chunks) for a in ch if a.loaded]
+        for k, a in loads:
+            last_write[k, a.slot] = row  # overrides a prefetch into the same slot
+            row += 1
+        demand = self.start_copies([a for _, a in loads])
         if demand is not None:
-            chunk_of = {id(a): k for k, ch in enumerate(chunks) for a in ch}
-            for a in demand.loads:
-                last_write[chunk_of[id(a)], a.slot] = row  # overrides a prefetch into the same slot
-                row += 1
             copies.append(demand)
         # rows and chunks padded to powers of two (padding is never written, computes nothing), so that
         # _experts compiles for a few shapes only
@@ -754,16 +754,16 @@ class BufferedModel:
             start = 0 if finish is None else finish + 1
             dense = tuple(range(start, len(model.layers) if route is None else route))
             predict = self._next_moe(route) if prefetch and route is not None else None
+            spec = _Segment(finish, dense, route, predict, (), (norm_graphdef, norm_treedef), False,
+                            model._rope, self.config.sliding_window)
+            spec = spec._replace(modules=tuple(modules[i] for i in spec.layers))
+            params = {"layers": tuple(leaves[i] for i in spec.layers)}
+            if finish is None:
+                params["embed"] = embed
+            if route is None:
+                params["norm"], params["head"] = tuple(norm_leaves), head
             for prefill in (True, False):
-                spec = _Segment(finish, dense, route, predict, (), (norm_graphdef, norm_treedef), prefill,
-                                model._rope, self.config.sliding_window)
-                spec = spec._replace(modules=tuple(modules[i] for i in spec.layers))
-                params = {"layers": tuple(leaves[i] for i in spec.layers)}
-                if finish is None:
-                    params["embed"] = embed
-                if route is None:
-                    params["norm"], params["head"] = tuple(norm_leaves), head
-                self.segments[prefill].append((_static(spec), params))
+                self.segments[prefill].append((_static(spec._replace(prefill=prefill)), params))
 
     def _next_moe(self, layer: int) -> int | None:
         """The MoE layer after `layer`, None for the last."""
