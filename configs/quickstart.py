@@ -8,7 +8,9 @@ Override any field from the command line, e.g. --config.model.num_experts=16 --c
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg:
+        raise ValueError(f"configs/quickstart.py has no variant {arg!r}: it is quick already")
     config = ml_collections.ConfigDict()
     config.checkpoint = "experiments/default_model"  # a Hugging Face checkpoint directory; "": the model below
     config.dtype = "float32"

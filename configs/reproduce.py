@@ -1,40 +1,62 @@
-"""experiments/reproduce.py: one config per model, picked by the part after the colon.
+"""experiments/reproduce.py: both papers on one model, five stages, one report.
 
-  ./launch.sh reproduce --quick                                   # the trained default model (configs/reproduce.py)
+  ./launch.sh reproduce --quick                                   # the trained default model, quick sweeps
+  ./launch.sh reproduce --config=configs/reproduce.py:quick       # the same
   ./launch.sh reproduce --config=configs/reproduce.py:olmoe --config.checkpoint=/data/OLMoE-1B-7B-0924
-  ./launch.sh reproduce --config=configs/reproduce.py:mixtral --config.checkpoint=/data/Mixtral-8x7B-v0.1
+  ./launch.sh reproduce --config=configs/reproduce.py:mixtral,quick --config.checkpoint=/data/Mixtral-8x7B-v0.1
+  ./launch.sh reproduce --quick --config.capacity.tasks='()' --config.placement.devices='(4, 8)'
 
-Models: default, olmoe, qwen_moe, deepseek_v2, mixtral. A real checkpoint needs its own directory
-(config.json, safetensors, tokenizer.json); the evaluation text is the Python standard library corpus of
-moejax.data, tokenised with the checkpoint's tokenizer. Override any field with --config.FIELD=VALUE.
+The argument after the colon names a model preset (default, olmoe, qwen_moe, deepseek_v2, mixtral) and/or
+"quick". Each stage's settings are the config of its script (configs/<script>.py, its "quick" variant under
+quick), nested here as config.<stage>: override any of them with --config.<stage>.FIELD=VALUE. checkpoint and
+num_devices are set once at the top and shared by every stage that has them. A real checkpoint needs its own
+directory (config.json, safetensors, tokenizer.json); the evaluation text is the Python standard library corpus
+of moejax.data, tokenised with the checkpoint's tokenizer.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
 # expert-parallel devices the papers used per model (capacity scope, straggler model, placement)
-MODELS = {
+PRESETS = {
     "default": dict(checkpoint="experiments/default_model", num_devices=8),
     "olmoe": dict(checkpoint="", num_devices=8),          # 64 experts on 8 GPUs, as He et al.
     "qwen_moe": dict(checkpoint="", num_devices=8),
     "deepseek_v2": dict(checkpoint="", num_devices=8),
     "mixtral": dict(checkpoint="", num_devices=8),        # one expert per GPU, as He et al.
 }
+# stage -> the script that runs it (experiments/<script>.py, configured by configs/<script>.py), in run order
+STAGES = {"straggler": "evaluate", "capacity": "capacity_sweep", "gating": "gating_throughput",
+          "buffering": "buffering", "placement": "placement"}
 
 
-def get_config(model: str = "default") -> ml_collections.ConfigDict:
-    if model not in MODELS:
-        raise ValueError(f"unknown model preset {model!r}; presets: {sorted(MODELS)}")
+def _script_config(script: str, variant: str) -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{script}.py")
+    spec = importlib.util.spec_from_file_location(f"config_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    parts = [p for p in arg.split(",") if p]
+    quick = "quick" in parts
+    models = [p for p in parts if p != "quick"] or ["default"]
+    if len(models) > 1 or models[0] not in PRESETS:
+        raise ValueError(f"unknown model preset {','.join(models)!r}; presets: {sorted(PRESETS)} (and 'quick')")
     config = ml_collections.ConfigDict()
-    config.model = model
-    config.checkpoint = MODELS[model]["checkpoint"]
-    config.num_devices = MODELS[model]["num_devices"]
-    # The full run; --quick replaces these with the QUICK values in experiments/reproduce.py.
-    config.capacity_factors = "none,0.5,1.0,1.25,1.5,2.0"
-    config.capacity_strategies = "score,first,last,random,expanded_local,expanded_global"
-    config.capacity_sequences = 32
-    config.gating_tokens = "1024,2048,4096,8192"
-    config.buffering_cache_sizes = "1,2,4,6,8,12,16,20,24,28,32"
-    config.buffering_measured_sizes = "4,8,16,24"
-    config.placement_devices = "2,4,8"
-    config.placement_batches = 64
+    config.model = models[0]
+    config.quick = quick
+    config.checkpoint = PRESETS[config.model]["checkpoint"]
+    config.num_devices = PRESETS[config.model]["num_devices"]
+    config.stages = tuple(STAGES)
+    for stage, script in STAGES.items():
+        sub = _script_config(script, "quick" if quick else "")
+        for shared in ("checkpoint", "num_devices"):
+            if shared in sub:
+                sub[shared] = config.get_ref(shared)
+        sub.script = script
+        config[stage] = sub
     return config

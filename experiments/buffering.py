@@ -13,77 +13,50 @@
    stored and printed; the Expert Buffering target is lifo at half the experts <= 1.5x all-resident. A
    measured run's decode misses must equal the simulator's (checked, stored).
 
-Model: --checkpoint (any load_pretrained directory; default the trained default model, prompts from the
-validation split of its corpus), or --checkpoint= (empty) for a random model with router weights scaled up
-so routing is decisive, and random prompts. Results JSON is written after every cell (a rerun skips
-finished ones) with a PNG plot beside it.
+Model: the config's checkpoint (any load_pretrained directory; default the trained default model, prompts
+from the validation split of the config's corpus), or checkpoint "" for a random model with router weights
+scaled up so routing is decisive, and random prompts. Results JSON is written after every cell (a rerun with
+the same model and prompts skips finished ones; other ones start over) with a PNG plot beside it. Settings:
+configs/buffering.py.
 
   python experiments/buffering.py --workdir=experiments/results/buffering
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import platform
 import statistics
-import sys
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from tqdm import tqdm
 
+import harness
 import moejax
-from moejax.results import write_json_atomically
 from moejax import buffering
+from moejax.results import Results
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/buffering", "Where results.json and plot.png go.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "experiments/default_model",
-                                  "A load_pretrained directory; empty: a random model.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Sequences decoded together.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence (decode steps + 1).")
-_SIZES = flags.DEFINE_list("cache_sizes", ["1", "2", "4", "6", "8", "12", "16", "20", "24", "28", "32"],
-                           "Expert slots per MoE layer for the simulated sweep.")
-_MEASURED_SIZES = flags.DEFINE_list("measured_sizes", ["4", "8", "16", "24"],
-                                    "Cache sizes whose latency is measured with real copies.")
-_POLICIES = flags.DEFINE_list("policies", list(buffering.POLICIES), "Eviction policies.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measured cell (median reported).")
-_ROUTER_SCALE = flags.DEFINE_float("router_scale", 8.0, "Random model only: router weights times this.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for the random model and prompt choice.")
-_HIDDEN = flags.DEFINE_integer("hidden_size", 128, "Random model only: model width.")
-_EXPERT_WIDTH = flags.DEFINE_integer("moe_intermediate_size", 64, "Random model only: expert FFN width.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Random model only: weight dtype.")
-
-RANDOM_MODEL = dict(architecture="mixtral", vocab_size=2048, hidden_size=128, num_layers=3, num_heads=4,
-                    num_kv_heads=2, head_dim=32, intermediate_size=256, num_experts=32, num_experts_per_tok=4,
-                    moe_intermediate_size=64, norm_topk_prob=True, max_position_embeddings=1024,
+REPORT_PLOT = "miss rate against cache size per policy"
+RANDOM_MODEL = dict(harness.RANDOM_MIXTRAL, num_layers=3, num_experts_per_tok=4, moe_intermediate_size=64,
                     moe_layers=(True,) * 3)
 
 
-def load_model_and_prompts(rng: np.random.Generator):
-    length, batch = _PROMPT_LEN.value, _BATCH.value
-    if not _CHECKPOINT.value:
-        config = dict(RANDOM_MODEL, hidden_size=_HIDDEN.value, moe_intermediate_size=_EXPERT_WIDTH.value,
-                      intermediate_size=4 * _EXPERT_WIDTH.value, head_dim=_HIDDEN.value // RANDOM_MODEL["num_heads"])
-        model = moejax.random_model(moejax.ModelConfig(**config), seed=_SEED.value, dtype=jnp.dtype(_DTYPE.value))
-        for block in model.moe_blocks():
-            block.router[...] = block.router[...] * _ROUTER_SCALE.value
+def load_model_and_prompts(config, rng: np.random.Generator):
+    length, batch = config.prompt_len, config.batch_size
+    if not config.checkpoint:
+        r = config.random_model
+        shape = dict(RANDOM_MODEL, hidden_size=r.hidden_size, moe_intermediate_size=r.moe_intermediate_size,
+                     intermediate_size=4 * r.moe_intermediate_size, head_dim=r.hidden_size // RANDOM_MODEL["num_heads"])
+        model = harness.random_model(shape, config.seed, r.router_scale, r.dtype)
         prompts = rng.integers(1, RANDOM_MODEL["vocab_size"], size=(batch, length)).astype(np.int32)
-        return model, prompts, f"random model {config}, {_DTYPE.value}, router weights x{_ROUTER_SCALE.value}, random prompts"
-    from moejax import data  # the corpus only matters for a trained checkpoint
-
-    model = moejax.load_pretrained(_CHECKPOINT.value)
-    tokenizer = moejax.load_tokenizer(_CHECKPOINT.value)
-    documents = data.split_documents(data.load_documents("stdlib"))["validation"]
-    stream = data.token_stream(data.encode_documents(tokenizer, documents), tokenizer.token_to_id(data.END_OF_DOCUMENT))
+        return model, prompts, f"random model {shape}, {r.dtype}, router weights x{r.router_scale}, random prompts"
+    model = moejax.load_pretrained(config.checkpoint)
+    stream, held_out = harness.held_out_stream(moejax.load_tokenizer(config.checkpoint), config.corpus)
     starts = rng.choice(len(stream) - length, size=batch, replace=False)
     prompts = np.stack([stream[s:s + length] for s in starts]).astype(np.int32)
-    return model, prompts, (f"checkpoint {_CHECKPOINT.value}; prompts: {batch} windows of {length} tokens at random "
-                            "offsets of the stdlib validation split")
+    return model, prompts, (f"checkpoint {config.checkpoint}; prompts: {batch} windows of {length} tokens at random "
+                            f"offsets of the {held_out['corpus']} {held_out['split']} split")
 
 
 def sweep_cell(trace, predictions, size: int, policy: str, prefetch: bool, expert_bytes: int, decode_steps: int):
@@ -101,21 +74,18 @@ def sweep_cell(trace, predictions, size: int, policy: str, prefetch: bool, exper
             "layers": {str(k): v.to_dict() for k, v in layers.items()}}
 
 
-def buffered_run(model, store, prompts, size, policy, prefetch, trace):
+def buffered_run(model, store, prompts, new_tokens, size, policy, prefetch, trace):
     """One generation with a fresh buffered model (cold cache; the prefill is not timed) -> (run, model)."""
     buffered = buffering.BufferedModel(model, size, policy, future=trace if policy == "belady" else None,
                                        prefetch=prefetch, store=store)
-    return buffering.generate(buffered, prompts, _NEW_TOKENS.value), buffered
+    return buffering.generate(buffered, prompts, new_tokens), buffered
 
 
-def jitted_seconds_per_step(model, prompts) -> float:
+def jitted_seconds_per_step(model, prompts, new_tokens: int) -> float:
     """moejax.generate (one jitted decode loop), decode only: (time for new_tokens - time for 1) / steps."""
-    times = []
-    for new_tokens in (_NEW_TOKENS.value, 1):
-        start = time.perf_counter()
-        jax.block_until_ready(moejax.generate(model, prompts, max_new_tokens=new_tokens))
-        times.append(time.perf_counter() - start)
-    return (times[0] - times[1]) / (_NEW_TOKENS.value - 1)
+    long, short = (harness.wall_seconds(functools.partial(moejax.generate, model, prompts, max_new_tokens=n))
+                   for n in (new_tokens, 1))
+    return (long - short) / (new_tokens - 1)
 
 
 def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, trace, results):
@@ -129,42 +99,41 @@ def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, tra
     return {"policy": policy, "cache_size": size, "prefetch": prefetch,
             "seconds_per_step": statistics.median(seconds[1:]), "all_seconds_per_step": seconds,
             "decode_misses": decode.misses, "decode_prefetch_loads": decode.prefetch_loads,
-            "decode_bytes_moved_per_step": decode.bytes_moved / (_NEW_TOKENS.value - 1),
+            "decode_bytes_moved_per_step": decode.bytes_moved / (results["new_tokens"] - 1),
             "simulator_agrees": (decode.misses, decode.prefetch_loads) == (simulated.misses, simulated.prefetch_loads),
             "same_tokens_as_resident": bool(np.array_equal(run.tokens, results["resident_tokens"])),
             "expert_device_bytes": expert_device_bytes,
-            "last_round_ms_per_step": {k: v * 1e3 / (_NEW_TOKENS.value - 1) for k, v in run.decode_breakdown.items()}}
+            "last_round_ms_per_step": {k: v * 1e3 / (results["new_tokens"] - 1) for k, v in run.decode_breakdown.items()}}
 
 
-def main(argv):
-    del argv
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    path = os.path.join(_WORKDIR.value, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
-    rng = np.random.default_rng(_SEED.value)
-    model, prompts, model_note = load_model_and_prompts(rng)
+def main(config, workdir):
+    settings = {k: config[k] for k in ("checkpoint", "batch_size", "prompt_len", "new_tokens", "seed")}
+    if config.checkpoint:
+        settings["corpus"] = config.corpus.to_dict()
+    else:
+        settings["random_model"] = config.random_model.to_dict()
+    store_results = Results(workdir, settings, on_mismatch="restart")  # a trace of other prompts starts over
+    results = store_results.data
+    rng = np.random.default_rng(config.seed)
+    model, prompts, model_note = load_model_and_prompts(config, rng)
     c = model.config
     store = buffering.HostExpertStore(model)
     moe_layers = list(store.experts)
-    decode_steps = _NEW_TOKENS.value - 1  # each generates batch_size tokens
+    new_tokens = config.new_tokens
+    decode_steps = new_tokens - 1  # each generates batch_size tokens
     results.update(
-        command=" ".join(["python"] + sys.argv), model=model_note,
-        machine=f"{platform.platform()}, {os.cpu_count()} CPUs, backend {jax.default_backend()}, "
-                f"device {jax.devices()[0].device_kind}",
-        versions={"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
-                  "flax": __import__("flax").__version__},
-        host_memory=buffering.host_memory_kind() or "numpy (CPU backend)",
+        **harness.header(), model=model_note, host_memory=buffering.host_memory_kind() or "numpy (CPU backend)",
         num_experts=c.num_experts, top_k=c.num_experts_per_tok, moe_layers=len(moe_layers),
-        expert_bytes=store.expert_bytes, batch_size=_BATCH.value, prompt_len=_PROMPT_LEN.value,
-        new_tokens=_NEW_TOKENS.value)
+        expert_bytes=store.expert_bytes, batch_size=config.batch_size, prompt_len=config.prompt_len,
+        new_tokens=new_tokens)
     results.setdefault("sweep", {})
     results.setdefault("measured", {})
 
     # 1. the trace, with the next-layer predictions (they do not change what is computed)
     if "trace" not in results:
         run = buffering.generate(buffering.BufferedModel(model, c.num_experts, "lru", prefetch=True, store=store),
-                                 prompts, _NEW_TOKENS.value)
-        resident = np.asarray(moejax.generate(model, prompts, max_new_tokens=_NEW_TOKENS.value))
+                                 prompts, new_tokens)
+        resident = np.asarray(moejax.generate(model, prompts, max_new_tokens=new_tokens))
         results["trace"] = {str(l): [list(s) for s in run.trace[l]] for l in moe_layers}
         results["predictions"] = {str(l): [None if p is None else list(p) for p in run.predictions[l]]
                                   for l in moe_layers}
@@ -172,35 +141,37 @@ def main(argv):
         results["buffered_resident_same_tokens"] = bool(np.array_equal(run.tokens, resident))
         active = [len(s) for l in moe_layers for s in run.trace[l][1:]]
         results["active_experts_per_decode_step"] = {"mean": float(np.mean(active)), "max": int(max(active))}
-        write_json_atomically(path, results)
+        store_results.save()
     trace = {int(l): [tuple(s) for s in steps] for l, steps in results["trace"].items()}
     predictions = {int(l): [None if p is None else tuple(p) for p in steps]
                    for l, steps in results["predictions"].items()}
 
     # 2. the simulated sweep
-    cells = [(int(s), p, f) for s in _SIZES.value for p in _POLICIES.value for f in (False, True)]
+    cells = [(int(s), p, f) for s in config.cache_sizes for p in config.policies for f in (False, True)]
     for size, policy, prefetch in tqdm(cells, desc="sweep"):
         key = f"{policy}/{size}/{'prefetch' if prefetch else 'demand'}"
         if key not in results["sweep"]:
             results["sweep"][key] = sweep_cell(trace, predictions, size, policy, prefetch, store.expert_bytes,
                                                decode_steps)
-            write_json_atomically(path, results)
+            store_results.save()
 
     # 3. measured latency, every cell side by side (measured together, so a rerun measures all or none)
     resident_key = f"lru/{c.num_experts}/demand"
     cells = [(c.num_experts, "lru", False)] + [
-        (int(s), p, f) for s in _MEASURED_SIZES.value for p in _POLICIES.value for f in (False, True)
+        (int(s), p, f) for s in config.measured_sizes for p in config.policies for f in (False, True)
         if not (f and p != "lifo") and int(s) < c.num_experts]  # prefetch measured with the paper's policy only
     keys = [f"{policy}/{size}/{'prefetch' if prefetch else 'demand'}" for size, policy, prefetch in cells]
     if set(keys + ["resident_jitted"]) - set(results["measured"]):
-        seconds = {key: [] for key in keys + ["resident_jitted"]}
         runs = {}
-        for _ in tqdm(range(_REPEATS.value + 1), desc="measured rounds (the first compiles)"):
-            seconds["resident_jitted"].append(jitted_seconds_per_step(model, prompts))
-            for key, (size, policy, prefetch) in zip(keys, cells):
-                run, buffered = buffered_run(model, store, prompts, size, policy, prefetch, trace)
-                runs[key] = (run, buffered.expert_device_bytes())  # the model goes: its slots free device memory
-                seconds[key].append(run.decode_seconds / decode_steps)
+
+        def buffered_seconds_per_step(key, size, policy, prefetch):
+            run, buffered = buffered_run(model, store, prompts, new_tokens, size, policy, prefetch, trace)
+            runs[key] = (run, buffered.expert_device_bytes())  # the model goes: its slots free device memory
+            return run.decode_seconds / decode_steps
+
+        calls = {"resident_jitted": functools.partial(jitted_seconds_per_step, model, prompts, new_tokens)}
+        calls.update({key: functools.partial(buffered_seconds_per_step, key, *cell) for key, cell in zip(keys, cells)})
+        seconds = harness.round_robin(calls, config.repeats + 1, desc="measured rounds (the first compiles)")
         jitted = statistics.median(seconds["resident_jitted"][1:])
         results["measured"] = {"resident_jitted": {
             "seconds_per_step": jitted, "all_seconds_per_step": seconds["resident_jitted"],
@@ -213,10 +184,10 @@ def main(argv):
         for m in results["measured"].values():
             m["over_buffered_resident"] = m["seconds_per_step"] / resident
             m["over_jitted_resident"] = m["seconds_per_step"] / jitted
-        write_json_atomically(path, results)
-    plot(results, os.path.join(_WORKDIR.value, "plot.png"))
-    print(json.dumps({k: v for k, v in results.items() if k not in ("trace", "predictions", "resident_tokens")},
-                     indent=1)[:4000])
+        store_results.save()
+    plot(results, os.path.join(workdir, "plot.png"))
+    summary = {k: v for k, v in results.items() if k not in ("trace", "predictions", "resident_tokens")}
+    print(json.dumps(summary, indent=1)[:4000])
     print("\nms per decode step, side by side (x buffered loop with every expert resident, x moejax.generate;"
           " last round: waiting for routing / policy and copies / dispatch and other):")
     for key, m in results["measured"].items():
@@ -228,6 +199,35 @@ def main(argv):
         print(f"target (Expert Buffering issue): lifo at half the experts <= 1.5x all-resident: "
               f"{half['over_buffered_resident']:.2f}x the buffered loop, {half['over_jitted_resident']:.2f}x "
               f"moejax.generate")
+
+
+def report_section(r: dict) -> list[str]:
+    """The reproduction report's buffering section."""
+    sweep = [c for c in r["sweep"].values() if not c["prefetch"]]
+    sizes = sorted({c["cache_size"] for c in sweep})
+    policies = list(dict.fromkeys(c["policy"] for c in sweep))
+    cell = {(c["policy"], c["cache_size"]): c for c in sweep}
+    active = r.get("active_experts_per_decode_step")
+    lines = ["## Expert buffering (Huang et al., papers.md B)", "",
+             f"Decode miss rate per cache size (expert slots per layer, of {r['num_experts']}); host memory: "
+             f"{r['host_memory']}. {harness.PAPERS['buffering']}", ""]
+    if isinstance(active, dict) and "mean" in active:
+        lines.append(f"Active experts per decode step and layer: mean {active['mean']:.1f}, max {active['max']}.\n")
+    lines += ["| policy | " + " | ".join(str(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for p in policies:
+        lines.append(f"| {p} | " + " | ".join(f"{cell[(p, s)]['miss_rate']:.3f}" if (p, s) in cell else "-"
+                                              for s in sizes) + " |")
+    measured = r.get("measured", {})
+    if measured:
+        lines += ["", "Measured decode latency with real copies (x: over the buffered loop with every expert "
+                  "resident; target at half the experts <= 1.5x):", "",
+                  "| cell | ms / step | x | device MiB held by experts | same tokens as all-resident |",
+                  "|---|---|---|---|---|"]
+        for name, m in measured.items():
+            ratio = f"{m['over_buffered_resident']:.2f}" if "over_buffered_resident" in m else "-"
+            lines.append(f"| {name} | {m['seconds_per_step'] * 1e3:.2f} | {ratio} | "
+                         f"{m['expert_device_bytes'] / 2**20:.2f} | {m.get('same_tokens_as_resident', '-')} |")
+    return lines
 
 
 def plot(results: dict, path: str) -> None:
@@ -278,4 +278,4 @@ def plot(results: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    harness.run(main, workdir="workdir/buffering")

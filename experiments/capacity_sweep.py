@@ -1,99 +1,71 @@
 """Capacity-aware inference sweep (papers.md A): capacity factor x drop strategy -> quality, loads, speed.
 
-Per cell: perplexity on held-out validation text (the corpus of --config split by document exactly as
-moejax.data and experiments/evaluate.py split it, tokenised with the checkpoint's tokenizer), lm-eval style
-multiple-choice accuracy on --tasks, drop rate, tokens that lost every expert, max/mean load of the experts
-after the policy, the modelled MoE-layer speedup under expert parallelism (a layer waits for its busiest
-device) and the measured one: the time of the busiest device's expert work at the loads the router asked
-for (what dropless computes) over that at the loads the policy leaves, timed side by side in the cell (this
-CPU has no real 8-device mesh to time per device).
+Per cell: perplexity on held-out validation text (the config's corpus split by document as moejax.data
+splits it, tokenised with the checkpoint's tokenizer), lm-eval style multiple-choice accuracy on the config's
+tasks, drop rate, tokens that lost every expert, max/mean load of the experts after the policy, the modelled
+MoE-layer speedup under expert parallelism (a layer waits for its busiest device) and the measured one: the
+time of the busiest device's expert work at the loads the router asked for (what dropless computes) over
+that at the loads the policy leaves, timed side by side in the cell (this CPU has no real 8-device mesh to
+time per device).
 
 results.json is written after every cell (a rerun with the same settings skips finished cells; one with
 other settings is refused rather than mixed), then plot.png (perplexity and MC accuracy against measured
-speedup) and README.md (the tables of markdown_tables, the machine and the command).
+speedup) and README.md (the tables of markdown_tables, the machine and the command). Settings: configs/
+capacity_sweep.py.
 
-  python experiments/capacity_sweep.py --sequences=64
+  python experiments/capacity_sweep.py --config.sequences=64
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
-from tqdm import tqdm
 
+import harness
 import moejax
-from moejax import data, evaluation, placement, stats
+from moejax import evaluation, placement, stats
 from moejax.generate import pad_prompts
 from moejax.kernels import grouped_ffn
-from moejax.results import write_json_atomically
+from moejax.results import Results
 
 STRATEGIES = ("score", "first", "last", "random", "expanded_local", "expanded_global")
-DEFAULT_TASKS = ["experiments/results/default_model/next_word.jsonl",
-                 "experiments/results/default_model/next_line.jsonl"]
-# He et al. 2025 (papers.md A): MoE-layer speedup under expert parallelism at gamma 2.0 / 1.5 / 1.0.
-PAPER_SPEEDUP = {
-    "OLMoE, 64 experts on 8 GPUs": {"score": (1.21, 1.30, 1.46), "expanded_local": (1.16, 1.25, 1.36)},
-    "Mixtral-8x7B, one expert per GPU": {"score": (1.44, 1.89, 2.55), "expanded_local": (1.43, 1.86, 2.51)},
-}
-PAPER_FACTORS = ("2.0", "1.5", "1.0")
-# The built-in model when --checkpoint is empty (and the tests' tiny model): OLMoE-shaped, random weights.
+PAPER_FACTORS = ("2.0", "1.5", "1.0")  # the capacity factors of the papers' speedups (harness.CAPACITY_SPEEDUP)
+# The built-in model when the checkpoint is empty (and the tests' tiny model): OLMoE-shaped, random weights.
 RANDOM_MODEL = dict(architecture="olmoe", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4,
                     num_kv_heads=4, head_dim=32, qk_norm=True, moe_layers=(True, True), num_experts=32,
                     num_experts_per_tok=4, moe_intermediate_size=64)
 TIMING_KEYS = ("busiest_device_seconds", "routed_busiest_device_seconds", "measured_speedup", "seconds")  # differ run to run
 HAND_WRITTEN = "<!-- Everything below this line is written by hand and kept when the README is regenerated. -->"
-
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "experiments/default_model", "A load_pretrained checkpoint with a "
-                                  "tokenizer.json; empty: a random built-in model on random tokens (its quality "
-                                  "numbers mean nothing; needs --tasks= empty).")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_default.py",
-                                          "The corpus and its split (as experiments/evaluate.py reads them).")
-_TASKS = flags.DEFINE_list("tasks", DEFAULT_TASKS, "lm-eval style multiple-choice JSONL files ({context, "
-                           "choices, gold}); the task name is the file name without .jsonl.")
-_TASK_EXAMPLES = flags.DEFINE_integer("task_examples", 250, "The first N examples of each task (0: all).")
-_WORKDIR = flags.DEFINE_string("workdir", "experiments/results/capacity_sweep",
-                               "Where results.json, plot.png and README.md go.")
-_FACTORS = flags.DEFINE_list("factors", ["none", "0.5", "1.0", "1.25", "1.5", "2.0"],
-                             "Capacity factors gamma (> 0); none: dropless (always run: it is the reference).")
-_STRATEGIES = flags.DEFINE_list("strategies", list(STRATEGIES), f"Drop strategies, of {STRATEGIES}.")
-_DEVICES = flags.DEFINE_integer("num_devices", 8, "Devices of the expert axis (local experts, busiest device).")
-_SEQUENCES = flags.DEFINE_integer("sequences", 32, "Validation windows, spread evenly over the split.")
-_LENGTH = flags.DEFINE_integer("length", 256, "Tokens per validation window.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences (or choice requests) per forward; the tokens of one "
-                              "batch share the experts' capacity, so results depend on it.")
-_REPEATS = flags.DEFINE_integer("repeats", 30, "Timed repeats of the busiest device's expert work (median).")
+REPORT_PLOT = "quality against measured speedup per strategy"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Flags and inputs
+# Inputs
 
 
 def check_factors(factors) -> list[str]:
-    """The factors as given ("none" or a finite number > 0), duplicates removed; else a ValueError naming it."""
+    """The capacity factors as cell keys (a number's str, e.g. "1.5"; "none", the dropless reference that always
+    runs, may be listed), duplicates removed; one that is not a finite number > 0 fails naming it."""
     out = []
     for f in factors:
-        f = f.strip()
-        if f != "none":
+        key = f.strip() if isinstance(f, str) else f
+        if key != "none":
             try:
-                value = float(f)
-            except ValueError:
+                value = float(key)
+            except (TypeError, ValueError):
                 raise ValueError(f"capacity factor {f!r} is neither 'none' nor a number") from None
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"capacity factor {f!r} must be a finite number > 0 (or 'none': dropless)")
-        if f not in out:
-            out.append(f)
+            key = key if isinstance(key, str) else str(value)
+        if key not in out:
+            out.append(key)
     return out
 
 
@@ -102,7 +74,7 @@ def check_strategies(strategies) -> list[str]:
     if unknown:
         raise ValueError(f"unknown strategy {unknown[0]!r}; strategies: {STRATEGIES}")
     if not strategies:
-        raise ValueError(f"--strategies is empty; strategies: {STRATEGIES}")
+        raise ValueError(f"strategies is empty; strategies: {STRATEGIES}")
     return list(dict.fromkeys(strategies))
 
 
@@ -123,7 +95,7 @@ def task_name(path: str) -> str:
 def load_tasks(paths, examples: int) -> dict[str, list[evaluation.MultipleChoice]]:
     """{task name: its first `examples` examples (0: all)}; a missing or malformed file fails naming it."""
     if examples < 0:
-        raise ValueError(f"--task_examples={examples} must be >= 0 (0: all)")
+        raise ValueError(f"task_examples={examples} must be >= 0 (0: all)")
     tasks = {}
     for path in paths:
         name = task_name(path)
@@ -133,22 +105,16 @@ def load_tasks(paths, examples: int) -> dict[str, list[evaluation.MultipleChoice
     return tasks
 
 
-def validation_sequences(tokenizer, config, count: int, length: int) -> tuple[list[np.ndarray], dict]:
-    """`count` full windows of `length` tokens spread evenly over the validation split's token stream (the
-    split of moejax.data.split_documents, joined as experiments/evaluate.py joins it), so that they cover
-    many documents rather than the first few."""
-    splits = data.split_documents(data.load_documents(config.corpus), config.validation_fraction,
-                                  config.test_fraction)
-    separator = tokenizer.token_to_id(data.END_OF_DOCUMENT)
-    stream = data.token_stream(data.encode_documents(tokenizer, splits["validation"]),
-                               separator if separator is not None else 0)
-    windows = [w for w in data.chunks(stream, length) if len(w) == length]
+def validation_sequences(tokenizer, corpus, count: int, length: int) -> tuple[list[np.ndarray], dict]:
+    """`count` full windows of `length` tokens spread evenly over the validation split's token stream of the
+    corpus config, so that they cover many documents rather than the first few."""
+    stream, info = harness.held_out_stream(tokenizer, corpus, "validation")
+    windows = harness.full_windows(stream, length)
     if len(windows) < count:
         raise ValueError(f"the validation split has {len(stream)} tokens: {len(windows)} windows of {length}, "
-                         f"fewer than --sequences={count}")
+                         f"fewer than sequences={count}")
     picks = np.linspace(0, len(windows) - 1, count).round().astype(int)
-    return [windows[i] for i in picks], {"corpus": config.corpus, "split": "validation",
-                                         "documents": len(splits["validation"]), "split_tokens": int(len(stream))}
+    return [windows[i] for i in picks], info
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,8 +145,7 @@ def layer_counts(model, sequences, batch_size: int) -> dict[int, tuple[np.ndarra
 def busiest_device_seconds(block, loads: dict[str, np.ndarray], device_of_expert: np.ndarray, num_devices: int,
                            batches: int, repeats: int) -> dict[str, float]:
     """{name: median time of the expert work of the device with the most pairs (per batch) under those
-    per-expert loads}, with the block's real weights. The loads' repeats are interleaved, so that a
-    slow spell of this shared CPU slows all of them alike rather than biasing their ratio."""
+    per-expert loads}, with the block's real weights, timed side by side (harness.median_seconds)."""
     fn = jax.jit(grouped_ffn)
     calls = {}
     for name, load in loads.items():
@@ -190,15 +155,9 @@ def busiest_device_seconds(block, loads: dict[str, np.ndarray], device_of_expert
         sizes = jnp.asarray(per_batch[experts])
         rows = jnp.asarray(np.random.default_rng(0).normal(size=(max(1, int(sizes.sum())), block.config.hidden_size)),
                            block.w_gate[...].dtype)
-        calls[name] = (rows, sizes, *(w[...][experts] for w in (block.w_gate, block.w_up, block.w_down)))
-        jax.block_until_ready(fn(*calls[name]))  # compile outside the timing
-    times = {name: [] for name in loads}
-    for _ in range(repeats):
-        for name, args in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+        calls[name] = functools.partial(fn, rows, sizes, *(w[...][experts] for w in (block.w_gate, block.w_up,
+                                                                                      block.w_down)))
+    return harness.median_seconds(calls, repeats)
 
 
 def run_cell(model, sequences, tasks, tokenizer, factor: str, strategy: str, *, num_devices: int, batch_size: int,
@@ -242,6 +201,13 @@ def run_cell(model, sequences, tasks, tokenizer, factor: str, strategy: str, *, 
 # The sweep
 
 
+def describe_cell(cell: dict) -> str:
+    acc = "" if cell["mc_accuracy"] is None else f"  acc {cell['mc_accuracy']:.3f}"
+    return (f"gamma={cell['factor']:>5} {cell['strategy']:>16}: ppl {cell['perplexity']:9.3f}{acc}  drop "
+            f"{cell['drop_rate']:.3f}  max/mean {cell['kept_max_over_mean']:.2f}  speedup modelled "
+            f"{cell['modelled_speedup']:.2f} measured {cell['measured_speedup']:.2f}  ({cell['seconds']:.0f} s)")
+
+
 def sweep_cells(factors, strategies) -> list[tuple[str, str]]:
     """Dropless first (the quality reference; its measured speedup shows the timing noise), then factor x
     strategy."""
@@ -255,33 +221,14 @@ def run_sweep(model, sequences, tasks, tokenizer, workdir: str, *, factors, stra
     numbers depend on: a results.json made with other settings is refused, never mixed in."""
     if tasks and tokenizer is None:
         raise ValueError("multiple-choice tasks need the checkpoint's tokenizer; this model has none")
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "results.json")
-    results = {"settings": settings, "cells": []}
-    if os.path.exists(path):
-        previous = json.load(open(path))
-        if previous.get("settings") != settings:
-            differ = sorted(k for k in set(settings) | set(previous.get("settings", {}))
-                            if settings.get(k) != previous.get("settings", {}).get(k))
-            raise ValueError(f"{path} was made with other settings (differing: {differ}); use another --workdir "
-                             "or remove it")
-        results["cells"] = previous["cells"]
-    results.update(extra or {})
-    done = {(c["factor"], c["strategy"]) for c in results["cells"]}
-    todo = [c for c in sweep_cells(factors, strategies) if c not in done]
-    for factor, strategy in tqdm(todo, desc="capacity cells", disable=not progress):
-        cell = run_cell(model, sequences, tasks, tokenizer, factor, strategy, num_devices=num_devices,
-                        batch_size=batch_size, repeats=repeats)
-        results["cells"].append(cell)
-        write_json_atomically(path, results)
-        if progress:
-            acc = "" if cell["mc_accuracy"] is None else f"  acc {cell['mc_accuracy']:.3f}"
-            tqdm.write(f"gamma={factor:>5} {strategy:>16}: ppl {cell['perplexity']:9.3f}{acc}  drop "
-                       f"{cell['drop_rate']:.3f}  max/mean {cell['kept_max_over_mean']:.2f}  speedup modelled "
-                       f"{cell['modelled_speedup']:.2f} measured {cell['measured_speedup']:.2f}  "
-                       f"({cell['seconds']:.0f} s)")
-    write_json_atomically(path, results)
-    return results
+    results = Results(workdir, settings)
+    results.data.update(extra or {})
+    keys = [{"factor": f, "strategy": s} for f, s in sweep_cells(factors, strategies)]
+    harness.sweep(results, keys, lambda key: run_cell(model, sequences, tasks, tokenizer, key["factor"], key["strategy"],
+                                                      num_devices=num_devices, batch_size=batch_size, repeats=repeats),
+                  describe_cell, desc="capacity cells", progress=progress)
+    results.save()
+    return results.data
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,13 +244,35 @@ def _grid(results: dict):
     return factors, strategies, by_key, dropless
 
 
-def _table(title: str, factors, strategies, by_key, render) -> list[str]:
-    lines = [title, "", "| strategy | " + " | ".join(f"gamma={f}" for f in factors) + " |",
-             "|---|" + "---:|" * len(factors)]
+def _table(factors, strategies, by_key, render) -> list[str]:
+    """Rows: strategy, columns: capacity factor, cells render(cell) ("-" where a cell did not run)."""
+    lines = ["| strategy | " + " | ".join(f"gamma={f}" for f in factors) + " |", "|---|" + "---:|" * len(factors)]
     for s in strategies:
         lines.append(f"| {s} | " + " | ".join("-" if (f, s) not in by_key else render(by_key[(f, s)])
                                                for f in factors) + " |")
-    return lines + [""]
+    return lines
+
+
+def _titled(title: str, *table) -> list[str]:
+    return [title, ""] + _table(*table) + [""]
+
+
+def speedup_table(by_key: dict, factors) -> list[str]:
+    """The MoE-layer speedups of token drop (score) and expanded drop (local), modelled and measured, beside
+    the paper's (harness.CAPACITY_SPEEDUP) at the capacity factors both have; [] where there are none."""
+    comparable = [f for f in PAPER_FACTORS if f in factors]
+    if not comparable:
+        return []
+    lines = ["| | " + " | ".join(f"gamma={f}" for f in comparable) + " |", "|---|" + "---:|" * len(comparable)]
+    for label, strategy in (("token drop (score)", "score"), ("expanded drop (local)", "expanded_local")):
+        for kind in ("modelled", "measured"):
+            values = [by_key.get((f, strategy), {}).get(f"{kind}_speedup") for f in comparable]
+            lines.append(f"| moejax {label}, {kind} | "
+                         + " | ".join("-" if v is None else f"{v:.2f}x" for v in values) + " |")
+    for model, rows in harness.CAPACITY_SPEEDUP.items():
+        for kind, values in rows.items():
+            lines.append(f"| paper: {model}, {kind} | " + " | ".join(f"{values[f]:.2f}x" for f in comparable) + " |")
+    return lines
 
 
 def markdown_tables(results: dict) -> str:
@@ -328,32 +297,45 @@ def markdown_tables(results: dict) -> str:
         change = f" ({c['mc_accuracy'] - dropless['mc_accuracy']:+.3f})" if dropless and dropless.get("mc_accuracy") is not None else ""
         return f"{c['mc_accuracy']:.3f}{change}"
 
-    lines += _table("Validation perplexity (change against dropless):", factors, strategies, by_key, ppl)
-    lines += _table("Multiple-choice accuracy, mean acc over the tasks (change against dropless):", factors,
-                    strategies, by_key, acc)
+    grid = (factors, strategies, by_key)
+    lines += _titled("Validation perplexity (change against dropless):", *grid, ppl)
+    lines += _titled("Multiple-choice accuracy, mean acc over the tasks (change against dropless):", *grid, acc)
     if any(c.get("tasks") for c in results["cells"]):
         for name in (dropless or results["cells"][0]).get("tasks", {}):
-            lines += _table(f"{name}: acc / acc_norm:", factors, strategies, by_key,
-                            lambda c: f"{c['tasks'][name]['acc']:.3f} / {c['tasks'][name]['acc_norm']:.3f}")
-    lines += _table("Drop rate (routed pairs dropped) / modelled speedup / measured speedup of the MoE layers:",
-                    factors, strategies, by_key,
-                    lambda c: f"{c['drop_rate']:.1%} / {c['modelled_speedup']:.2f}x / {c['measured_speedup']:.2f}x")
-    comparable = [f for f in PAPER_FACTORS if f in factors]
-    if comparable:
+            lines += _titled(f"{name}: acc / acc_norm:", *grid,
+                             lambda c: f"{c['tasks'][name]['acc']:.3f} / {c['tasks'][name]['acc_norm']:.3f}")
+    lines += _titled("Drop rate (routed pairs dropped) / modelled speedup / measured speedup of the MoE layers:",
+                     *grid, lambda c: f"{c['drop_rate']:.1%} / {c['modelled_speedup']:.2f}x / {c['measured_speedup']:.2f}x")
+    speedups = speedup_table(by_key, factors)
+    if speedups:
         lines += ["MoE-layer speedup beside the paper's (He et al. 2025, papers.md A; token drop = score):", "",
-                  "| | " + " | ".join(f"gamma={f}" for f in comparable) + " |", "|---|" + "---:|" * len(comparable)]
-        for strategy, label in (("score", "token drop (score)"), ("expanded_local", "expanded drop (local)")):
-            for kind in ("modelled", "measured"):
-                values = [by_key.get((f, strategy), {}).get(f"{kind}_speedup") for f in comparable]
-                lines.append(f"| ours, {label}, {kind} | "
-                             + " | ".join("-" if v is None else f"{v:.2f}x" for v in values) + " |")
-        for model, rows in PAPER_SPEEDUP.items():
-            for strategy, values in rows.items():
-                label = "token drop" if strategy == "score" else "expanded drop"
-                lines.append(f"| paper: {model}, {label} | "
-                             + " | ".join(f"{values[PAPER_FACTORS.index(f)]:.2f}x" for f in comparable) + " |")
-        lines.append("")
+                  *speedups, ""]
     return "\n".join(lines)
+
+
+def report_section(results: dict) -> list[str]:
+    """The reproduction report's capacity section: one grid of every cell, then the speedups beside the
+    paper's. Without multiple-choice tasks (tasks=()), the cells show no accuracy."""
+    factors, strategies, by_key, dropless = _grid(results)
+    with_tasks = any(c.get("mc_accuracy") is not None for c in results["cells"])
+    lines = ["## Capacity-aware token drop and expanded drop (He et al., papers.md A)", ""]
+    if dropless:
+        acc = "" if dropless.get("mc_accuracy") is None else f", multiple-choice acc {dropless['mc_accuracy']:.3f}"
+        lines.append(f"Dropless: perplexity {dropless['perplexity']:.2f}{acc}. Cells: perplexity / "
+                     + ("multiple-choice acc / " if with_tasks else "")
+                     + "measured MoE-layer speedup (busiest device's expert work against dropless) / drop rate."
+                     + ("" if with_tasks else " No multiple-choice tasks ran."))
+
+    def cell(c):
+        acc = "" if c.get("mc_accuracy") is None else f" / {c['mc_accuracy']:.3f}"
+        return f"{c['perplexity']:.2f}{acc} / {c['measured_speedup']:.2f}x / {c['drop_rate']:.1%}"
+
+    lines += [""] + _table(factors, strategies, by_key, cell)
+    speedups = speedup_table(by_key, factors)
+    if speedups:
+        lines += ["", "Speedup beside the paper's (modelled: a layer waits for its busiest device; measured as above):",
+                  "", *speedups]
+    return lines
 
 
 def comparison_at(results: dict, factor: str = "1.5") -> list[str]:
@@ -411,18 +393,6 @@ def plot(cells: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def machine() -> dict:
-    import flax
-
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), cpu)
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-            "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__}
-
-
 def write_readme(workdir: str, results: dict) -> None:
     """README.md from results.json; anything below HAND_WRITTEN in an existing README is kept."""
     path = os.path.join(workdir, "README.md")
@@ -431,17 +401,15 @@ def write_readme(workdir: str, results: dict) -> None:
         text = open(path, encoding="utf-8").read()
         if HAND_WRITTEN in text:
             kept = text.split(HAND_WRITTEN, 1)[1].lstrip("\n")
-    s, m = results["settings"], results.get("machine", {})
+    s = results["settings"]
     cells = results["cells"]
     lines = [f"# Capacity-aware inference sweep on `{s['checkpoint']}`", "",
              f"Command: `{results.get('command', '?')}`", "",
-             f"Machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPU cores (shared with other jobs), "
-             f"{m.get('platform', '?')}; JAX {m.get('jax', '?')} ({m.get('backend', '?')}), flax {m.get('flax', '?')}, "
-             f"Python {m.get('python', '?')}. {len(cells)} cells in {sum(c.get('seconds', 0) for c in cells) / 60:.1f} "
-             "min of cell time.", "",
+             f"Machine (shared with other jobs): {harness.describe(results.get('machine', {}))}. {len(cells)} cells "
+             f"in {sum(c.get('seconds', 0) for c in cells) / 60:.1f} min of cell time.", "",
              f"Perplexity: {s['sequences']} windows of {s['length']} tokens spread over the {s.get('split', '?')} "
-             f"split of `{s.get('corpus', '?')}` (the documents training never saw; split as moejax.data / "
-             f"experiments/evaluate.py). Multiple choice: "
+             f"split of `{s.get('corpus', '?')}` (the documents training never saw; split as moejax.data "
+             "splits the training corpus). Multiple choice: "
              + (", ".join(f"`{t}`" for t in s["tasks"]) or "none")
              + f", the first {s['task_examples'] or 'all'} examples of each (acc: the highest log-likelihood "
              f"choice is gold; chance 0.25). Batches of {s['batch_size']} sequences (or choice requests) share the "
@@ -455,7 +423,7 @@ def write_readme(workdir: str, results: dict) -> None:
              "against the same loads) shows how much of a measured number is timing noise.", "",
              "![quality against measured speedup](plot.png)", "",
              markdown_tables(results),
-             f"Score / expanded drop against first / last / random at gamma=1.5 (computed from the table):", ""]
+             "Score / expanded drop against first / last / random at gamma=1.5 (computed from the table):", ""]
     lines += comparison_at(results, "1.5") + ["", HAND_WRITTEN, "", kept]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines).rstrip("\n") + "\n")
@@ -464,55 +432,50 @@ def write_readme(workdir: str, results: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+def main(config, workdir):
+    from absl import app, logging
+
     logging.set_verbosity(logging.WARNING)
     try:
-        factors = check_factors(_FACTORS.value)
-        strategies = check_strategies(_STRATEGIES.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    for name, flag, least in (("sequences", _SEQUENCES, 1), ("length", _LENGTH, 2), ("batch_size", _BATCH, 1),
-                              ("repeats", _REPEATS, 1), ("num_devices", _DEVICES, 1)):
-        if flag.value < least:
-            raise app.UsageError(f"--{name}={flag.value} must be >= {least}")
-    try:
-        tasks = load_tasks(_TASKS.value, _TASK_EXAMPLES.value)
+        factors = check_factors(config.factors)
+        strategies = check_strategies(config.strategies)
+        for name, least in (("sequences", 1), ("length", 2), ("batch_size", 1), ("repeats", 1), ("num_devices", 1)):
+            if config[name] < least:
+                raise ValueError(f"config.{name}={config[name]} must be >= {least}")
+        tasks = load_tasks(config.tasks, config.task_examples)
     except (OSError, ValueError) as e:
         raise app.UsageError(str(e)) from None
-    settings = {"checkpoint": _CHECKPOINT.value or "random built-in", "sequences": _SEQUENCES.value,
-                "length": _LENGTH.value, "batch_size": _BATCH.value, "num_devices": _DEVICES.value,
-                "repeats": _REPEATS.value, "tasks": list(_TASKS.value), "task_examples": _TASK_EXAMPLES.value}
-    if _CHECKPOINT.value:
-        model = moejax.load_pretrained(_CHECKPOINT.value)
-        tokenizer = moejax.load_tokenizer(_CHECKPOINT.value)
+    settings = {"checkpoint": config.checkpoint or "random built-in", "sequences": config.sequences,
+                "length": config.length, "batch_size": config.batch_size, "num_devices": config.num_devices,
+                "repeats": config.repeats, "tasks": list(config.tasks), "task_examples": config.task_examples}
+    if config.checkpoint:
+        model = moejax.load_pretrained(config.checkpoint)
+        tokenizer = moejax.load_tokenizer(config.checkpoint)
         if tokenizer is None:
-            raise app.UsageError(f"checkpoint {_CHECKPOINT.value!r} has no tokenizer.json to read the validation "
+            raise app.UsageError(f"checkpoint {config.checkpoint!r} has no tokenizer.json to read the validation "
                                  "text and the tasks with")
-        sequences, corpus = validation_sequences(tokenizer, _CONFIG.value, _SEQUENCES.value, _LENGTH.value)
-        settings.update(corpus=corpus["corpus"], split="validation", validation_fraction=_CONFIG.value.validation_fraction,
-                        test_fraction=_CONFIG.value.test_fraction)
+        sequences, corpus = validation_sequences(tokenizer, config.corpus, config.sequences, config.length)
+        settings.update(corpus=corpus["corpus"], split="validation",
+                        validation_fraction=config.corpus.validation_fraction, test_fraction=config.corpus.test_fraction)
     else:
         if tasks:
-            raise app.UsageError("the random built-in model (--checkpoint empty) has no tokenizer: pass --tasks= "
-                                 "(empty)")
-        model, tokenizer, corpus = moejax.random_model(moejax.ModelConfig(**RANDOM_MODEL), seed=0), None, {}
+            raise app.UsageError("the random built-in model (checkpoint empty) has no tokenizer: pass "
+                                 "--config.tasks='()'")
+        model, tokenizer, corpus = harness.random_model(RANDOM_MODEL), None, {}
         rng = np.random.default_rng(0)
-        sequences = list(rng.integers(0, model.config.vocab_size, size=(_SEQUENCES.value, _LENGTH.value)))
+        sequences = list(rng.integers(0, model.config.vocab_size, size=(config.sequences, config.length)))
         settings.update(corpus="random tokens", split="-")
-    if model.config.num_experts % _DEVICES.value:
-        raise app.UsageError(f"--num_devices={_DEVICES.value} does not divide the model's "
+    if model.config.num_experts % config.num_devices:
+        raise app.UsageError(f"config.num_devices={config.num_devices} does not divide the model's "
                              f"{model.config.num_experts} experts")
-    extra = {"command": " ".join(["python"] + sys.argv), "machine": machine(), "corpus": corpus}
-    results = run_sweep(model, sequences, tasks, tokenizer, _WORKDIR.value, factors=factors, strategies=strategies,
-                        settings=settings, num_devices=_DEVICES.value, batch_size=_BATCH.value,
-                        repeats=_REPEATS.value, extra=extra)
-    plot(results["cells"], os.path.join(_WORKDIR.value, "plot.png"))
-    write_readme(_WORKDIR.value, results)
+    results = run_sweep(model, sequences, tasks, tokenizer, workdir, factors=factors, strategies=strategies,
+                        settings=settings, num_devices=config.num_devices, batch_size=config.batch_size,
+                        repeats=config.repeats, extra={**harness.header(), "corpus": corpus})
+    plot(results["cells"], os.path.join(workdir, "plot.png"))
+    write_readme(workdir, results)
     print(markdown_tables(results))
-    print(f"Wrote {os.path.join(_WORKDIR.value, 'results.json')}, plot.png and README.md")
+    print(f"Wrote {os.path.join(workdir, 'results.json')}, plot.png and README.md")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    harness.run(main, workdir="experiments/results/capacity_sweep")

@@ -20,7 +20,6 @@ def main(argv):
 
     distributed.initialize_from_env()
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 

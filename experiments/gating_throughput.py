@@ -1,9 +1,10 @@
 """Static versus dynamic gating (papers.md B) on the expert-parallel CPU mesh, against one device dropless.
 
-For each layer shape and number of tokens: tokens/s of one MoE layer, its activation (temporary) memory per
-device from the compiled executable's memory analysis, the static-gating waste factor (slots processed /
-pairs routed, ideally E * capacity_fraction / k), and the number of shapes dynamic gating compiled.
-Results JSON is written after every cell (a rerun skips finished cells); a plot goes beside it.
+For each layer shape and number of tokens: tokens/s of one MoE layer (static, dynamic and one device timed
+side by side), its activation (temporary) memory per device from the compiled executable's memory analysis,
+the static-gating waste factor (slots processed / pairs routed, ideally E * capacity_fraction / k), and the
+number of shapes dynamic gating compiled. Results JSON is written after every cell (a rerun skips finished
+cells); a plot goes beside it. Settings: configs/gating_throughput.py.
 
   python experiments/gating_throughput.py --workdir=experiments/results/gating_throughput
 """
@@ -11,28 +12,19 @@ Results JSON is written after every cell (a rerun skips finished cells); a plot 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-jax.config.update("jax_num_cpu_devices", 8)  # before any device is touched; harmless where devices are real
+import harness
+import moejax
+from moejax import parallel, stats
+from moejax.results import Results
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import moejax  # noqa: E402
-from moejax import parallel  # noqa: E402
-
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/gating_throughput", "Where results.json and plot.png go.")
-_TOKENS = flags.DEFINE_list("tokens", ["1024", "2048", "4096", "8192"], "Tokens per forward (all devices).")
-_LAYERS = flags.DEFINE_list("layers", ["lm", "decoder"], "Which layer shapes (see LAYERS).")
-_FRACTION = flags.DEFINE_float("capacity_fraction", 0.25, "Static gating's slots per expert / local tokens.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
+REPORT_PLOT = "static vs dynamic gating throughput"
 
 # lm: the paper's LM-like layer (many experts, top-2, every expert busy);
 # decoder: few tokens per step over many experts, so most experts are idle in a step (sparse activation).
@@ -48,16 +40,6 @@ def layer_block(shape: dict) -> moejax.CausalLM:
         num_kv_heads=4, head_dim=shape["hidden"] // 4, moe_layers=(True,), num_experts=shape["experts"],
         num_experts_per_tok=shape["top_k"], moe_intermediate_size=shape["ffn"], norm_topk_prob=True)
     return moejax.random_model(config, seed=0)
-
-
-def measure(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def temp_bytes(block, x, mask) -> int:
@@ -79,25 +61,21 @@ def _call(graphdef, state, x, mask):
     return nnx.merge(graphdef, state)(x, mask)
 
 
-def run_cell(layer: str, tokens: int, mesh, repeats: int) -> dict:
+def run_cell(layer: str, tokens: int, mesh, capacity_fraction: float, repeats: int) -> dict:
     shape = LAYERS[layer]
     model = layer_block(shape)
     rng = np.random.default_rng(tokens)
     x = jnp.asarray(rng.normal(size=(tokens, shape["hidden"])).astype(np.float32))
     mask = jnp.ones((tokens,), bool)
-    cell = {"layer": layer, "tokens": tokens, **shape, "capacity_fraction": _FRACTION.value,
+    cell = {"layer": layer, "tokens": tokens, **shape, "capacity_fraction": capacity_fraction,
             "devices": mesh.size}
 
     single = model.moe_blocks()[0]
-    cell["single_device_dropless"] = {"seconds": measure(lambda: call(single, x, mask)[0], (), repeats),
-                                      "temp_bytes": temp_bytes(single, x, mask)}
-
-    static = parallel.expert_parallel(model, mesh, "static", capacity_fraction=_FRACTION.value).moe_blocks()[0]
+    static = parallel.expert_parallel(model, mesh, "static", capacity_fraction=capacity_fraction).moe_blocks()[0]
     _, r_static, slots = call(static, x, mask)
     routed = tokens * shape["top_k"]
-    cell["static"] = {"seconds": measure(lambda: call(static, x, mask)[0], (), repeats),
-                      "temp_bytes": temp_bytes(static, x, mask),
-                      "slots_per_expert_per_device": int(slots),
+    cell["single_device_dropless"] = {"temp_bytes": temp_bytes(single, x, mask)}
+    cell["static"] = {"temp_bytes": temp_bytes(static, x, mask), "slots_per_expert_per_device": int(slots),
                       "waste_factor": int(slots) * shape["experts"] * mesh.size / routed,
                       "dropped_fraction": float(1 - r_static.keep.sum() / routed)}
 
@@ -107,23 +85,18 @@ def run_cell(layer: str, tokens: int, mesh, repeats: int) -> dict:
     pairs_per_device = tokens // mesh.size * shape["top_k"]
     runner(x, pairs_per_device=pairs_per_device)  # settles the bucket
     bucketed = parallel.with_bucket(dynamic_model, runner.bucket).moe_blocks()[0]
-    cell["dynamic"] = {"seconds": measure(lambda: call(bucketed, x, mask)[0], (), repeats),
-                       "temp_bytes": temp_bytes(bucketed, x, mask), "bucket": runner.bucket,
+    cell["dynamic"] = {"temp_bytes": temp_bytes(bucketed, x, mask), "bucket": runner.bucket,
                        "compiled_buckets": sorted(runner.compiled_buckets)}
-    for name in ("single_device_dropless", "static", "dynamic"):
-        cell[name]["tokens_per_second"] = tokens / cell[name]["seconds"]
+    blocks = {"single_device_dropless": single, "static": static, "dynamic": bucketed}
+    seconds = harness.median_seconds({name: functools.partial(lambda b: call(b, x, mask)[0], block)
+                                      for name, block in blocks.items()}, repeats)
+    for name in blocks:
+        cell[name].update(seconds=seconds[name], tokens_per_second=tokens / seconds[name])
     cell["dynamic_over_static_throughput"] = cell["static"]["seconds"] / cell["dynamic"]["seconds"]
     cell["dynamic_over_static_memory"] = cell["dynamic"]["temp_bytes"] / cell["static"]["temp_bytes"]
-    active = np.asarray(parallel_free_counts(single, x, mask))
+    active = np.asarray(stats.expert_counts(call(single, x, mask)[1]))  # one device, dropless: the routed pairs
     cell["idle_expert_fraction"] = float((active == 0).mean())
     return cell
-
-
-def parallel_free_counts(block, x, mask):
-    """Pairs per expert, from the single-device block's routing (which experts a step activates)."""
-    from moejax import stats
-
-    return stats.expert_counts(block.route(x, mask, False))
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -152,31 +125,39 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv):
-    del argv
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    path = os.path.join(_WORKDIR.value, "results.json")
-    done = json.load(open(path)) if os.path.exists(path) else {"cells": []}
-    done["machine"] = {"devices": jax.device_count(), "backend": jax.default_backend(), "jax": jax.__version__,
-                       "cpus": os.cpu_count()}
+def describe_cell(cell: dict) -> str:
+    return (f"{cell['layer']:8s} {cell['tokens']:6d} tokens: static {cell['static']['tokens_per_second']:9.0f} tok/s, "
+            f"dynamic {cell['dynamic']['tokens_per_second']:9.0f} tok/s ({cell['dynamic_over_static_throughput']:.2f}x), "
+            f"single device {cell['single_device_dropless']['tokens_per_second']:9.0f} tok/s; memory dynamic/static "
+            f"{cell['dynamic_over_static_memory']:.2f}; waste {cell['static']['waste_factor']:.1f}x")
+
+
+def report_section(r: dict) -> list[str]:
+    """The reproduction report's gating section."""
+    lines = ["## Static versus dynamic gating (Huang et al., papers.md B)", "",
+             "One MoE layer on the expert-parallel mesh: tokens/s and temporary memory per device. "
+             + harness.PAPERS["gating"], "",
+             "| layer | tokens | static tok/s | dynamic tok/s | dynamic / static | memory dynamic / static | static waste |",
+             "|---|---|---|---|---|---|---|"]
+    for c in r["cells"]:
+        lines.append(f"| {c['layer']} | {c['tokens']} | {c['static']['tokens_per_second']:.0f} | "
+                     f"{c['dynamic']['tokens_per_second']:.0f} | {c['dynamic_over_static_throughput']:.2f}x | "
+                     f"{c['dynamic_over_static_memory']:.2f} | {c['static']['waste_factor']:.1f}x |")
+    return lines
+
+
+def main(config, workdir):
+    results = Results(workdir)
+    results.data.update(harness.header())
     mesh = parallel.make_mesh()
-    todo = [(layer, int(t) // LAYERS[layer]["token_scale"]) for layer in _LAYERS.value for t in _TOKENS.value
-            if not any(c["layer"] == layer and c["tokens"] == int(t) // LAYERS[layer]["token_scale"]
-                       for c in done["cells"])]
-    for layer, tokens in tqdm(todo, desc="gating cells"):
-        cell = run_cell(layer, tokens, mesh, _REPEATS.value)
-        done["cells"].append(cell)
-        with open(path + ".tmp", "w") as f:
-            json.dump(done, f, indent=2)
-        os.replace(path + ".tmp", path)
-        tqdm.write(f"{layer:8s} {tokens:6d} tokens: static {cell['static']['tokens_per_second']:9.0f} tok/s, "
-                   f"dynamic {cell['dynamic']['tokens_per_second']:9.0f} tok/s "
-                   f"({cell['dynamic_over_static_throughput']:.2f}x), single device "
-                   f"{cell['single_device_dropless']['tokens_per_second']:9.0f} tok/s; memory dynamic/static "
-                   f"{cell['dynamic_over_static_memory']:.2f}; waste {cell['static']['waste_factor']:.1f}x")
-    plot(done["cells"], os.path.join(_WORKDIR.value, "plot.png"))
-    print(f"Wrote {path} (paper, single node LM: dynamic gating 6.21x static throughput)")
+    keys = [{"layer": layer, "tokens": int(t) // LAYERS[layer]["token_scale"]} for layer in config.layers
+            for t in config.tokens]
+    harness.sweep(results, keys, lambda key: run_cell(key["layer"], key["tokens"], mesh, config.capacity_fraction,
+                                                      config.repeats), describe_cell, desc="gating cells")
+    results.save()
+    plot(results.cells, os.path.join(workdir, "plot.png"))
+    print(f"Wrote {results.path} ({harness.PAPERS['gating']})")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    harness.run(main, workdir="workdir/gating_throughput")

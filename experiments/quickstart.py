@@ -1,27 +1,22 @@
 """Quick start: load (or build) a MoE model, run one forward pass and a short greedy generation.
 
 Prints what it does, the expert loads the router produced, and timings; writes results.json to --workdir.
+Settings: configs/quickstart.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
+import harness
 import moejax
-from moejax.results import write_json_atomically
 from moejax.config import ModelConfig
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/quickstart", "Where results.json is written.")
+from moejax.results import Results
 
 
 def build_model(config) -> moejax.CausalLM:
@@ -36,9 +31,7 @@ def build_model(config) -> moejax.CausalLM:
     return moejax.random_model(model_config, seed=config.seed, dtype=config.dtype, policy=policy)
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
+def main(config, workdir):
     model = build_model(config)
     vocab = model.config.vocab_size
     rng = np.random.default_rng(config.seed)
@@ -80,15 +73,13 @@ def main(argv):
         text = tokenizer.decode(np.asarray(moejax.generate(model, [ids], max_new_tokens=48))[0].tolist())
         print(f"Greedy continuation of {prompt!r}:\n{prompt}{text}")
 
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    path = os.path.join(_WORKDIR.value, "results.json")
-    write_json_atomically(path, {
-        "config": config.to_dict(), "jax": jax.__version__, "backend": jax.default_backend(),
-        "forward_ms": forward_s * 1e3, "compile_s": compile_s, "expert_loads": loads,
-        "generate_ms": generate_s * 1e3, "new_tokens": new.tolist()})
-    print(f"Wrote {path}")
-    logging.info("done")
+    results = Results(workdir)
+    results.data = {**harness.header(), "config": config.to_dict(), "forward_ms": forward_s * 1e3,
+                    "compile_s": compile_s, "expert_loads": loads, "generate_ms": generate_s * 1e3,
+                    "new_tokens": new.tolist()}
+    results.save()
+    print(f"Wrote {results.path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    harness.run(main, workdir="workdir/quickstart")

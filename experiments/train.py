@@ -10,31 +10,22 @@ with experiments/evaluate.py.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_default.py", "Training config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/train_default", "Checkpoints, tokenizer, export and results.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Host CPU devices for data parallelism (0: JAX's default).")
+import harness
 
 
-def main(argv):
-    del argv
+def main(config, workdir):
+    from absl import logging
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     import jax
 
-    if _CPU_DEVICES.value:
-        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
     import moejax
     from moejax.results import write_json_atomically
     from moejax import training
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     print(f"Training on {len(jax.devices())} {jax.default_backend()} device(s); workdir {workdir}")
     start = time.perf_counter()
@@ -57,12 +48,11 @@ def main(argv):
         "median_tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
         "parameters": sum(x.size for x in jax.tree.leaves(result["state"].params)),
         "history": result["history"], "devices": [str(d) for d in jax.devices()],
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "jax": jax.__version__},
+        **harness.header(),
     }
     write_json_atomically(os.path.join(workdir, "train_results.json"), summary)
     print(f"Trained {len(train)} steps in {seconds / 60:.1f} min; exported to {export}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    harness.run(main, workdir="workdir/train_default")

@@ -152,6 +152,13 @@ def token_stream(encoded: Sequence[np.ndarray], separator: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
+def document_stream(tokenizer, documents: Sequence[Document]) -> np.ndarray:
+    """The documents tokenised and joined by token_stream, each followed by the tokenizer's END_OF_DOCUMENT
+    id (0 when the tokenizer has no such token, as a checkpoint's own tokenizer may not)."""
+    separator = tokenizer.token_to_id(END_OF_DOCUMENT)
+    return token_stream(encode_documents(tokenizer, documents), 0 if separator is None else separator)
+
+
 def training_batch(stream: np.ndarray, seed: int, step: int, batch_size: int, length: int) -> np.ndarray:
     """int32 [batch_size, length + 1] windows of `stream`, a pure function of (seed, step): a run resumed at
     any step sees exactly the batches an uninterrupted run would have."""

@@ -59,7 +59,7 @@ def test_finished_stages_are_skipped(config, tmp_path, monkeypatch):
               "finished": "then"}
     (tmp_path / "gating" / "stage.json").write_text(json.dumps(record))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished stage ran again"))
-    assert stages.run_stage("gating", config, True, str(tmp_path), force=False) == record
+    assert stages.run_stage("gating", config, str(tmp_path), force=False) == record
 
 
 def test_a_failing_stage_reports_its_log(config, tmp_path, monkeypatch):
@@ -69,7 +69,7 @@ def test_a_failing_stage_reports_its_log(config, tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fail)
     with pytest.raises(RuntimeError, match="(?s)stage gating failed \\(exit 3\\).*the experiment broke"):
-        stages.run_stage("gating", config, True, str(tmp_path), force=False)
+        stages.run_stage("gating", config, str(tmp_path), force=False)
     assert not (tmp_path / "gating" / "stage.json").exists()  # not marked finished
 
 
@@ -80,7 +80,7 @@ def test_report_from_the_committed_results(config, tmp_path):
     for stage, folder in (("straggler", "default_model"), ("gating", "gating_throughput"),
                           ("buffering", "buffering"), ("placement", "placement")):
         shutil.copytree(os.path.join(committed, folder), tmp_path / stage)
-    text = open(report.write_report(str(tmp_path), config, quick=False)).read()
+    text = open(report.write_report(str(tmp_path), config)).read()
     straggler = json.load(open(tmp_path / "straggler" / "results.json"))
     assert f"validation perplexity {straggler['validation']['perplexity']:.2f}" in text
     assert "## capacity: not run" in text
