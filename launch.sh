@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # launch.sh: set up moejax and run an experiment or the tests. Every command does its own set-up: it
 # creates .venv (Python 3.11+) and installs moejax into it the first time, and again when pyproject.toml
-# changes.
+# changes. Experiments get the package alone; `test` (and the experiments that compare against transformers,
+# TEST_EXTRA_EXPERIMENTS) also get the test extras (torch, transformers, nbclient, ...).
 set -euo pipefail
 
 usage() {
@@ -12,7 +13,7 @@ Usage:
                                           --config when that file exists; flags go to the script (absl flags)
   ./launch.sh test [pytest args]          run the test suite on the JAX CPU backend (8 host devices);
                                           e.g. ./launch.sh test -m "not slow" for the quick subset
-  ./launch.sh setup                       only create/update .venv
+  ./launch.sh setup [test]                only create/update .venv (test: with the test extras)
   ./launch.sh --help                      this text
 
 WHERE (default: one local process):
@@ -36,26 +37,47 @@ USAGE
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV=${MOEJAX_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
+# experiments that import torch / transformers (a comparison against the reference implementation)
+TEST_EXTRA_EXPERIMENTS=(bench_forward)
 
+# setup [EXTRA]: install moejax (with pyproject.toml's optional dependencies EXTRA, e.g. "test") into $VENV
+# unless the stamp says this pyproject.toml is installed there with at least that extra. The stamp is one line,
+# "<sha256 of pyproject.toml> <installed extras, comma-separated>"; a reinstall keeps the extras already there.
 setup() {
+  local extra=${1:-}
   if [[ "${MOEJAX_SKIP_SETUP:-}" == 1 ]]; then
     return
   fi
-  # The test extras (torch, transformers) are installed too: parity tests and benchmarks need them.
-  local stamp="$VENV/.moejax-installed"
-  local want
+  local stamp="$VENV/.moejax-installed" want have="" installed=""
   want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
-  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  if [[ -f "$stamp" ]]; then
+    read -r have installed < "$stamp" || true
+  fi
+  if [[ "$have" == "$want" && ( -z "$extra" || ",$installed," == *",$extra,"* ) ]]; then
     return
+  fi
+  local extras=$installed
+  if [[ -n "$extra" && ",$extras," != *",$extra,"* ]]; then
+    extras=${extras:+$extras,}$extra
   fi
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "launch.sh: creating $VENV with $("$PYTHON" --version 2>&1)" >&2
     "$PYTHON" -m venv "$VENV"
   fi
-  echo "launch.sh: installing moejax and its dependencies into $VENV (first run takes a few minutes)" >&2
+  echo "launch.sh: installing moejax${extras:+[$extras]} and its dependencies into $VENV (first run takes a few" \
+    "minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
-  echo "$want" > "$stamp"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT${extras:+[$extras]}"
+  echo "$want $extras" > "$stamp"
+}
+
+# quote: the arguments as one shell-quoted string (printf %q), for a command line run by a remote shell
+quote() {
+  local out="" arg
+  for arg in "$@"; do
+    out+=" $(printf '%q' "$arg")"
+  done
+  echo "${out# }"
 }
 
 die() {
@@ -104,11 +126,24 @@ run_experiment() {
   fi
   if [[ -n "$tpu" ]]; then
     command -v gcloud >/dev/null || die "--tpu needs the gcloud CLI on this machine"
-    local remote="cd $tpu_dir && MOEJAX_DISTRIBUTED=auto ./launch.sh $command ${args[*]} $*"
+    # every argument quoted for the worker's shell; a leading ~/ of --tpu_dir stays unquoted so it expands there
+    local dir
+    if [[ "$tpu_dir" == "~/"* ]]; then
+      dir="~/$(quote "${tpu_dir#"~/"}")"
+    else
+      dir=$(quote "$tpu_dir")
+    fi
+    local remote="cd $dir && MOEJAX_DISTRIBUTED=auto ./launch.sh $(quote "$command" ${args[@]+"${args[@]}"} "$@")"
     exec gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" ${project:+--project "$project"} --worker=all \
       --command "$remote"
   fi
-  setup
+  local extra="" name
+  for name in "${TEST_EXTRA_EXPERIMENTS[@]}"; do
+    if [[ "$command" == "$name" ]]; then
+      extra=test
+    fi
+  done
+  setup "$extra"
   if [[ "$slurm" == 1 ]]; then
     [[ -n "${SLURM_JOB_ID:-}" ]] || die "--slurm runs inside a SLURM job (srun ./launch.sh --slurm ...); SLURM_JOB_ID is not set"
     MOEJAX_DISTRIBUTED=auto exec "$VENV/bin/python" "$script" "${args[@]}" "$@"
@@ -140,9 +175,10 @@ case "$command" in
   help)
     usage ;;
   setup)
-    setup ;;
+    [[ $# -le 1 && "${1:-test}" == test ]] || die "setup takes no argument or 'test'; got '$*'"
+    setup "${1:-}" ;;
   test)
-    setup
+    setup test
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *)
     run_experiment "$@" ;;
