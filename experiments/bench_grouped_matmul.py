@@ -8,6 +8,7 @@ interleaved (dense, then each path, per repeat) so background load hits them ali
 
   python experiments/bench_grouped_matmul.py                                # d=512 f=1024 E=8 top-2, 2048 tokens
   python experiments/bench_grouped_matmul.py --num_tokens=2 --experts=64   # a decode step: 4 rows, 64 experts
+  python experiments/bench_grouped_matmul.py --implementations=xla,xla@128,ragged_dot      # the xla loop, tile 128
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ _SKEW = flags.DEFINE_list("skew", ["balanced", "hot3x", "zipf"],
                           "Routing skews: balanced, hot3x (one expert gets 3x its share), zipf (share ~ 1/rank).")
 _IMPLEMENTATIONS = flags.DEFINE_list(
     "implementations", ["xla", "ragged_dot"],
-    "grouped_ffn implementations; mosaic_gpu@BMxBNxBN_DOWNxSTAGESxBAND times the Mosaic GPU kernels with that "
-    "tile config (rows, fused gate/up columns, down columns, pipeline stages, column tiles per band).")
+    "grouped_ffn implementations; xla@TILE times the xla loop with that tile; mosaic_gpu@BMxBNxBN_DOWNxSTAGESxBAND "
+    "the Mosaic GPU kernels with that tile config (rows, fused gate/up columns, down columns, pipeline stages, "
+    "column tiles per band).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed repeats after warm-up.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the results here as JSON.")
 
@@ -69,7 +71,7 @@ def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())
     return {"nproc": os.cpu_count(), "cpu": model, "jax": jax.__version__, "backend": jax.default_backend(),
-            "auto": kernels.default_implementation()}
+            "auto": ",".join(kernels.default_implementation())}
 
 
 def swiglu(x, w_gate, w_up, w_down):
@@ -79,16 +81,24 @@ def swiglu(x, w_gate, w_up, w_down):
     return jnp.dot(h.astype(x.dtype), w_down, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def path(name: str):
-    """grouped_ffn with an implementation, or the Mosaic GPU kernels with an explicit tile config."""
-    if "@" not in name:
-        return functools.partial(kernels.grouped_ffn, implementation=name)
-    from moejax.kernels import mosaic_gpu_grouped_matmul as mosaic
+def implementation(spec: str):
+    """A grouped_ffn implementation from its flag spelling: a name, or an implementation object with its
+    config for xla@TILE and mosaic_gpu[_interpret]@BMxBNxBN_DOWNxSTAGESxBAND."""
+    if "@" not in spec:
+        return spec
+    name, config = spec.split("@", 1)
+    if name == "xla":
+        return kernels.Xla(kernels.XlaConfig(tile=int(config)))
+    if name in ("mosaic_gpu", "mosaic_gpu_interpret"):
+        bm, bn, bn_down, stages, band = (int(v) for v in config.split("x"))
+        return kernels.MosaicGpu(kernels.MosaicGpuConfig(gate_up=kernels.TileConfig(bm, bn, stages, band),
+                                                         matmul=kernels.TileConfig(bm, bn_down, stages, band)),
+                                 interpret=name == "mosaic_gpu_interpret")
+    raise ValueError(f"no config spelling for {name!r}: use xla@TILE or mosaic_gpu@BMxBNxBN_DOWNxSTAGESxBAND")
 
-    bm, bn, bn_down, stages, band = (int(v) for v in name.split("@", 1)[1].split("x"))
-    return functools.partial(mosaic.mosaic_grouped_ffn,
-                             config=mosaic.TileConfig(bm, bn, stages, band),
-                             down_config=mosaic.TileConfig(bm, bn_down, stages, band))
+
+def path(spec: str):
+    return functools.partial(kernels.grouped_ffn, implementation=implementation(spec))
 
 
 def interleaved_times(calls: dict, repeats: int) -> dict[str, list[float]]:

@@ -1,8 +1,10 @@
-"""The grouped expert matmuls against their plain-jnp references, for every implementation, under jax.jit.
+"""The grouped expert matmuls against their plain-jnp references, for every implementation, under jax.jit;
+the registry that picks an implementation; batched_ffn.
 
 Shapes are tiny and shared between cases (group_sizes is traced), so each implementation compiles a few
 times only and the file runs in seconds."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.kernels import (ACTIVATIONS, default_implementation, grouped_ffn, grouped_ffn_reference, grouped_matmul,
-                            grouped_matmul_reference)
-from moejax.kernels.grouped_matmul import default_tile
+from moejax import kernels
+from moejax.kernels import (ACTIVATIONS, IMPLEMENTATIONS, batched_ffn, default_implementation, grouped_ffn,
+                            grouped_ffn_reference, grouped_matmul, grouped_matmul_reference)
 
-IMPLEMENTATIONS = ["xla", "pallas_interpret", "ragged_dot"]
 D, F = 16, 24
 # one jitted reference for the whole file: compiled once per shape and activation
 _reference = jax.jit(grouped_ffn_reference, static_argnames=("activation", "capacity"))
@@ -52,36 +53,131 @@ def _check_ffn(fn, sizes, n, **kwargs):
     assert sum(sizes) == 0 or np.abs(ref[:sum(sizes)]).max() > 0.1
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_grouped_ffn_matches_reference_f32(implementation):
-    fn = jax.jit(functools.partial(grouped_ffn, implementation=implementation))
-    for sizes in SAME_SHAPE.values():
-        _check_ffn(fn, sizes, 40)
-    for sizes, n in OTHER_SHAPES.values():
-        _check_ffn(fn, sizes, n)
+def _truncated(full, sizes, capacity):
+    """The reference's rows kept by a capacity: each group's first `capacity`, the rest 0."""
+    expected = np.zeros_like(full)
+    for start, size in zip(np.cumsum([0] + sizes[:-1]), sizes):
+        keep = min(size, capacity)
+        expected[start:start + keep] = full[start:start + keep]
+    return expected
+
+
+class ImplementationTests:
+    """What every implementation must do; one subclass per implementation sets `implementation`."""
+    implementation = None
+    # the capacity passed where a test wants no drop: None, or (for implementations that need one) a
+    # capacity no group here reaches
+    no_drop_capacity = None
+    differentiable = False
+
+    def _fn(self, entry=grouped_ffn, **kwargs):
+        kwargs.setdefault("capacity", self.no_drop_capacity)
+        return functools.partial(entry, implementation=self.implementation, **kwargs)
+
+    def test_grouped_ffn_matches_reference_f32(self):
+        fn = jax.jit(self._fn())
+        for sizes in SAME_SHAPE.values():
+            _check_ffn(fn, sizes, 40)
+        for sizes, n in OTHER_SHAPES.values():
+            _check_ffn(fn, sizes, n)
+
+    def test_activations(self):
+        x, gs, w = _inputs(SAME_SHAPE["random-with-empty"], 40, seed=4)
+        # every activation in one jitted program: one compile instead of four
+        outs = jax.jit(lambda *args: {a: self._fn(activation=a)(*args) for a in ACTIVATIONS})(x, gs, *w)
+        for activation, out in outs.items():
+            np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(x, gs, *w, activation=activation)),
+                                       rtol=1e-5, atol=1e-5, err_msg=activation)
+
+    def test_bfloat16_accumulates_in_float32(self):
+        sizes, n = OTHER_SHAPES["several-tiles"]
+        x, gs, w = _inputs(sizes, n, jnp.bfloat16, seed=5)
+        out = jax.jit(self._fn())(x, gs, *w)
+        assert out.dtype == jnp.bfloat16
+        ref = _reference(x, gs, *w)  # f32 math from the same bf16 inputs
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=3e-2, atol=3e-2)
+        assert (np.asarray(out, np.float32)[sum(sizes):] == 0).all()
+
+    def test_grouped_matmul_matches_reference(self):
+        sizes = SAME_SHAPE["random-with-empty"]
+        x, gs, _ = _inputs(sizes, 40)
+        w = jnp.asarray(np.random.RandomState(6).randn(len(sizes), D, F), jnp.float32)
+        out = np.asarray(jax.jit(self._fn(grouped_matmul))(x, gs, w))
+        np.testing.assert_allclose(out, np.asarray(grouped_matmul_reference(x, gs, w)), rtol=1e-5, atol=1e-5)
+        ragged = jax.lax.ragged_dot(x[:sum(sizes)], w, gs)  # the semantics are ragged_dot's
+        np.testing.assert_allclose(out[:sum(sizes)], np.asarray(ragged), rtol=1e-5, atol=1e-5)
+        assert (out[sum(sizes):] == 0).all()
+
+    def test_counts_above_capacity_are_truncated(self):
+        """Only each group's first `capacity` rows are computed; the rest come out 0."""
+        sizes, n = OTHER_SHAPES["several-tiles"]
+        x, gs, w = _inputs(sizes, n, seed=9)
+        capacities = (1, 100)
+        outs = jax.jit(lambda *args: [self._fn(capacity=c)(*args) for c in capacities])(x, gs, *w)
+        full = np.asarray(_reference(x, gs, *w))
+        for capacity, out in zip(capacities, outs):
+            np.testing.assert_allclose(np.asarray(out), _truncated(full, sizes, capacity), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"capacity {capacity}")
+
+    def test_gradients_match_the_reference(self):
+        if not self.differentiable:
+            pytest.skip(f"{self.implementation} is not reverse-differentiable")
+        x, gs, w = _inputs(SAME_SHAPE["no-full-tile"], 40)
+        capacity = 3 if self.no_drop_capacity is None else self.no_drop_capacity
+
+        def grad(fn):
+            loss = lambda x, *w: (jnp.sin(fn(x, gs, *w)) ** 2).sum()
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(x, *w)
+
+        for kwargs in ({}, {"capacity": capacity}):
+            ours = grad(self._fn(**kwargs))
+            theirs = grad(functools.partial(grouped_ffn_reference, capacity=kwargs.get("capacity")))
+            for a, b in zip(ours, theirs):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(kwargs))
+
+
+class TestXla(ImplementationTests):
+    implementation = "xla"
+
+
+class TestPallasInterpret(ImplementationTests):
+    implementation = "pallas_interpret"
+
+
+class TestRaggedDot(ImplementationTests):
+    implementation = "ragged_dot"
+    differentiable = True
+
+
+class TestCapacityBuffers(ImplementationTests):
+    implementation = "capacity_buffers"
+    no_drop_capacity = 1000  # the largest N here: buffers that hold every row
+    differentiable = True
 
 
 def test_the_shapes_exercise_the_tiles():
     """The cases above cover N below a tile, remainders, and full tiles followed by a remainder."""
-    assert default_tile(4, 16) == (8, 8)
-    assert default_tile(1000, 5) == (128, 32)
+    assert kernels.Xla().tiles(4, 16) == (8, 8)
+    assert kernels.Xla().tiles(1000, 5) == (128, 32)
+    assert kernels.Xla(kernels.XlaConfig(tile=64)).tiles(1000, 5) == (64, 16)
 
 
 @pytest.mark.parametrize("tile", [8, 16, 64])
 def test_every_tile_size_matches(tile):
+    """An xla implementation object carrying its own tile computes the same result."""
     sizes, n = OTHER_SHAPES["several-tiles"]
-    _check_ffn(jax.jit(functools.partial(grouped_ffn, implementation="xla", tile=tile)), sizes, n)
+    _check_ffn(jax.jit(functools.partial(grouped_ffn, implementation=kernels.Xla(kernels.XlaConfig(tile=tile)))),
+               sizes, n)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_activations(implementation):
-    x, gs, w = _inputs(SAME_SHAPE["random-with-empty"], 40, seed=4)
-    # every activation in one jitted program: one compile instead of four
-    outs = jax.jit(lambda *args: {a: grouped_ffn(*args, activation=a, implementation=implementation)
-                                  for a in ACTIVATIONS})(x, gs, *w)
-    for activation, out in outs.items():
-        np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(x, gs, *w, activation=activation)),
-                                   rtol=1e-5, atol=1e-5, err_msg=activation)
+def test_pallas_with_its_own_tiles_matches():
+    tiles = kernels.PallasConfig(tiles=(8, 16, 8), down_tiles=(8, 8, 16))  # d = 16, f = 24
+    fn = jax.jit(functools.partial(grouped_ffn, implementation=kernels.Pallas(tiles, interpret=True)))
+    _check_ffn(fn, SAME_SHAPE["random-with-empty"], 40)
+    x, gs, w = _inputs(SAME_SHAPE["random-with-empty"], 40)
+    with pytest.raises(ValueError, match=r"'pallas_interpret' cannot take these inputs: tiles \(tk=16, tn=16\) "
+                                         "must divide the reduction 16 and the output 24"):
+        grouped_ffn(x, gs, *w, implementation=kernels.Pallas(kernels.PallasConfig(tiles=(8, 16, 16)), interpret=True))
 
 
 def test_gelu_is_the_tanh_approximation():
@@ -90,60 +186,83 @@ def test_gelu_is_the_tanh_approximation():
     assert np.abs(np.asarray(approx) - np.asarray(exact)).max() > 1e-4
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_bfloat16_accumulates_in_float32(implementation):
-    sizes, n = OTHER_SHAPES["several-tiles"]
-    x, gs, w = _inputs(sizes, n, jnp.bfloat16, seed=5)
-    out = jax.jit(functools.partial(grouped_ffn, implementation=implementation))(x, gs, *w)
-    assert out.dtype == jnp.bfloat16
-    ref = _reference(x, gs, *w)  # f32 math from the same bf16 inputs
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=3e-2, atol=3e-2)
-    assert (np.asarray(out, np.float32)[sum(sizes):] == 0).all()
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_grouped_matmul_matches_reference(implementation):
-    sizes = SAME_SHAPE["random-with-empty"]
-    x, gs, _ = _inputs(sizes, 40)
-    w = jnp.asarray(np.random.RandomState(6).randn(len(sizes), D, F), jnp.float32)
-    out = np.asarray(jax.jit(functools.partial(grouped_matmul, implementation=implementation))(x, gs, w))
-    np.testing.assert_allclose(out, np.asarray(grouped_matmul_reference(x, gs, w)), rtol=1e-5, atol=1e-5)
-    ragged = jax.lax.ragged_dot(x[:sum(sizes)], w, gs)  # the semantics are ragged_dot's
-    np.testing.assert_allclose(out[:sum(sizes)], np.asarray(ragged), rtol=1e-5, atol=1e-5)
-    assert (out[sum(sizes):] == 0).all()
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_counts_above_capacity_are_truncated(implementation):
-    """Only each group's first `capacity` rows are computed; the rest come out 0."""
-    sizes, n = OTHER_SHAPES["several-tiles"]
-    x, gs, w = _inputs(sizes, n, seed=9)
-    capacities = (1, 100)
-    outs = jax.jit(lambda *args: [grouped_ffn(*args, implementation=implementation, capacity=c)
-                                  for c in capacities])(x, gs, *w)
-    full = np.asarray(_reference(x, gs, *w))
-    for capacity, out in zip(capacities, outs):
-        expected = np.zeros_like(full)
-        for start, size in zip(np.cumsum([0] + sizes[:-1]), sizes):
-            keep = min(size, capacity)
-            expected[start:start + keep] = full[start:start + keep]
-        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5, err_msg=f"capacity {capacity}")
-
-
 def test_auto_and_reference_dispatch():
     """"auto" is the xla path on the CPU, "reference" is grouped_ffn_reference: the same traced programs."""
-    assert default_implementation() == "xla"  # the tests run on the CPU backend
+    assert default_implementation() == ("xla",)  # the tests run on the CPU backend
     x, gs, w = _inputs(SAME_SHAPE["no-full-tile"], 40)
     program = lambda fn, **kw: str(jax.make_jaxpr(functools.partial(fn, **kw))(x, gs, *w))
     assert program(grouped_ffn) == program(grouped_ffn, implementation="xla")
+    assert program(grouped_ffn, implementation="xla") == program(grouped_ffn, implementation=kernels.Xla())
     assert program(grouped_ffn, implementation="reference") == program(grouped_ffn_reference)
 
 
-def test_ragged_dot_path_is_differentiable():
-    x, gs, w = _inputs(SAME_SHAPE["no-full-tile"], 40)
-    loss = lambda impl: lambda w0: (grouped_ffn(x, gs, w0, w[1], w[2], implementation=impl) ** 2).sum()
-    np.testing.assert_allclose(np.asarray(jax.grad(loss("ragged_dot"))(w[0])),
-                               np.asarray(jax.grad(loss("reference"))(w[0])), rtol=1e-4, atol=1e-5)
+@dataclasses.dataclass(frozen=True)
+class _Refuses(kernels.Implementation):
+    """An implementation that can serve no call."""
+    name = "refuses"
+
+    def supported(self, x, weights, *, capacity):
+        return "it never can"
+
+
+def test_a_sequence_falls_through_to_the_next_implementation():
+    x, gs, w = _inputs(SAME_SHAPE["random-with-empty"], 40)
+    program = lambda **kw: str(jax.make_jaxpr(functools.partial(grouped_ffn, **kw))(x, gs, *w))
+    assert program(implementation=[_Refuses(), "xla"]) == program(implementation="xla")
+    # capacity buffers cannot serve a call without a capacity: the next one does
+    assert program(implementation=("capacity_buffers", "reference")) == program(implementation="reference")
+    assert program(implementation=["auto"]) == program(implementation="xla")
+    # a lone implementation that cannot serve says why, as does a sequence of them
+    with pytest.raises(ValueError, match="implementation 'refuses' cannot take these inputs: it never can"):
+        grouped_ffn(x, gs, *w, implementation=_Refuses())
+    with pytest.raises(ValueError, match="'capacity_buffers' cannot take these inputs: capacity buffers need capacity="):
+        grouped_ffn(x, gs, *w, implementation="capacity_buffers")
+    with pytest.raises(ValueError, match="no implementation .* refuses: it never can; capacity_buffers: capacity"):
+        grouped_ffn(x, gs, *w, implementation=[_Refuses(), "capacity_buffers"])
+
+
+def test_registry_names():
+    assert IMPLEMENTATIONS[0] == "auto"
+    assert {"xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret", "ragged_dot",
+            "capacity_buffers", "reference"} <= set(IMPLEMENTATIONS)
+    with pytest.raises(ValueError, match="XlaConfig.tile must be a positive row count or None; got 0"):
+        kernels.XlaConfig(tile=0)
+    with pytest.raises(ValueError, match="the two kernels share visits: block_m 64 != 128"):
+        kernels.MosaicGpuConfig(gate_up=kernels.TileConfig(block_m=64))
+
+
+def test_autotune_returns_the_implementation_with_the_fastest_config():
+    sizes, n = OTHER_SHAPES["several-tiles"]
+    x, gs, w = _inputs(sizes, n)
+    configs = (kernels.XlaConfig(tile=16), kernels.XlaConfig(tile=64))
+    best = kernels.autotune(x, gs, *w, configs=configs, repeats=1)
+    assert isinstance(best, kernels.Xla) and best.config in configs
+    np.testing.assert_allclose(np.asarray(grouped_ffn(x, gs, *w, implementation=best)),
+                               np.asarray(_reference(x, gs, *w)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="autotune times the configs of one implementation"):
+        kernels.autotune(x, gs, *w, implementation=["xla", "ragged_dot"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batched_ffn_is_a_dense_ffn_per_expert(dtype):
+    rs = np.random.RandomState(7)
+    e, c = 3, 5
+    buffers = jnp.asarray(rs.randn(e, c, D), dtype)
+    w = tuple(jnp.asarray(rs.randn(*s) * 0.3, dtype) for s in ((e, D, F), (e, D, F), (e, F, D)))
+    out = jax.jit(functools.partial(batched_ffn, activation="gelu"))(buffers, *w)
+    assert out.shape == (e, c, D) and out.dtype == dtype
+    f32 = lambda a: np.asarray(a, np.float32)
+    for i in range(e):
+        b, (wg, wu, wd) = f32(buffers[i]), (f32(a[i]) for a in w)
+        hidden = np.asarray(ACTIVATIONS["gelu"](jnp.asarray(b @ wg))) * (b @ wu)
+        # the hidden goes to the down projection in the buffers' dtype
+        expected = f32(jnp.asarray(hidden).astype(dtype)) @ wd
+        tol = 1e-5 if dtype == jnp.float32 else 3e-2
+        np.testing.assert_allclose(f32(out[i]), expected, rtol=tol, atol=tol, err_msg=f"expert {i}")
+    with pytest.raises(ValueError, match=r"w_down has shape \(3, 16, 24\); expected \(3, 24, 16\)"):
+        batched_ffn(buffers, w[0], w[1], w[0])
+    with pytest.raises(ValueError, match=r"buffers must be \[experts, capacity, d\]"):
+        batched_ffn(buffers[0], *w)
 
 
 def test_bad_input_is_named():
@@ -166,6 +285,10 @@ def test_bad_input_is_named():
         grouped_ffn(x, gs, *w, implementation="triton")
     with pytest.raises(ValueError, match="unknown implementation 'triton'"):
         grouped_matmul(x, gs, w[0], implementation="triton")
+    with pytest.raises(ValueError, match="unknown implementation 'triton'"):
+        grouped_ffn(x, gs, *w, implementation=["xla", "triton"])
+    with pytest.raises(ValueError, match="implementation= is an empty sequence"):
+        grouped_ffn(x, gs, *w, implementation=[])
 
 
 # The Mosaic GPU kernels in GPU interpret mode (simulated SMEM, TMA, wgmma): bf16 only, widths of whole
@@ -221,7 +344,7 @@ def test_mosaic_gpu_takes_bf16_only_and_says_so():
 
 
 def _on_hopper() -> bool:
-    return jax.default_backend() == "gpu" and default_implementation() == "mosaic_gpu"
+    return jax.default_backend() == "gpu" and default_implementation()[:1] == ("mosaic_gpu",)
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (run with JAX_PLATFORMS=cuda on one)")
