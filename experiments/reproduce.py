@@ -12,11 +12,13 @@ have finished.
   ./launch.sh reproduce --stages=capacity,placement   # a subset
   ./launch.sh reproduce --config=configs/reproduce.py:mixtral --config.checkpoint=/data/Mixtral-8x7B-v0.1
   ./launch.sh reproduce --quick --config.capacity.sequences=24 --config.capacity.tasks='()'
+  ./launch.sh reproduce --quick --dry_run             # each stage's command, nothing run
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 import harness  # experiments/harness.py
 from report import write_report  # experiments/report.py
-from stages import check_inputs, run_stage  # experiments/stages.py
+from stages import check_inputs, run_stage, stage_command  # experiments/stages.py
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Model preset and each stage's config.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where stages and the report go; default workdir/reproduce[_quick].")
@@ -32,6 +34,7 @@ _STAGES = flags.DEFINE_list("stages", [], "Stages to run (default: all, in order
 _QUICK = flags.DEFINE_boolean("quick", False, "The config's quick variant (as configs/reproduce.py:quick): the "
                               "whole run in about 9 minutes on 2 CPU cores.")
 _FORCE = flags.DEFINE_boolean("force", False, "Rerun stages that have finished.")
+_DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print each stage's command (finished ones marked) and stop.")
 
 
 def resolve_config():
@@ -52,6 +55,11 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join("workdir", "reproduce_quick" if config.quick else "reproduce")
     stages = _STAGES.value or list(config.stages)
     check_inputs(config, stages, workdir)
+    if _DRY_RUN.value:
+        for name in stages:
+            finished = os.path.exists(os.path.join(workdir, name, "stage.json")) and not _FORCE.value
+            print(f"{name}{' (finished: skipped)' if finished else ''}: {shlex.join(stage_command(name, config, workdir))}")
+        return
     progress = tqdm(stages, desc="reproduce", unit="stage")
     for name in progress:
         progress.set_postfix_str(f"{name} (log: {os.path.join(workdir, name, 'log.txt')})")

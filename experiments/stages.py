@@ -38,6 +38,14 @@ def check_inputs(config, stages: list[str], workdir: str) -> None:
         raise app.UsageError(f"workdir {workdir!r} is not writable: {e}") from None
 
 
+def from_root(path: str) -> str:
+    """`path` (relative to this process's directory) as the stages see it: relative to the repository root,
+    where they run, when it is inside it; else absolute."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute, harness.ROOT)
+    return absolute if relative.startswith("..") else relative
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -56,16 +64,23 @@ def _flag_value(value) -> str:
 
 def stage_arguments(config, stage: str) -> list[str]:
     """The script's flags for one stage: its config file (the quick variant under quick) and an override for
-    each field where config.<stage> differs from that file. Paths in the checkpoint field are made relative
-    to the repository root, where the stage runs, so the recorded command is one a reader can paste."""
+    each field where config.<stage> differs from that file. The checkpoint path is made relative to the
+    repository root, where the stage runs (from_root), so the recorded command is one a reader can paste."""
     wanted = config[stage].to_dict()
     script = wanted.pop("script")
     if wanted.get("checkpoint"):
-        wanted["checkpoint"] = os.path.relpath(os.path.abspath(wanted["checkpoint"]), harness.ROOT)
+        wanted["checkpoint"] = from_root(wanted["checkpoint"])
     spec = f"configs/{script}.py" + (":quick" if config.quick else "")
     default = _flat(harness.load_config(spec).to_dict())
     return [f"--config={spec}"] + [f"--config.{key}={_flag_value(value)}"
                                    for key, value in _flat(wanted).items() if default.get(key) != value]
+
+
+def stage_command(name: str, config, workdir: str) -> list[str]:
+    """The command line that runs one stage, from the repository root, into workdir/<name>."""
+    return ["python", os.path.join("experiments", f"{config[name].script}.py"),
+            f"--workdir={from_root(os.path.join(workdir, name))}",
+            *stage_arguments(config, name)]
 
 
 def run_stage(name: str, config, workdir: str, force: bool) -> dict:
@@ -75,8 +90,7 @@ def run_stage(name: str, config, workdir: str, force: bool) -> dict:
     if os.path.exists(marker) and not force:
         return read_json(marker)
     os.makedirs(out, exist_ok=True)
-    command = [sys.executable, os.path.join("experiments", f"{config[name].script}.py"),
-               f"--workdir={os.path.relpath(os.path.abspath(out), harness.ROOT)}", *stage_arguments(config, name)]
+    command = [sys.executable, *stage_command(name, config, workdir)[1:]]
     start = time.perf_counter()
     log_path = os.path.join(out, "log.txt")
     with open(log_path, "w") as log:
