@@ -8,9 +8,12 @@ set -euo pipefail
 usage() {
   cat <<'USAGE'
 Usage:
-  ./launch.sh [WHERE] quickstart [flags]  run experiments/quickstart.py with configs/quickstart.py (the main job)
+  ./launch.sh reproduce --quick [flags]   both papers on the default model, one report (the main job);
+                                          --stages=a,b, --force, --dry_run, --config=configs/reproduce.py:PRESET
+  ./launch.sh [WHERE] quickstart [flags]  run experiments/quickstart.py with configs/quickstart.py (a first look)
   ./launch.sh [WHERE] EXPERIMENT [flags]  run experiments/EXPERIMENT.py; configs/EXPERIMENT.py is its default
-                                          --config when that file exists; flags go to the script (absl flags)
+                                          --config when that file exists (configs/EXPERIMENT.py:quick: its quick
+                                          variant); --config.FIELD=VALUE overrides a field, --workdir=DIR
   ./launch.sh test [pytest args]          run the test suite on the JAX CPU backend (8 host devices);
                                           e.g. ./launch.sh test -m "not slow" for the quick subset
   ./launch.sh setup [test]                only create/update .venv (test: with the test extras)
