@@ -8,7 +8,7 @@
    device memory the slots hold.
 3. Measured, side by side: buffering.generate with real host -> device copies for a subset of cells, with
    moejax.generate with every expert resident (one jitted loop) and a buffered run with every expert
-   resident (the same layer loop without copies), timed round-robin (a compiling round, then --repeats
+   resident (the same layer loop without copies), timed round-robin (a compiling round, then config.repeats
    rounds; medians), so the machine's drift hits every cell alike. Each cell's ratio to both baselines is
    stored and printed; the Expert Buffering target is lifo at half the experts <= 1.5x all-resident. A
    measured run's decode misses must equal the simulator's (checked, stored).

@@ -58,27 +58,28 @@ def load_config(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
-def run(main: Callable, workdir: str) -> None:
-    """Run `main(config, workdir)` as the script's entry point: --config (default configs/<script>.py; any
-    field overridden with --config.FIELD=VALUE, a variant picked with configs/<script>.py:ARG) and --workdir
-    (default `workdir`). A config with a cpu_devices field > 0 gets that many host devices, set before any
-    device is touched (the CPU mesh of the expert-parallel experiments; harmless where devices are real)."""
+def run(main: Callable, workdir: str, config: str = "") -> None:
+    """Run `main(config, workdir)` as the script's entry point: --config (default `config`, else
+    configs/<script>.py; any field overridden with --config.FIELD=VALUE, a variant picked with FILE:ARG) and
+    --workdir (default `workdir`). A config with a cpu_devices field > 0 gets that many host devices, set
+    before any device is touched (the CPU mesh of the expert-parallel experiments; harmless where devices
+    are real)."""
     from absl import app, flags
     from ml_collections import config_flags
 
     script = os.path.splitext(os.path.basename(sys.modules[main.__module__].__file__))[0]
-    default = os.path.relpath(os.path.join(ROOT, "configs", f"{script}.py"))
-    config = config_flags.DEFINE_config_file("config", default, f"The experiment's config (default {default}).")
+    default = os.path.relpath(os.path.join(ROOT, config or os.path.join("configs", f"{script}.py")))
+    flag = config_flags.DEFINE_config_file("config", default, f"The experiment's config (default {default}).")
     work = flags.DEFINE_string("workdir", workdir, "Where results.json and the plot go.")
 
     def entry(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]} (settings are --config.FIELD=VALUE)")
-        if config.value.get("cpu_devices"):
+        if flag.value.get("cpu_devices"):
             import jax
 
-            jax.config.update("jax_num_cpu_devices", config.value.cpu_devices)
-        main(config.value, work.value)
+            jax.config.update("jax_num_cpu_devices", flag.value.cpu_devices)
+        main(flag.value, work.value)
 
     app.run(entry)
 

@@ -171,7 +171,7 @@ def benchmark_loads(num_experts: int, num_batches: int, rng: np.random.Generator
 
 def search_benchmark(config) -> dict:
     """search's run time at the issue's size, after a first call that compiles it, and what it buys: plain
-    descent (restarts=0) and with --search_restarts perturb-and-descend rounds."""
+    descent (restarts=0) and with config.search_restarts perturb-and-descend rounds."""
     num_experts, num_devices, num_batches = (int(v) for v in config.search_benchmark_shape)
     rng = np.random.default_rng(0)
     loads = benchmark_loads(num_experts, 2 * num_batches, rng)

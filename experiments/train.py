@@ -1,6 +1,7 @@
 """Train a small MoE language model on real text and export it as a Hugging Face checkpoint.
 
     python experiments/train.py --config=configs/train_default.py --workdir=workdir/train_default
+    python experiments/train.py --config=configs/train_default.py:quick --workdir=/tmp/train   # 20 steps
 
 Resumes from --workdir's latest orbax checkpoint when interrupted (same batches as an uninterrupted run).
 Writes --workdir/export/ (config.json, model.safetensors, tokenizer.json: moejax.load_pretrained and
@@ -55,4 +56,4 @@ def main(config, workdir):
 
 
 if __name__ == "__main__":
-    harness.run(main, workdir="workdir/train_default")
+    harness.run(main, workdir="workdir/train_default", config="configs/train_default.py")

@@ -85,3 +85,17 @@ def test_dry_run_shows_quick_as_the_quick_variant_with_the_overrides():
     capacity = next(line for line in lines if line.startswith("capacity: "))
     assert capacity == ("capacity: python experiments/capacity_sweep.py --workdir=/tmp/plan/capacity "
                         "--config=configs/capacity_sweep.py:quick --config.num_devices=4 --config.sequences=5")
+
+
+def test_every_script_on_harness_run_has_its_default_config():
+    import re
+
+    for path in glob.glob(os.path.join(ROOT, "experiments", "*.py")):
+        source = open(path).read()
+        call = re.search(r"harness\.run\(main, [^)]*\)", source)
+        if call is None:
+            continue
+        named = re.search(r'config="([^"]+)"', call.group(0))
+        config = named.group(1) if named else f"configs/{os.path.basename(path)}"
+        assert os.path.isfile(os.path.join(ROOT, config)), (path, config)
+        harness.load_config(config)
