@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import placement as placement_lib
+from moejax.layout import Layout
 from moejax.routing import Routing
 
 DROP_STRATEGIES = ("score", "first", "last", "random")
@@ -31,12 +31,16 @@ class MoEPolicy:
         token's device) or "global" (every expert is a candidate); each expert keeps its top-C candidates
         by score, weighted by their score.
     scope: "expert" or "device" (capacity per device of the expert axis).
-    num_devices / placement: the expert axis that local experts and device capacity refer to; placement is
-        device_of_expert (a tuple of E ints; default contiguous blocks, moejax.placement.contiguous).
+    num_devices / placement: on one device, the expert axis that local experts and device capacity refer
+        to (placement: device_of_expert, a tuple of E ints; default contiguous blocks): shorthand for the
+        model runtime's `layout.Layout`. Under expert parallelism the layout comes from the mesh and its
+        placement instead (these must then be None or agree with it).
     renormalize: rescale each token's kept weights to the sum its routed weights had (off by default, as
         in the paper).
     in_decode: apply the capacity in decode steps too (the authors' code silently did not; here it is a
         visible choice).
+    seed: drop="random" draws each pair's priority from key(seed) folded with the layer and a digest of
+        the batch's router logits: the same batch drops the same pairs, another batch or seed others.
     """
 
     capacity_factor: float | None = None
@@ -47,6 +51,7 @@ class MoEPolicy:
     placement: tuple[int, ...] | None = None
     renormalize: bool = False
     in_decode: bool = True
+    seed: int = 0
 
     def __post_init__(self):
         if self.capacity_factor is not None and not self.capacity_factor > 0:
@@ -61,26 +66,23 @@ class MoEPolicy:
             object.__setattr__(self, "placement", tuple(int(d) for d in self.placement))
             if self.num_devices is None:
                 object.__setattr__(self, "num_devices", max(self.placement) + 1)
-        needs_devices = self.expanded == "local" or self.scope == "device"
-        if needs_devices and self.num_devices is None:
-            raise ValueError(f"MoEPolicy: expanded={self.expanded!r}, scope={self.scope!r} needs a placement "
-                             "that says which experts are on which device: pass num_devices= (contiguous "
-                             "blocks) or placement=")
         if (self.expanded is not None or self.scope == "device") and self.capacity_factor is None:
             raise ValueError(f"MoEPolicy: expanded={self.expanded!r}, scope={self.scope!r} needs a capacity_factor")
+
+    @property
+    def needs_layout(self) -> bool:
+        """Whether the policy needs to know which device holds each expert (and token)."""
+        return not self.dropless and (self.expanded == "local" or self.scope == "device")
 
     @property
     def dropless(self) -> bool:
         return self.capacity_factor is None
 
-    def device_of_expert(self, num_experts: int) -> np.ndarray:
-        """The placement this policy uses for `num_experts` experts (validated)."""
-        if self.placement is None:
-            return placement_lib.contiguous(num_experts, self.num_devices)
-        if len(self.placement) != num_experts:
-            raise ValueError(f"MoEPolicy: placement has {len(self.placement)} entries but the model has "
-                             f"{num_experts} experts")
-        return placement_lib.check(self.placement, self.num_devices)
+    def layout(self, num_experts: int) -> Layout | None:
+        """The one-device layout that num_devices / placement describe (None if they are not given)."""
+        if self.num_devices is None:
+            return None
+        return Layout.build(num_experts, self.num_devices, self.placement)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -168,8 +170,9 @@ def expanded_drop(scores: jax.Array, experts: jax.Array, capacity: int | jax.Arr
 
 
 def apply_policy(routing: Routing, policy: MoEPolicy, *, num_tokens: jax.Array | int, decode: bool = False,
-                 key: jax.Array | None = None) -> Routing:
-    """Apply `policy` to a block's routing. `num_tokens` counts real (non-padding) tokens only.
+                 key: jax.Array | None = None, layout: Layout | None = None) -> Routing:
+    """Apply `policy` to a block's routing. `num_tokens` counts real (non-padding) tokens only; `layout`
+    (default: the policy's own) says which device holds each expert and token.
 
     Token drop edits `keep` (and with renormalize, the weights). Expanded drop returns a wider Routing:
     its experts [T, k + L] are the top-k followed by the L experts local to the token (all E for the
@@ -179,14 +182,18 @@ def apply_policy(routing: Routing, policy: MoEPolicy, *, num_tokens: jax.Array |
         return routing
     num_experts = routing.scores.shape[-1]
     top_k = routing.experts.shape[-1]
+    if layout is None:
+        layout = policy.layout(num_experts)
+    if layout is None and policy.needs_layout:
+        raise ValueError(f"MoEPolicy: expanded={policy.expanded!r}, scope={policy.scope!r} needs a layout")
     if policy.expanded is not None:
-        new = _expanded(routing, policy, num_tokens)
+        new = _expanded(routing, policy, num_tokens, layout)
     else:
         device_of_expert = None
         groups = num_experts
         if policy.scope == "device":
-            device_of_expert = policy.device_of_expert(num_experts)
-            groups = policy.num_devices
+            device_of_expert = layout.device_of_expert
+            groups = layout.num_devices
         capacity = _traced_capacity(policy.capacity_factor, top_k, num_tokens, groups)
         keep = token_drop(routing.scores, routing.experts, capacity, policy.drop, key=key, keep=routing.keep,
                           device_of_expert=device_of_expert)
@@ -199,7 +206,15 @@ def apply_policy(routing: Routing, policy: MoEPolicy, *, num_tokens: jax.Array |
     return new
 
 
-def _expanded(routing: Routing, policy: MoEPolicy, num_tokens) -> Routing:
+def drop_key(policy: MoEPolicy, layer: int, router_logits: jax.Array) -> jax.Array | None:
+    """The PRNG key of drop="random" for one MoE layer and batch (see MoEPolicy.seed); None otherwise."""
+    if policy.drop != "random" or policy.dropless:
+        return None
+    digest = jax.lax.bitcast_convert_type(jnp.sum(router_logits.astype(jnp.float32)), jnp.uint32)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(policy.seed), layer), digest)
+
+
+def _expanded(routing: Routing, policy: MoEPolicy, num_tokens, layout: Layout | None) -> Routing:
     scores, experts = routing.scores, routing.experts
     t_count, num_experts = scores.shape
     top_k = experts.shape[-1]
@@ -207,10 +222,7 @@ def _expanded(routing: Routing, policy: MoEPolicy, num_tokens) -> Routing:
     if policy.expanded == "global":
         extra = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (t_count, num_experts))
     else:
-        device_of_expert = policy.device_of_expert(num_experts)
-        experts_of_device = np.argsort(device_of_expert, kind="stable").reshape(policy.num_devices, -1)
-        token_device = placement_lib.token_devices(t_count, policy.num_devices)
-        extra = jnp.asarray(experts_of_device[token_device], jnp.int32)  # [T, L]
+        extra = jnp.asarray(layout.local_experts(t_count))  # [T, L]
     local = jnp.zeros((t_count, num_experts), bool).at[jnp.arange(t_count)[:, None], extra].set(True)
     capacity = _traced_capacity(policy.capacity_factor, top_k, num_tokens, num_experts)
     keep_dense = expanded_drop(scores, experts, capacity, local & valid[:, None])
@@ -221,4 +233,4 @@ def _expanded(routing: Routing, policy: MoEPolicy, num_tokens) -> Routing:
     first = jnp.concatenate([jnp.ones_like(experts, bool), ~duplicate], axis=-1)
     keep = jnp.take_along_axis(keep_dense, wide, axis=-1) & first
     weights = jnp.take_along_axis(scores, wide, axis=-1)
-    return Routing(scores, wide, weights, keep)
+    return Routing(scores, wide, weights, keep, routing.logits)

@@ -181,7 +181,7 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     """A moejax model from a Hugging Face checkpoint directory (config.json + safetensors), or from a
     directory written by `save_converted`. Parameters are cast to `dtype`. With a `mesh`
     (moejax.parallel.make_mesh), the MoE blocks run expert-parallel on it with the given gating
-    ("dynamic" or "static") and options (see moejax.parallel.ExpertParallel)."""
+    ("dynamic" or "static") and options (see moejax.parallel.expert_parallel)."""
     model = _load(os.fspath(path), dtype, policy)
     if mesh is not None:
         from moejax import parallel
@@ -269,7 +269,7 @@ def export_pretrained(model: CausalLM, directory: str, tokenizer=None) -> None:
     transformers loads too. Expert-parallel models are exported from their single-device originals."""
     from safetensors.numpy import save_file
 
-    if any(block.parallel is not None for block in model.moe_blocks()):
+    if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
     hf_config = to_hf_config(model.config, model.dtype)
     mixtral = model.config.architecture == "mixtral"

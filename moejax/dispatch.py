@@ -34,9 +34,12 @@ def dispatch(x: jax.Array, routing: Routing) -> Dispatch:
 
 def combine(expert_out: jax.Array, dispatched: Dispatch, routing: Routing) -> jax.Array:
     """expert_out [T*k, d] (rows in dispatch order) -> [T, d] = sum over kept pairs of weight * output."""
-    num_tokens, top_k = routing.experts.shape
     inverse = jnp.argsort(dispatched.order)  # a gather back is cheaper on CPU than a scatter
-    per_pair = expert_out[inverse].reshape(num_tokens, top_k, -1)
-    weights = jnp.where(routing.keep, routing.weights, 0.0)
-    out = jnp.einsum("tkd,tk->td", per_pair.astype(jnp.float32), weights)
-    return out.astype(expert_out.dtype)
+    return weighted_sum(expert_out[inverse], routing.weights, routing.keep).astype(expert_out.dtype)
+
+
+def weighted_sum(per_pair: jax.Array, weights: jax.Array, keep: jax.Array) -> jax.Array:
+    """per_pair [T*k, d] in pair order -> float32 [T, d]: each token's kept pairs weighted and summed."""
+    num_tokens, top_k = weights.shape
+    w = jnp.where(keep, weights, 0.0)
+    return jnp.einsum("tkd,tk->td", per_pair.reshape(num_tokens, top_k, -1).astype(jnp.float32), w)

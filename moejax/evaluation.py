@@ -269,46 +269,22 @@ def prefill_loads(model: CausalLM, sequences: Sequence[Sequence[int]], batch_siz
             "tokens": int(sum(int(m.sum()) for m in masks))}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_step(graphdef, state, last, cache):
-    """One greedy decode step -> (next token [B], cache, routed pairs per expert [MoE layers, E])."""
+def decode_loads(model: CausalLM, prompts: Sequence[Sequence[int]], steps: int, stop_tokens=None) -> dict:
+    """Greedy decoding of all `prompts` together (moejax.generate's loop) for up to `steps` decode steps,
+    recording each step's routing: per MoE layer, the mean fraction of experts that no token of the batch
+    routes to (idle) in a decode step, and the mean max/mean load of a decode step. Rows that drew a stop
+    token route nothing; steps after every row stopped are not run and not counted."""
     from moejax import stats
+    from moejax.generate import decode
 
-    model = nnx.merge(graphdef, state)
-    out = model.forward(last[:, None], cache=cache, decode=True)
-    top_k = model.config.num_experts_per_tok
-    counts = jnp.stack([stats.expert_counts(r, kept=False, top_k=top_k) for r in out.routings if r is not None])
-    return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache, counts
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, state, tokens, mask, cache):
-    out = nnx.merge(graphdef, state).forward(tokens, token_mask=mask, cache=cache)
-    return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache
-
-
-def decode_loads(model: CausalLM, prompts: Sequence[Sequence[int]], steps: int) -> dict:
-    """Greedy decoding of all `prompts` together for `steps` steps, recording each step's routing: per MoE
-    layer, the mean fraction of experts that no token of the batch routes to (idle) in a decode step, and
-    the mean max/mean load of a decode step."""
-    from moejax import stats
-    from moejax.models.transformer import init_cache
-
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
-    tokens, mask = pad_prompts([list(p) for p in prompts])
-    if tokens.shape[1] + steps > model.config.max_position_embeddings:
-        raise ValueError(f"prompts of {tokens.shape[1]} padded tokens + {steps} steps exceed the model's "
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    padded = pad_prompts([list(p) for p in prompts])[0].shape[1]
+    if padded + steps > model.config.max_position_embeddings:
+        raise ValueError(f"prompts of {padded} padded tokens + {steps} steps exceed the model's "
                          f"{model.config.max_position_embeddings} positions")
-    graphdef, state = nnx.split(model)
-    cache = init_cache(model.config, len(prompts), tokens.shape[1] + steps, model.dtype)
-    last, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache)
-    cache = cache._replace(index=jnp.asarray(cache.index, jnp.int32))  # a traced index: one compiled step
-    per_step = []
-    for _ in range(steps):
-        last, cache, counts = _decode_step(graphdef, state, last, cache)
-        per_step.append(np.asarray(counts))
-    counts = np.stack(per_step)  # [steps, layers, E]
-    return {"layers": [i for i, moe in enumerate(model.config.moe_layers) if moe], "steps": steps,
+    out = decode(model, [list(p) for p in prompts], steps + 1, record_loads=True, stop_tokens=stop_tokens)
+    counts = np.asarray(out.loads)[:int(out.steps)]  # [steps run, layers, E]
+    return {"layers": [i for i, moe in enumerate(model.config.moe_layers) if moe], "steps": int(out.steps),
             "batch_size": len(prompts), "idle_fraction": (counts == 0).mean(axis=(0, 2)).tolist(),
             "step_max_over_mean": np.asarray(stats.max_over_mean(jnp.asarray(counts, jnp.float32))).mean(0).tolist()}

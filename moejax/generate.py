@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.models.transformer import CausalLM, KVCache, check_token_ids, init_cache
+from moejax import stats
+from moejax.models.transformer import CausalLM, check_token_ids, init_cache
 
 _PROMPT_BUCKET = 8  # prompts are left-padded to a multiple of this, so few prompt lengths compile
 
@@ -35,6 +36,38 @@ def pad_prompts(prompt, pad_id: int = 0, bucket: int = _PROMPT_BUCKET) -> tuple[
     return tokens, mask
 
 
+class Sampling(NamedTuple):
+    """How the next token is drawn and when a row stops: validated once (`decoding`), shared by every
+    decode loop (moejax.generate, buffered generation, decode statistics)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stops: tuple[int, ...]
+    pad_token_id: int
+
+
+def decoding(config, max_new_tokens, *, key=None, temperature=0.0, top_p=1.0, stop_tokens=None,
+             pad_token_id=None) -> tuple[Sampling, jax.Array]:
+    """Check a decode loop's arguments -> (Sampling, the PRNG key: key(0) where greedy needs none)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if not temperature >= 0:  # also refuses nan
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: generate(..., key=jax.random.key(0))")
+    stops = () if stop_tokens is None else tuple(int(s) for s in np.atleast_1d(stop_tokens).tolist())
+    for s in stops:
+        if not 0 <= s < config.vocab_size:
+            raise ValueError(f"stop token {s} is outside the vocabulary [0, {config.vocab_size})")
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+    sampling = Sampling(int(max_new_tokens), float(temperature), float(top_p), stops, int(pad_token_id))
+    return sampling, jax.random.key(0) if key is None else key
+
+
 def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Array | None = None,
              temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Sequence[int] | int | None = None,
              cache_size: int | None = None, pad_token_id: int | None = None) -> jax.Array:
@@ -44,19 +77,23 @@ def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Arra
     explicit PRNG `key`. After a stop token a row's remaining outputs are `pad_token_id` (default: the
     config's pad id, else the first stop token, else 0).
     """
+    return decode(model, prompt, max_new_tokens, key=key, temperature=temperature, top_p=top_p,
+                  stop_tokens=stop_tokens, cache_size=cache_size, pad_token_id=pad_token_id).tokens
+
+
+class Decoded(NamedTuple):
+    tokens: jax.Array  # int32 [B, max_new_tokens]
+    steps: jax.Array  # int32: forward calls after the prefill (fewer than max_new_tokens - 1 if all rows stopped)
+    loads: jax.Array | None  # int32 [max_new_tokens - 1, MoE layers, E]: routed pairs per expert per decode
+    #                          step (record_loads; rows of steps not run are 0)
+
+
+def decode(model: CausalLM, prompt, max_new_tokens: int = 16, *, record_loads: bool = False,
+           cache_size: int | None = None, **sampling) -> Decoded:
+    """The decode loop behind `generate` (same arguments), optionally recording each decode step's expert
+    loads: one jitted prefill over left-padded prompts, then a jitted while loop on a preallocated cache."""
     config = model.config
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if temperature > 0 and key is None:
-        raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: generate(..., key=jax.random.key(0))")
-    stops = () if stop_tokens is None else tuple(np.atleast_1d(stop_tokens).tolist())
-    for s in stops:
-        if not 0 <= s < config.vocab_size:
-            raise ValueError(f"stop token {s} is outside the vocabulary [0, {config.vocab_size})")
+    sampling, key = decoding(config, max_new_tokens, **sampling)
     tokens, mask = pad_prompts(prompt)
     check_token_ids(jnp.where(mask, tokens, 0), config.vocab_size)
     real_lengths = mask.sum(axis=1)
@@ -69,14 +106,9 @@ def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Arra
     elif needed > cache_size:  # the cache fits the tokens but not our bucket padding: trim the padding
         trim = needed - cache_size
         tokens, mask = tokens[:, trim:], mask[:, trim:]
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
-    if key is None:
-        key = jax.random.key(0)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, max_new_tokens=max_new_tokens,
-                     cache_size=cache_size, temperature=float(temperature), top_p=float(top_p), stops=stops,
-                     pad_token_id=int(pad_token_id))
+    return _decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, sampling=sampling,
+                   cache_size=cache_size, record_loads=record_loads)
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -94,39 +126,49 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: fl
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-    "max_new_tokens", "cache_size", "temperature", "top_p", "stops", "pad_token_id"))
-def _generate(graphdef, state, tokens, mask, key, *, max_new_tokens, cache_size, temperature, top_p, stops,
-              pad_token_id):
+def next_tokens(logits: jax.Array, key: jax.Array, done: jax.Array, sampling: Sampling):
+    """One step of every decode loop: logits [B, V] of the last position -> (tokens [B], next key, done [B]).
+    Rows already done get the pad token; a row is done once it drew a stop token."""
+    key, sub = jax.random.split(key)
+    nxt = sample_next(logits, sub, sampling.temperature, sampling.top_p)
+    nxt = jnp.where(done, sampling.pad_token_id, nxt)
+    if sampling.stops:
+        done = done | jnp.isin(nxt, jnp.asarray(sampling.stops, jnp.int32))
+    return nxt, key, done
+
+
+def expert_loads(routings, top_k: int, token_mask: jax.Array) -> jax.Array:
+    """int32 [MoE layers, E]: routed (token, expert) pairs per expert of one forward call's real tokens."""
+    return jnp.stack([stats.expert_counts(r, kept=False, token_mask=token_mask, top_k=top_k)
+                      for r in routings if r is not None])
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampling", "cache_size", "record_loads"))
+def _decode(graphdef, state, tokens, mask, key, *, sampling, cache_size, record_loads):
     model = nnx.merge(graphdef, state)
-    batch = tokens.shape[0]
+    batch, steps = tokens.shape[0], sampling.max_new_tokens
     cache = init_cache(model.config, batch, cache_size, model.dtype)
     out = model.forward(tokens, token_mask=mask, cache=cache)
-    key, sub = jax.random.split(key)
-    first = sample_next(out.logits[:, -1], sub, temperature, top_p)
-    stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)
-
-    def is_stop(tok):
-        return jnp.isin(tok, stop_ids) if stops else jnp.zeros(tok.shape, bool)
-
-    generated = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
-    done = is_stop(first)
+    first, key, done = next_tokens(out.logits[:, -1], key, jnp.zeros((batch,), bool), sampling)
+    generated = jnp.full((batch, steps), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
+    num_moe, num_experts = sum(model.config.moe_layers), model.config.num_experts
+    loads = jnp.zeros((max(steps - 1, 0), num_moe, num_experts) if record_loads else (0,), jnp.int32)
 
     def cond(carry):
-        step, _, _, done, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+        step, _, _, done, _, _, _ = carry
+        return (step < steps) & ~jnp.all(done)
 
     def body(carry):
-        step, last, generated, done, cache, key = carry
+        step, last, generated, done, cache, key, loads = carry
         # finished rows still run (static shapes) but as padding: no cache slot, no expert slot
         out = model.forward(last[:, None], token_mask=~done[:, None], cache=cache, decode=True)
-        key, sub = jax.random.split(key)
-        nxt = sample_next(out.logits[:, -1], sub, temperature, top_p)
-        nxt = jnp.where(done, pad_token_id, nxt)
+        if record_loads:
+            loads = loads.at[step - 1].set(expert_loads(out.routings, model.config.num_experts_per_tok, ~done))
+        nxt, key, done = next_tokens(out.logits[:, -1], key, done, sampling)
         generated = jax.lax.dynamic_update_slice_in_dim(generated, nxt[:, None], step, axis=1)
-        return step + 1, nxt, generated, done | is_stop(nxt), out.cache, key
+        return step + 1, nxt, generated, done, out.cache, key, loads
 
     cache = out.cache._replace(index=jnp.asarray(out.cache.index, jnp.int32))  # static after prefill; a loop carry now
-    carry = (jnp.ones((), jnp.int32), first, generated, done, cache, key)
-    _, _, generated, _, _, _ = jax.lax.while_loop(cond, body, carry)
-    return generated
+    carry = (jnp.ones((), jnp.int32), first, generated, done, cache, key, loads)
+    step, _, generated, _, _, _, loads = jax.lax.while_loop(cond, body, carry)
+    return Decoded(generated, step - 1, loads if record_loads else None)

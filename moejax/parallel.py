@@ -13,45 +13,35 @@ Two gatings (papers.md B):
              shapes compile.
 
 Routing and capacity policies run before dispatch on the global token set, exactly as on one device, so
-policies work unchanged; the placement (device_of_expert, or a placement.Placement with replicas of hot
-experts) decides which device computes each expert. With replicas, each (token, expert) pair goes to
+policies work unchanged. The block's `layout.Layout` (mesh + placement, shared with the policy) decides
+which device computes each expert and holds each token. With replicas, each (token, expert) pair goes to
 replica (token index mod replicas) of its expert: an even split that needs no communication.
+
+`ExpertParallel` is an experts backend (moejax.experts); `expert_parallel(model, mesh, ...)` returns the
+model with it and the mesh's layout in every MoE block's runtime. This module imports the models, never
+the reverse.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from flax import nnx
 
-from moejax import placement as placement_lib
-from moejax.kernels import ACTIVATIONS, grouped_ffn
+from moejax import dispatch, experts as experts_lib
+from moejax import kernels
+from moejax.layout import DATA, EXPERT, Layout, make_mesh  # noqa: F401 (make_mesh: re-exported)
+from moejax.models import with_experts, with_runtime
 from moejax.routing import Routing
 
 GATINGS = ("dynamic", "static")
 ALL_TO_ALLS = ("auto", "padded", "ragged")
-DATA, EXPERT = "data", "expert"
-
-
-def make_mesh(expert: int | None = None, data: int = 1, devices=None) -> Mesh:
-    """A (data, expert) mesh over `devices` (default: all); expert defaults to every device not on data."""
-    devices = list(jax.devices() if devices is None else devices)
-    if expert is None:
-        if len(devices) % data:
-            raise ValueError(f"data={data} does not divide the {len(devices)} devices")
-        expert = len(devices) // data
-    if expert * data != len(devices):
-        raise ValueError(f"a mesh of data={data} x expert={expert} needs {expert * data} devices; "
-                         f"{len(devices)} are available")
-    return jax.make_mesh((data, expert), (DATA, EXPERT), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=devices)
 
 
 def default_all_to_all() -> str:
@@ -59,70 +49,40 @@ def default_all_to_all() -> str:
     return "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
 
 
+@experts_lib.register
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
-    """How a MoE block runs on `mesh` (static: part of the compiled program)."""
+    """The experts backend that runs a MoE block's experts sharded over its layout's mesh (static: part of
+    the compiled program). bucket (dynamic gating): rows per buffer, per (source, destination) on the
+    padded all-to-all, per receiving device on the ragged one; None: the worst case, never truncates."""
 
-    mesh: Mesh
     gating: str = "dynamic"
     capacity_fraction: float = 0.25  # static gating: slots per expert per source device, as a fraction of its tokens
-    bucket: int | None = None  # dynamic, padded: rows per (source, destination) buffer; None: never truncates
-    placement: tuple[int, ...] | placement_lib.Placement | None = None  # device_of_expert or slots; None: contiguous
+    bucket: int | None = None
     all_to_all: str = "auto"
+    name = "expert_parallel"
 
     def __post_init__(self):
         if self.gating not in GATINGS:
             raise ValueError(f"unknown dispatch mode (gating) {self.gating!r}; supported: {GATINGS}")
         if self.all_to_all not in ALL_TO_ALLS:
             raise ValueError(f"unknown all_to_all {self.all_to_all!r}; supported: {ALL_TO_ALLS}")
-        if tuple(self.mesh.axis_names) != (DATA, EXPERT):
-            raise ValueError(f"the mesh needs axes {(DATA, EXPERT)}; got {self.mesh.axis_names} (use make_mesh)")
         if not 0 < self.capacity_fraction:
             raise ValueError(f"capacity_fraction={self.capacity_fraction} must be > 0")
-        if self.placement is not None and not isinstance(self.placement, placement_lib.Placement):
-            object.__setattr__(self, "placement", tuple(int(d) for d in self.placement))
-
-    @property
-    def num_devices(self) -> int:
-        return self.mesh.shape[EXPERT]
+        if self.bucket is not None and not (isinstance(self.bucket, int) and self.bucket >= 1):
+            raise ValueError(f"bucket={self.bucket!r} must be an integer >= 1 or None")
 
     @property
     def collective(self) -> str:
         return default_all_to_all() if self.all_to_all == "auto" else self.all_to_all
 
-    def layout(self, num_experts: int) -> placement_lib.Placement:
-        """The validated placement as physical slots (one per expert unless experts are replicated)."""
-        if isinstance(self.placement, placement_lib.Placement):
-            if self.placement.num_experts != num_experts:
-                raise ValueError(f"placement covers {self.placement.num_experts} experts but the model has "
-                                 f"{num_experts}")
-            if self.placement.num_devices != self.num_devices:
-                raise ValueError(f"placement spans {self.placement.num_devices} devices but the mesh's expert "
-                                 f"axis has {self.num_devices}")
-            return self.placement
-        return placement_lib.Placement.from_device_of_expert(self.device_of_expert(num_experts), self.num_devices)
+    def supported(self, layout: Layout | None) -> str | None:
+        if layout is None or layout.mesh is None:
+            return "expert parallelism needs a layout with a mesh (moejax.parallel.expert_parallel builds it)"
+        return None
 
-    def device_of_expert(self, num_experts: int) -> np.ndarray:
-        if isinstance(self.placement, placement_lib.Placement):
-            return self.layout(num_experts).device_of_expert  # raises for replicated experts
-        if num_experts % self.num_devices:
-            raise ValueError(f"the mesh's expert axis ({self.num_devices} devices) does not divide the number "
-                             f"of experts ({num_experts})")
-        if self.placement is None:
-            return placement_lib.contiguous(num_experts, self.num_devices)
-        if len(self.placement) != num_experts:
-            raise ValueError(f"placement has {len(self.placement)} entries but the model has {num_experts} experts")
-        return placement_lib.check(self.placement, self.num_devices)
-
-    def physical_order(self, num_experts: int) -> np.ndarray:
-        """Logical expert held at each physical slot: device d holds slots [d * L, (d + 1) * L)."""
-        return np.asarray(self.layout(num_experts).logical_of_slot, np.int32)
-
-
-class ExpertOutput(NamedTuple):
-    out: jax.Array  # [N, d] combined expert outputs
-    needed_bucket: jax.Array  # int32: the largest per-(source, destination) count met (dynamic gating)
-    kept: jax.Array  # bool [N, k]: pairs actually computed (static gating drops past its slots)
+    def __call__(self, x, routing, weights, layout, activation) -> experts_lib.ExpertsOutput:
+        return expert_parallel_ffn(x, routing, weights, layout, self, activation)
 
 
 def _rank_in_group(group: jax.Array) -> jax.Array:
@@ -142,11 +102,12 @@ def static_gating_keep(experts: jax.Array, keep: jax.Array, capacity: int) -> ja
     return kept.reshape(k, n).T
 
 
-def expert_parallel_ffn(x: jax.Array, r: Routing, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                        ep: ExpertParallel, activation: str) -> ExpertOutput:
-    """The dispatch -> experts -> combine of one MoE block on ep.mesh. x [N, d]; weights in physical order,
-    sharded over "expert". Tokens are padded to a multiple of the device count (padding keeps nothing)."""
-    layout = ep.layout(r.scores.shape[-1])
+def expert_parallel_ffn(x: jax.Array, r: Routing, weights: experts_lib.ExpertWeights, layout: Layout,
+                        ep: ExpertParallel, activation: str) -> experts_lib.ExpertsOutput:
+    """The dispatch -> experts -> combine of one MoE block on layout.mesh. x [N, d]; weights in physical
+    order, sharded over "expert". Tokens are padded to a multiple of the device count (padding keeps
+    nothing) and split over (data, expert) as `layout.token_devices` says."""
+    mesh, layout = layout.mesh, layout.placement
     # From here on "experts" are physical slots: each pair's replica is token index mod its replica count.
     n = x.shape[0]
     count = jnp.asarray(layout.replica_count)[r.experts]
@@ -154,36 +115,30 @@ def expert_parallel_ffn(x: jax.Array, r: Routing, w_gate: jax.Array, w_up: jax.A
     experts = jnp.asarray(layout.replica_slots)[r.experts, replica]
     slots = np.arange(layout.num_slots, dtype=np.int32)
     device_of_expert, slot_of_expert = slots // layout.slots_per_device, slots % layout.slots_per_device
-    devices = ep.mesh.size
+    devices = mesh.size
     padded = -(-n // devices) * devices
     pad = padded - n
-    keep, weights = r.keep, r.weights
+    keep, weights, expert_weights = r.keep, r.weights, weights
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         experts, weights = jnp.pad(experts, ((0, pad), (0, 0))), jnp.pad(weights, ((0, pad), (0, 0)))
         keep = jnp.pad(keep, ((0, pad), (0, 0)))
     tokens = P((DATA, EXPERT))
     fn = _dynamic if ep.gating == "dynamic" else _static
-    body = lambda *a: fn(*a, ep=ep, activation=activation, device_of_expert=jnp.asarray(device_of_expert),
-                         slot_of_expert=jnp.asarray(slot_of_expert))
+    body = lambda *a: fn(*a, ep=ep, num_dev=layout.num_devices, activation=activation,
+                         device_of_expert=jnp.asarray(device_of_expert), slot_of_expert=jnp.asarray(slot_of_expert))
     out, needed, kept = jax.shard_map(
-        body, mesh=ep.mesh, in_specs=(tokens, tokens, tokens, tokens, P(EXPERT), P(EXPERT), P(EXPERT)),
+        body, mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, P(EXPERT), P(EXPERT), P(EXPERT)),
         out_specs=(tokens, P(), tokens), check_vma=False,
-    )(x, experts, keep, weights.astype(jnp.float32), w_gate, w_up, w_down)
-    return ExpertOutput(out[:n], needed, kept[:n])
+    )(x, experts, keep, weights.astype(jnp.float32), *expert_weights)
+    return experts_lib.ExpertsOutput(out[:n], kept[:n], needed)
 
 
-def _combine(per_pair: jax.Array, weights: jax.Array, kept: jax.Array, dtype) -> jax.Array:
-    n, k = weights.shape
-    w = jnp.where(kept, weights, 0.0)
-    return jnp.einsum("nkd,nk->nd", per_pair.reshape(n, k, -1).astype(jnp.float32), w).astype(dtype)
-
-
-def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation, device_of_expert, slot_of_expert):
+def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, activation, device_of_expert,
+             slot_of_expert):
     """Per device: send each kept pair's row to the device of its expert, compute, send results back."""
     n, k = experts.shape
     d = x.shape[-1]
-    num_dev = ep.num_devices
     local_experts = w_gate.shape[0]
     pairs = n * k
     dest = jnp.where(keep, device_of_expert[experts], num_dev).reshape(-1)
@@ -195,16 +150,19 @@ def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation,
     send_starts = (jnp.cumsum(send_counts) - send_counts).astype(jnp.int32)
     # counts first: every device learns what it will receive from every other
     recv_counts = jax.lax.all_to_all(send_counts, EXPERT, 0, 0, tiled=True)
-    needed = jax.lax.pmax(jax.lax.pmax(send_counts.max(), EXPERT), DATA)
     dest_clamped = jnp.minimum(dest, num_dev - 1)
     offset = position - send_starts[dest_clamped]  # each pair's row in its destination chunk
 
     if ep.collective == "ragged":
-        out_sorted = _ragged_round_trip(x[order // k], slot[order], send_counts, send_starts, recv_counts,
-                                        w_gate, w_up, w_down, activation, local_experts, pairs)
+        needed = jax.lax.pmax(jax.lax.pmax(recv_counts.sum(), EXPERT), DATA)
+        receive_rows = pairs * num_dev if ep.bucket is None else min(ep.bucket, pairs * num_dev)
+        out_sorted, sent = _ragged_round_trip(x[order // k], slot[order], send_counts, send_starts, w_gate, w_up,
+                                              w_down, activation, local_experts, pairs, receive_rows)
         per_pair = out_sorted[position]
-        kept = keep
+        arrived = (dest < num_dev) & (offset < sent[dest_clamped])  # rows past a full receiver were not sent
+        kept = keep & arrived.reshape(n, k)
     else:
+        needed = jax.lax.pmax(jax.lax.pmax(send_counts.max(), EXPERT), DATA)
         bucket = pairs if ep.bucket is None else min(ep.bucket, pairs)
         index = jnp.minimum(send_starts[:, None] + jnp.arange(bucket)[None, :], pairs - 1)  # [D, B]
         valid = jnp.arange(bucket)[None, :] < send_counts[:, None]
@@ -219,46 +177,48 @@ def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation,
         per_pair = jnp.where(arrived[:, None], back[dest_clamped, jnp.minimum(offset, bucket - 1)], 0)
         kept = keep & arrived.reshape(n, k)
         del recv_counts  # the padded path marks validity with the sentinel slot instead
-    return _combine(per_pair, weights, kept, x.dtype), needed, kept
+    return dispatch.weighted_sum(per_pair, weights, kept).astype(x.dtype), needed, kept
 
 
 def _local_experts(rows, slots, w_gate, w_up, w_down, activation, local_experts):
     """Rows that arrived (any order, sentinel slot = padding) -> this device's expert outputs, same order."""
     order = jnp.argsort(slots, stable=True)
     group_sizes = jnp.bincount(slots, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    out_sorted = grouped_ffn(rows[order], group_sizes, w_gate, w_up, w_down, activation=activation)
+    out_sorted = kernels.grouped_ffn(rows[order], group_sizes, w_gate, w_up, w_down, activation=activation)
     return out_sorted[jnp.argsort(order)]
 
 
-def _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, recv_counts, w_gate, w_up, w_down,
-                       activation, local_experts, pairs):
-    """GPU/TPU: ragged_all_to_all moves exactly the routed rows; the receive buffer holds every pair that
-    could arrive (the worst case is all pairs of all sources), so nothing is truncated."""
-    num_dev = send_counts.shape[0]
+def _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, w_gate, w_up, w_down, activation,
+                       local_experts, pairs, receive_rows):
+    """GPU/TPU: ragged_all_to_all moves exactly the routed rows into a receive buffer of `receive_rows`
+    rows per device (all pairs of all sources can never overflow it; a smaller one is a bucket, see
+    ExpertParallelRunner). Chunks arrive in source order; what would land past the buffer is not sent.
+    Returns (outputs in sorted pair order, rows actually sent to each destination)."""
     d = rows.shape[-1]
-    capacity = pairs * num_dev
-    # where my chunk lands on each receiver: after the chunks of lower-numbered sources
     all_counts = jax.lax.all_gather(send_counts, EXPERT)  # [src, dst]
+    before = jnp.cumsum(all_counts, axis=0) - all_counts  # [src, dst]: rows that land before src's chunk
+    fits = jnp.clip(receive_rows - before, 0, all_counts).astype(jnp.int32)  # [src, dst]
     me = jax.lax.axis_index(EXPERT)
-    before_me = jnp.where(jnp.arange(num_dev)[:, None] < me, all_counts, 0).sum(0)  # [dst]
+    sent, recv_counts = fits[me], fits[:, me]
+    offsets = before[me].astype(jnp.int32)  # where my chunk lands on each receiver
     recv_starts = (jnp.cumsum(recv_counts) - recv_counts).astype(jnp.int32)
-    recv = jax.lax.ragged_all_to_all(rows, jnp.zeros((capacity, d), rows.dtype), send_starts, send_counts,
-                                     before_me.astype(jnp.int32), recv_counts, axis_name=EXPERT)
-    recv_slot = jax.lax.ragged_all_to_all(sorted_slot, jnp.full((capacity,), local_experts, jnp.int32),
-                                          send_starts, send_counts, before_me.astype(jnp.int32), recv_counts,
-                                          axis_name=EXPERT)
+    recv = jax.lax.ragged_all_to_all(rows, jnp.zeros((receive_rows, d), rows.dtype), send_starts, sent, offsets,
+                                     recv_counts, axis_name=EXPERT)
+    recv_slot = jax.lax.ragged_all_to_all(sorted_slot, jnp.full((receive_rows,), local_experts, jnp.int32),
+                                          send_starts, sent, offsets, recv_counts, axis_name=EXPERT)
     computed = _local_experts(recv, recv_slot, w_gate, w_up, w_down, activation, local_experts)
     # the return trip mirrors the first: my received chunk from source s goes back to s at its send offset
     back_offsets = jax.lax.all_to_all(send_starts, EXPERT, 0, 0, tiled=True)
-    return jax.lax.ragged_all_to_all(computed, jnp.zeros((pairs, d), rows.dtype), recv_starts, recv_counts,
-                                     back_offsets, send_counts, axis_name=EXPERT)
+    back = jax.lax.ragged_all_to_all(computed, jnp.zeros((pairs, d), rows.dtype), recv_starts, recv_counts,
+                                     back_offsets, sent, axis_name=EXPERT)
+    return back, sent
 
 
-def _static(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation, device_of_expert, slot_of_expert):
+def _static(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, activation, device_of_expert,
+            slot_of_expert):
     """Per device: fixed slots per expert (fairseq), one fixed-size all-to-all each way, padded compute."""
     n, k = experts.shape
     d = x.shape[-1]
-    num_dev = ep.num_devices
     local_experts = w_gate.shape[0]
     num_experts = local_experts * num_dev
     capacity = max(1, math.ceil(ep.capacity_fraction * n))
@@ -272,45 +232,46 @@ def _static(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, activation, 
     send = buffer[:-1].reshape(num_dev, local_experts * capacity, d)
     recv = jax.lax.all_to_all(send, EXPERT, 0, 0, tiled=True)  # [src, local experts * C, d]
     recv = recv.reshape(num_dev, local_experts, capacity, d).transpose(1, 0, 2, 3).reshape(local_experts, -1, d)
-    act = ACTIVATIONS[activation]
-    h = act(jnp.einsum("ecd,edf->ecf", recv, w_gate)) * jnp.einsum("ecd,edf->ecf", recv, w_up)
-    y = jnp.einsum("ecf,efd->ecd", h, w_down)  # every slot computed, padding included: the static waste
+    y = kernels.batched_ffn(recv, w_gate, w_up, w_down, activation=activation)  # every slot, padding too: the static waste
     y = y.reshape(local_experts, num_dev, capacity, d).transpose(1, 0, 2, 3).reshape(num_dev, -1, d)
     back = jax.lax.all_to_all(y, EXPERT, 0, 0, tiled=True).reshape(num_experts * capacity, d)
     back = jnp.concatenate([back, jnp.zeros((1, d), back.dtype)])
     per_pair = back[target.reshape(-1)]
-    return _combine(per_pair, weights, kept, x.dtype), jnp.int32(capacity), kept
+    return dispatch.weighted_sum(per_pair, weights, kept).astype(x.dtype), jnp.int32(capacity), kept
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Whole models
 
 
-def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placements=None, **options):
+def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placement=None, placements=None, **options):
     """The same model (parameters shared where they need not move) with every MoE block expert-parallel on
-    `mesh`: expert weights permuted into physical order (replicated experts copied into each of their
-    slots) and sharded over "expert", the rest replicated. `placement=` applies to every MoE block;
-    `placements=` gives one per MoE block instead (routing differs between layers)."""
-    from moejax.models.transformer import MoEBlock  # local import: models import this module
+    `mesh`: its runtime's experts backend `ExpertParallel(gating, **options)` and layout the mesh with its
+    placement; expert weights permuted into physical order (replicated experts copied into each of their
+    slots) and sharded over "expert", the rest replicated. The caller's model is left as it was.
 
-    ep = ExpertParallel(mesh, gating, **options)
-    new = nnx.clone(model)  # new Variables over the same arrays: set_value below must not touch `model`
-    blocks = new.moe_blocks()
+    placement= (device_of_expert, a placement.Placement, or None: contiguous blocks) applies to every MoE
+    block; placements= gives one per MoE block instead (routing differs between layers)."""
+    backend = ExpertParallel(gating, **options)
+    blocks = model.moe_blocks()
     if placements is not None:
-        if "placement" in options:
+        if placement is not None:
             raise ValueError("expert_parallel: pass placement= (every block) or placements= (one per block), not both")
         if len(placements) != len(blocks):
             raise ValueError(f"expert_parallel: {len(placements)} placements for {len(blocks)} MoE blocks")
+    else:
+        placements = [placement] * len(blocks)
+    runtimes = []
+    for block, p in zip(blocks, placements):
+        layout = Layout.build(block.config.num_experts, placement=p, mesh=mesh)  # validates the expert axis
+        runtimes.append(dataclasses.replace(block.runtime, experts=backend, layout=layout))
+    new = nnx.clone(with_runtime(model, runtimes))  # new Variables: set_value below must not touch `model`
     expert_weights = set()
-    for i, block in enumerate(blocks):
-        assert isinstance(block, MoEBlock)
-        if placements is not None:
-            ep = dataclasses.replace(ep, placement=placements[i])
-        order = ep.physical_order(block.config.num_experts)  # validates the expert axis
+    for block in new.moe_blocks():
+        order = np.asarray(block.layout.placement.logical_of_slot)
         for w in (block.w_gate, block.w_up, block.w_down):
             w.set_value(global_array(np.asarray(w.get_value())[order], NamedSharding(mesh, P(EXPERT))))
             expert_weights.add(id(w))
-        block.parallel = ep
     for _, var in nnx.iter_graph(new):
         if isinstance(var, nnx.Variable) and id(var) not in expert_weights:
             var.set_value(global_array(np.asarray(var.get_value()), NamedSharding(mesh, P())))
@@ -323,23 +284,25 @@ def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def with_bucket(model, bucket: int | None):
-    """The model with dynamic gating's padded buffer set to `bucket` rows in every MoE block."""
-    graphdef, state = nnx.split(model)
-    new = nnx.merge(graphdef, state)
-    for block in new.moe_blocks():
-        block.parallel = dataclasses.replace(block.parallel, bucket=bucket)
-    return new
+    """The model with dynamic gating's buffer set to `bucket` rows in every MoE block."""
+    backends = {dataclasses.replace(b.runtime.experts, bucket=bucket) for b in model.moe_blocks()}
+    if len(backends) != 1:
+        raise ValueError("with_bucket: the MoE blocks run different experts backends")
+    return with_experts(model, backends.pop())
 
 
-def bucket_sizes(pairs_per_device: int, num_devices: int) -> list[int]:
-    """The buffer sizes dynamic gating may compile: the balanced share times 1, 1.5, 2, 3, 4, 6, ... up to
-    every pair of a device (which can never overflow)."""
-    balanced = max(1, -(-pairs_per_device // num_devices))
+def bucket_sizes(pairs_per_device: int, num_devices: int, ragged: bool = False) -> list[int]:
+    """The buffer sizes dynamic gating may compile: the balanced load times 1, 1.5, 2, 3, 4, 6, ... up to the
+    worst case (which can never overflow). Padded all-to-all: rows per (source, destination), balanced
+    pairs / D, worst every pair of a device. Ragged: rows a device receives, balanced its own pair count,
+    worst every pair of every device."""
+    balanced = pairs_per_device if ragged else max(1, -(-pairs_per_device // num_devices))
+    worst = pairs_per_device * num_devices if ragged else pairs_per_device
     sizes, factor = [], 1.0
     while True:
-        size = min(pairs_per_device, math.ceil(balanced * factor))
+        size = min(worst, math.ceil(balanced * factor))
         sizes.append(size)
-        if size == pairs_per_device:
+        if size == worst:
             return sorted(set(sizes))
         factor *= 1.5 if len(sizes) % 2 else 4 / 3
 
@@ -358,8 +321,9 @@ class ExpertParallelRunner:
         self._models = {}
 
     def __call__(self, *args, pairs_per_device: int):
-        ep = self.model.moe_blocks()[0].parallel
-        sizes = bucket_sizes(pairs_per_device, ep.num_devices)
+        block = self.model.moe_blocks()[0]
+        sizes = bucket_sizes(pairs_per_device, block.layout.num_devices,
+                             block.runtime.experts.collective == "ragged")
         bucket = self.bucket if self.bucket in sizes else sizes[0]
         while True:
             model = self._models.setdefault(bucket, with_bucket(self.model, bucket))

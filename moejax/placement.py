@@ -2,7 +2,7 @@
 
 Two forms:
   * `device_of_expert` int [E], every device holding E / D experts: what `contiguous`, `greedy` and
-    `anti_correlation` return, what `MoEPolicy(placement=...)` and `ExpertParallel(placement=...)` take.
+    `anti_correlation` return, what `MoEPolicy(placement=...)` and `expert_parallel(placement=...)` take (both build a `layout.Layout`).
   * `Placement`: physical slots -> logical experts, so that hot experts can have several replicas
     (`replicate`, DeepSeek EPLB-style); `search` improves either form. Device d holds the physical slots
     [d * L, (d + 1) * L), L = slots per device.
@@ -469,7 +469,9 @@ def _search(x, device, key, *, num_devices, max_steps, restarts, kick):
     return best
 
 
-def token_devices(num_tokens: int, num_devices: int) -> np.ndarray:
-    """The device each token of a flattened batch sits on when tokens are sharded in contiguous blocks of
-    ceil(T / D) (the expert-parallel layout, which pads T up to a multiple of D)."""
-    return (np.arange(num_tokens) // -(-num_tokens // num_devices)).astype(np.int32)
+def token_devices(num_tokens: int, num_devices: int, data: int = 1) -> np.ndarray:
+    """The expert-axis device of each token of a flattened batch, as expert parallelism shards tokens: over
+    data x expert devices in contiguous blocks of ceil(T / (data * D)) (T padded up to a multiple), block b
+    at mesh coordinate (b // D, b % D)."""
+    block = -(-num_tokens // (data * num_devices))
+    return ((np.arange(num_tokens) // block) % num_devices).astype(np.int32)

@@ -15,12 +15,14 @@ class Routing(NamedTuple):
     experts: int32   [T, k]  the chosen experts, highest score first
     weights: float32 [T, k]  the combine weight of each chosen expert
     keep:    bool    [T, k]  whether the (token, expert) pair is computed; a policy clears it to drop a pair
+    logits:  float32 [T, E]  the router's logits (the router z-loss needs them), or None
     """
 
     scores: jax.Array
     experts: jax.Array
     weights: jax.Array
     keep: jax.Array
+    logits: jax.Array | None = None
 
 
 def route(logits: jax.Array, top_k: int, *, norm_topk_prob: bool = False, topk_method: str = "greedy",
@@ -32,10 +34,11 @@ def route(logits: jax.Array, top_k: int, *, norm_topk_prob: bool = False, topk_m
     best score is highest, then takes the top-k among their experts. `token_mask` [T] marks real tokens;
     padding tokens get keep=False so they take no expert slot.
     """
+    logits = logits.astype(jnp.float32)
     num_experts = logits.shape[-1]
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-    scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    scores = jax.nn.softmax(logits, axis=-1)
     candidates = scores
     if topk_method == "group_limited_greedy":
         grouped = scores.reshape(scores.shape[0], n_group, num_experts // n_group)
@@ -52,4 +55,4 @@ def route(logits: jax.Array, top_k: int, *, norm_topk_prob: bool = False, topk_m
         keep = jnp.ones(experts.shape, bool)
     else:
         keep = jnp.broadcast_to(token_mask[:, None], experts.shape)
-    return Routing(scores, experts.astype(jnp.int32), weights, keep)
+    return Routing(scores, experts.astype(jnp.int32), weights, keep, logits)

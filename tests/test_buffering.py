@@ -12,6 +12,7 @@ import pytest
 
 import moejax
 from moejax import buffering
+from moejax.buffering import store as store_module
 from tests.tiny import tiny_config
 
 OTHER_POLICIES = ("lifo", "lru", "fifo", "lfu")
@@ -290,13 +291,13 @@ def test_buffered_generation_in_bfloat16():
     _check_slots_hold_their_experts(buffered)
 
 
-@pytest.mark.parametrize("stack_limit", [buffering._STACK_LIMIT_BYTES, 0])
+@pytest.mark.parametrize("stack_limit", [store_module._STACK_LIMIT_BYTES, 0])
 def test_buffered_generation_from_jax_host_arrays(model, resident_tokens, stack_limit, monkeypatch):
     """The GPU/TPU path (per expert a jax array in a memory kind, a load a batched device_put of them),
     run here with the CPU device's own memory: the same tokens and slots as the numpy path, with the copied
     rows stacked for one write, or (as large experts are) written one by one."""
-    monkeypatch.setattr(buffering, "_STACK_LIMIT_BYTES", stack_limit)
-    buffering._experts.clear_cache()  # the limit is read when the step is traced
+    monkeypatch.setattr(store_module, "_STACK_LIMIT_BYTES", stack_limit)
+    store_module.experts_step.clear_cache()  # the limit is read when the step is traced
     store = buffering.HostExpertStore(model, memory_kind="device")
     assert all(isinstance(row, jax.Array) for row in store.experts[0])
     buffered = buffering.BufferedModel(model, 3, "lifo", prefetch=True, store=store)
@@ -333,3 +334,16 @@ def test_host_storage_is_numpy_on_the_cpu_backend(model):
     for e in (0, c.num_experts - 1):  # the flat array reads back as the model's own matrices
         for got, want in zip(store.expert_weights(0, e), (block.w_gate, block.w_up, block.w_down)):
             np.testing.assert_array_equal(got, np.asarray(want[...][e]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0, key=jax.random.key(0)), "temperature=-1.0 must be >= 0"),
+    (dict(top_p=5.0), "top_p=5.0 must be in"),
+    (dict(stop_tokens=[10_000]), "stop token 10000 is outside the vocabulary"),
+    (dict(temperature=0.5), "needs an explicit PRNG key"),
+])
+def test_buffered_generation_checks_its_arguments_as_generate_does(model, kwargs, match):
+    for run in (lambda: moejax.generate(model, [[1, 2, 3]], 2, **kwargs),
+                lambda: buffering.generate(model, [[1, 2, 3]], 2, cache_size=2, **kwargs)):
+        with pytest.raises(ValueError, match=match):
+            run()

@@ -206,13 +206,36 @@ def test_capacity_applies_in_decode_unless_switched_off(model):
     (dict(capacity_factor=1.0, drop="fastest"), "unknown drop strategy 'fastest'"),
     (dict(capacity_factor=1.0, scope="node"), "unknown capacity scope 'node'"),
     (dict(capacity_factor=1.0, expanded="nearby"), "unknown expanded mode 'nearby'"),
-    (dict(capacity_factor=1.0, expanded="local"), "needs a placement"),
-    (dict(capacity_factor=1.0, scope="device"), "needs a placement"),
     (dict(expanded="global"), "needs a capacity_factor"),
 ])
 def test_bad_policies(kwargs, match):
     with pytest.raises(ValueError, match=match):
         moejax.MoEPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(capacity_factor=1.0, expanded="local"),
+                                    dict(capacity_factor=1.0, scope="device")])
+def test_policies_that_need_a_layout_refuse_a_model_without_one(model, kwargs):
+    with pytest.raises(ValueError, match="needs a placement"):
+        moejax.with_policy(model, moejax.MoEPolicy(**kwargs))
+
+
+def test_random_drop_differs_across_seeds_and_batches_and_repeats_on_the_same_batch(model):
+    tokens = _tokens()
+    keeps = {}
+    for seed in (0, 1):
+        out = moejax.with_policy(model, moejax.MoEPolicy(capacity_factor=0.5, drop="random", seed=seed)).forward(tokens)
+        keeps[seed] = [np.asarray(r.keep) for r in out.routings if r is not None]
+    again = moejax.with_policy(model, moejax.MoEPolicy(capacity_factor=0.5, drop="random", seed=0)).forward(tokens)
+    assert all(np.array_equal(a, np.asarray(r.keep)) for a, r in zip(keeps[0], again.routings))
+    assert not all(np.array_equal(a, b) for a, b in zip(keeps[0], keeps[1]))
+    # the key folds in the batch (its router logits) and the layer, so another batch gets other priorities
+    policy = moejax.MoEPolicy(capacity_factor=0.5, drop="random")
+    logits = jnp.asarray(np.random.RandomState(0).randn(8, 4), jnp.float32)
+    draw = lambda layer, l: np.asarray(jax.random.uniform(capacity.drop_key(policy, layer, l), (16,)))
+    assert np.array_equal(draw(0, logits), draw(0, logits))
+    assert not np.array_equal(draw(0, logits), draw(0, logits + 1))
+    assert not np.array_equal(draw(0, logits), draw(1, logits))
 
 
 def test_placement_must_fit_the_model(model):

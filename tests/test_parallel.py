@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import moejax
-from moejax import parallel
+from moejax import parallel, placement
 from tests.tiny import tiny_config
 
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(3, 10)))  # 30 tokens: padded to 32
@@ -61,6 +61,36 @@ def test_capacity_policies_work_unchanged(model, mesh, policy):
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
 
 
+def test_expanded_local_on_a_data_by_expert_mesh_equals_one_device_with_the_same_layout(model):
+    """On a 2 x 4 mesh a token's expert-axis device is its block index mod 4 (not block // 2): the single-
+    device policy given the same layout keeps exactly what the expert-parallel model computes."""
+    mesh = parallel.make_mesh(expert=4, data=2)
+    policy = moejax.MoEPolicy(capacity_factor=1.0, expanded="local")
+    layout = moejax.layout.Layout.build(8, 4, data=2)
+    assert not np.array_equal(layout.token_devices(30), placement.token_devices(30, 4))  # data=1 would differ
+    one_device = moejax.with_runtime(model, moejax.MoERuntime(policy, layout=layout))
+    ref = one_device.forward(TOKENS)
+    assert not all(bool(r.keep[:, :2].all()) for r in ref.routings)  # the policy drops something
+    out = forward(moejax.with_policy(parallel.expert_parallel(model, mesh), policy), TOKENS)  # layout from the mesh
+    for r, r_ref in zip(out.routings, ref.routings):
+        np.testing.assert_array_equal(np.asarray(r.experts), np.asarray(r_ref.experts))
+        np.testing.assert_array_equal(np.asarray(r.keep), np.asarray(r_ref.keep))
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+
+
+def test_a_placement_is_given_once(model, mesh):
+    policy = moejax.MoEPolicy(capacity_factor=1.0, expanded="local", placement=(0, 1, 2, 3, 4, 5, 6, 7))
+    with pytest.raises(ValueError, match="disagrees with the model's layout"):
+        parallel.expert_parallel(moejax.with_policy(model, policy), mesh, placement=(7, 6, 5, 4, 3, 2, 1, 0))
+
+
+def test_the_callers_model_is_left_as_it_was(model, mesh):
+    ep = parallel.expert_parallel(model, mesh)
+    assert all(b.runtime.sharded for b in ep.moe_blocks())
+    assert not any(b.runtime.sharded for b in model.moe_blocks())
+    assert all(b.runtime == moejax.MoERuntime() for b in model.moe_blocks())
+
+
 def _fairseq_brute_force(experts, keep, capacity):
     """fairseq top-k gating: expert slots go to first choices in token order, then second choices, ..."""
     n, k = experts.shape
@@ -91,7 +121,7 @@ def test_static_gating_drops_what_fairseq_drops(model, mesh):
     x = jnp.asarray(np.random.RandomState(2).randn(64, 32), jnp.float32)
     out_ep, r_ep, _ = nnx.jit(lambda b, x: b(x, jnp.ones(64, bool)))(block, x)
     ref_block = model.moe_blocks()[0]
-    r = ref_block.route(x, jnp.ones(64, bool), False)._replace(keep=r_ep.keep)
+    r = ref_block.route(x, jnp.ones(64, bool))._replace(keep=r_ep.keep)
     sent = moejax.dispatch.dispatch(x, r)
     from moejax.kernels import grouped_ffn
     y = grouped_ffn(sent.rows, sent.group_sizes, ref_block.w_gate[...], ref_block.w_up[...], ref_block.w_down[...])

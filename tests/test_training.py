@@ -31,21 +31,13 @@ def _grouped_rows(seed, num_rows=40, num_groups=5, d=8, f=6, used=34):
     return jnp.asarray(x), jnp.asarray(sizes, jnp.int32), [jnp.asarray(w) for w in weights]
 
 
-@pytest.mark.parametrize("capacity", [3, 6, 40])
-def test_capacity_buffer_ffn_matches_the_reference(capacity):
-    x, sizes, weights = _grouped_rows(0)
-    ours = training.capacity_buffer_ffn(x, sizes, *weights, capacity=capacity)
-    reference = kernels.grouped_ffn_reference(x, sizes, *weights, capacity=capacity)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-5)
-
-
-def test_capacity_buffer_ffn_gradients_match_ragged_dot_when_nothing_is_dropped():
+def test_capacity_buffers_gradients_match_ragged_dot_when_nothing_is_dropped():
     x, sizes, weights = _grouped_rows(1)
 
     def loss(fn, x, *w):
         return jnp.sum(jnp.sin(fn(x, sizes, *w)))
 
-    buffered = jax.grad(lambda *a: loss(lambda x, s, *w: training.capacity_buffer_ffn(x, s, *w, capacity=40), *a),
+    buffered = jax.grad(lambda *a: loss(lambda x, s, *w: kernels.grouped_ffn(x, s, *w, implementation="capacity_buffers", capacity=40), *a),
                         argnums=(0, 1, 2, 3))(x, *weights)
     ragged = jax.grad(lambda *a: loss(lambda x, s, *w: kernels.grouped_ffn(x, s, *w, implementation="ragged_dot"), *a),
                       argnums=(0, 1, 2, 3))(x, *weights)
@@ -75,16 +67,16 @@ def test_router_auxiliary_losses_against_brute_force():
 
 
 def test_loss_cross_entropy_is_the_models_own():
-    """loss_terms runs the layers itself: its cross-entropy equals one computed from model(tokens) logits,
-    padding excluded, when the capacity is large enough that nothing is dropped."""
+    """loss_terms' cross-entropy equals one computed from model(tokens) logits, padding excluded, when the
+    training capacity buffers are large enough that nothing is dropped."""
     model = _tiny_model()
     rng = np.random.default_rng(3)
     tokens = rng.integers(1, VOCAB, size=(3, 13))
     mask = np.ones(tokens.shape, bool)
     mask[0, :4] = False  # left padding
     mask[2, :9] = False
-    loss = nnx.jit(lambda m, t, k: training.loss_terms(m, t, k, training.LossWeights(0.5, 0.25), capacity_factor=100.0))
-    terms = loss(model, jnp.asarray(tokens), jnp.asarray(mask))
+    loss = nnx.jit(lambda m, t, k: training.loss_terms(m, t, k, training.LossWeights(0.5, 0.25)))
+    terms = loss(training.for_training(model, capacity_factor=100.0), jnp.asarray(tokens), jnp.asarray(mask))
     nll, count = 0.0, 0
     for row, m in zip(tokens, mask):
         real = row[m]
@@ -149,7 +141,7 @@ def test_a_short_run_lowers_the_loss(corpus_dir, tmp_path):
     assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
     assert len(result["history"]["validation"]) == 1
     # the returned model is the trained one, back on the inference experts path
-    assert all(b.implementation == "auto" for b in result["model"].moe_blocks())
+    assert all(b.runtime.experts == moejax.experts.Resident() for b in result["model"].moe_blocks())
 
 
 @pytest.mark.slow  # tokenizer + compiled training steps: 15-60 s on 2 shared cores

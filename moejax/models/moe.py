@@ -1,0 +1,80 @@
+"""The MoE block, in public phases: route -> apply_policy -> experts -> combine.
+
+Modules only hold parameters; the math lives in routing / capacity / the experts backends. How the block
+computes (policy, experts backend, layout) is its frozen `runtime`, replaced only by functions that return
+a new model (moejax.models.with_runtime / with_policy, moejax.parallel.expert_parallel).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import capacity, routing
+from moejax.config import ACTIVATIONS, ModelConfig
+from moejax.experts import ExpertsOutput, ExpertWeights
+from moejax.models.layers import MLP, param
+from moejax.runtime import MoERuntime
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, runtime: MoERuntime, *, dtype, rngs: nnx.Rngs):
+        c = config
+        e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        self.router = param(rngs, (d, e), dtype)
+        self.w_gate = param(rngs, (e, d, f), dtype)
+        self.w_up = param(rngs, (e, d, f), dtype)
+        self.w_down = param(rngs, (e, f, d), dtype)
+        self.shared = (MLP(d, c.shared_expert_intermediate_size, c.hidden_act, dtype=dtype, rngs=rngs)
+                       if c.shared_expert_intermediate_size else None)
+        self.shared_gate = param(rngs, (d, 1), dtype) if c.shared_expert_gate else None
+        self.config = config
+        self.layer = layer
+        runtime.layout_for(e)  # fails here, not at the first call, if the layout cannot serve this block
+        self.runtime = runtime
+
+    @property
+    def policy(self) -> capacity.MoEPolicy:
+        return self.runtime.policy
+
+    @property
+    def layout(self):
+        return self.runtime.layout_for(self.config.num_experts)
+
+    def route(self, h: jax.Array, token_mask: jax.Array) -> routing.Routing:
+        """The router on h [N, d]: Routing with the logits; padding tokens (token_mask False) keep nothing."""
+        c = self.config
+        logits = h.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+        return routing.route(logits, c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob,
+                             topk_method=c.topk_method, n_group=c.n_group, topk_group=c.topk_group,
+                             routed_scaling_factor=c.routed_scaling_factor, token_mask=token_mask)
+
+    def apply_policy(self, r: routing.Routing, token_mask: jax.Array, decode: bool = False) -> routing.Routing:
+        """The runtime's capacity policy over the runtime's layout (decode: a decode step)."""
+        key = capacity.drop_key(self.policy, self.layer, r.logits)
+        return capacity.apply_policy(r, self.policy, num_tokens=token_mask.sum(), decode=decode, key=key,
+                                     layout=self.layout)
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
+
+    def experts(self, h: jax.Array, r: routing.Routing) -> ExpertsOutput:
+        """The routed experts through the runtime's backend."""
+        return self.runtime.experts(h, r, self.expert_weights(), self.layout,
+                                    ACTIVATIONS[self.config.hidden_act])
+
+    def combine(self, h: jax.Array, routed: jax.Array) -> jax.Array:
+        """The routed experts' combined output [N, d] plus the shared experts of h [N, d]."""
+        if self.shared is None:
+            return routed
+        shared = self.shared(h)
+        if self.shared_gate is not None:
+            shared = jax.nn.sigmoid(h @ self.shared_gate[...]) * shared
+        return routed + shared
+
+    def __call__(self, h: jax.Array, token_mask: jax.Array, decode: bool = False):
+        """h [N, d], token_mask bool [N] -> ([N, d], Routing with keep = the pairs computed, needed bucket)."""
+        r = self.apply_policy(self.route(h, token_mask), token_mask, decode)
+        out = self.experts(h, r)
+        return self.combine(h, out.out), r._replace(keep=out.kept), out.needed
