@@ -1,7 +1,13 @@
 """Load Hugging Face safetensors checkpoints into moejax models; save/restore converted ones with orbax.
 
 Only safetensors is read (no pickle, no remote code). Every tensor is accounted for before the model is
-returned: a missing, unexpected or mis-shaped tensor raises an error naming it and its expected shape.
+returned: a missing, unexpected, mis-shaped or non-floating-point tensor raises an error naming it, its
+file and what was expected; a file that cannot be read (config.json, generation_config.json, the shard
+index, a shard) is named in its error.
+
+Converted checkpoints (`save_converted`) never lose data: they are written into a temporary sibling and
+renamed into place; replacing one (overwrite=True) switches to the new parameters with one atomic rename
+of moejax_config.json, so the old checkpoint loads until the new one is complete.
 """
 
 from __future__ import annotations
@@ -9,13 +15,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import uuid
 from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from moejax.capacity import MoEPolicy
 from moejax.config import ModelConfig, from_hf_config, to_hf_config
@@ -24,52 +32,104 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 # Tensors a checkpoint may carry that moejax recomputes instead of reading.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ORBAX_CONFIG = "moejax_config.json"
+_INDEX = "model.safetensors.index.json"
+# The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight,
+# and moejax reads no quantization format.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _read_json(file: str):
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: not UTF-8 text ({e.reason})") from None
 
 
 def read_config(path: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face checkpoint directory: config.json, with the token ids of
+    generation_config.json where it has one (what transformers generates with)."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
-    with open(config_file) as f:
-        return from_hf_config(json.load(f))
+    hf = _read_json(config_file)
+    generation_file = os.path.join(path, "generation_config.json")
+    generation = _read_json(generation_file) if os.path.isfile(generation_file) else None
+    if generation is not None and not isinstance(generation, dict):
+        raise ValueError(f"{generation_file} must hold a JSON object; got {type(generation).__name__}")
+    try:
+        return from_hf_config(hf, generation)
+    except ValueError as e:
+        raise ValueError(f"{e} (in {config_file})") from None
 
 
 class _Tensors:
     """The tensors of model.safetensors or of the shards a model.safetensors.index.json names."""
 
     def __init__(self, path: str):
-        index = os.path.join(path, "model.safetensors.index.json")
+        index = os.path.join(path, _INDEX)
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            self.file_of = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
+            content = _read_json(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index} has no 'weight_map' object (tensor name -> shard file name)")
+            self.file_of = {name: self._shard(path, index, shard) for name, shard in weight_map.items()}
         elif os.path.isfile(single):
-            with safe_open(single, "np") as f:
-                self.file_of = {name: single for name in f.keys()}
+            self.file_of = {name: single for name in self._open(single).keys()}
         else:
             found = sorted(os.listdir(path))
             hint = " (moejax reads safetensors only; convert .bin / .pt files first)" if any(
                 n.endswith((".bin", ".pt", ".pth")) for n in found) else ""
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}; "
-                                    f"found {found}{hint}")
+            raise FileNotFoundError(f"no model.safetensors or {_INDEX} in {path!r}; found {found}{hint}")
         self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _shard(path: str, index: str, shard: str) -> str:
+        file = os.path.normpath(os.path.join(path, shard))
+        if os.path.isabs(shard) or os.path.dirname(file) != os.path.normpath(path):
+            raise ValueError(f"{index} names shard {shard!r}, which is not a file of the checkpoint directory")
+        return file
+
+    def _open(self, file: str, name: str | None = None):
+        holding = "" if name is None else f" (holding {name!r})"
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"checkpoint shard {file!r}{holding} is missing")
+        try:
+            return safe_open(file, "np")
+        except SafetensorError as e:
+            raise ValueError(f"checkpoint file {file!r}{holding} is not a readable safetensors file "
+                             f"(truncated or corrupt?): {e}") from None
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
+    def _slice(self, name: str):
+        handle = self._handle(name)
+        try:
+            return handle.get_slice(name)
+        except SafetensorError:
+            raise ValueError(f"tensor {name!r} is mapped to {self.file_of[name]!r}, which does not hold it "
+                             f"(it holds {len(handle.keys())} other tensors): the shard index is wrong") from None
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._slice(name).get_dtype()
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read tensor {name!r} from {self.file_of[name]!r}: {e}") from None
 
     def _handle(self, name: str):
         file = self.file_of[name]
         if file not in self._handles:
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"checkpoint shard {file!r} (holding {name!r}) is missing")
-            self._handles[file] = safe_open(file, "np")
+            self._handles[file] = self._open(file, name)
         return self._handles[file]
 
 
@@ -177,30 +237,82 @@ def _sources(plan: _Plan) -> Iterator[Source]:
 
 
 def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
-                    gating: str = "dynamic", **parallel_options) -> CausalLM:
+                    gating: str | None = None, **parallel_options) -> CausalLM:
     """A moejax model from a Hugging Face checkpoint directory (config.json + safetensors), or from a
-    directory written by `save_converted`. Parameters are cast to `dtype`. With a `mesh`
-    (moejax.parallel.make_mesh), the MoE blocks run expert-parallel on it with the given gating
-    ("dynamic" or "static") and options (see moejax.parallel.expert_parallel)."""
-    model = _load(os.fspath(path), dtype, policy)
-    if mesh is not None:
+    directory written by `save_converted`. Parameters are cast to `dtype` (a floating-point dtype) for
+    either kind. With a `mesh` (moejax.parallel.make_mesh), the MoE blocks run expert-parallel on it with
+    the given gating ("dynamic", the default, or "static") and options (see moejax.parallel.expert_parallel)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path={path!r} must be a checkpoint directory (str or os.PathLike)")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
+                                else f"checkpoint path {path!r} is not a directory")
+    dtype = _float_dtype(dtype)
+    _check_policy(policy)
+    if mesh is None:
+        if gating is not None or parallel_options:
+            given = dict(parallel_options, **({} if gating is None else {"gating": gating}))
+            raise ValueError(f"load_pretrained: {sorted(given)} apply to expert parallelism and need a mesh= "
+                             "(moejax.parallel.make_mesh())")
+    else:
         from moejax import parallel
 
-        model = parallel.expert_parallel(model, mesh, gating, **parallel_options)
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh (moejax.parallel.make_mesh())")
+    model = _load(path, dtype, policy)
+    if mesh is not None:
+        model = parallel.expert_parallel(model, mesh, "dynamic" if gating is None else gating, **parallel_options)
     return model
 
 
+def _float_dtype(dtype) -> jnp.dtype:
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r} is not a dtype (e.g. 'float32', 'bfloat16')") from None
+    if not jnp.issubdtype(d, jnp.floating):
+        raise ValueError(f"dtype={dtype!r} must be a floating-point dtype ('float32', 'bfloat16', 'float16')")
+    if d == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype='float64' needs jax_enable_x64 (JAX would silently compute in float32)")
+    return d
+
+
+def _check_policy(policy) -> None:
+    if policy is not None and not isinstance(policy, MoEPolicy):
+        raise ValueError(f"policy={policy!r} must be a moejax.MoEPolicy or None (dropless)")
+
+
+def checkpoint_kind(directory: str) -> str | None:
+    """What a directory holds: None (missing or empty), "converted" (save_converted), "huggingface"
+    (config.json or safetensors), "both" (a converted checkpoint written into a Hugging Face one), "other"."""
+    if not os.path.exists(directory):
+        return None
+    if not os.path.isdir(directory):
+        return "other"
+    names = os.listdir(directory)
+    huggingface = any(n in ("config.json", _INDEX) or n.endswith(".safetensors") for n in names)
+    converted = _ORBAX_CONFIG in names
+    if huggingface and converted:
+        return "both"
+    return "huggingface" if huggingface else "converted" if converted else "other" if names else None
+
+
 def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
-    if os.path.isfile(os.path.join(path, _ORBAX_CONFIG)):
-        return restore_converted(path, policy=policy)
+    kind = checkpoint_kind(path)
+    if kind == "both":
+        raise ValueError(f"{path!r} holds both a Hugging Face checkpoint and a converted one ({_ORBAX_CONFIG}, "
+                         "params*): it is unclear which to load; move the converted one (moejax_config.json and "
+                         "its params directory) elsewhere")
+    if kind == "converted":
+        return restore_converted(path, policy=policy, dtype=dtype)
     config = read_config(path)
-    dtype = jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
     tensors = _Tensors(path)
     names = tensors.names()
     plan = _plan(model, names)
 
-    # Check every name and shape before reading any data, and report all problems at once.
+    # Check every name, shape and dtype before reading any data, and report all problems at once.
     expected = {}
     for name, shape in _sources(plan):
         expected[name] = shape
@@ -208,8 +320,13 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
     for name, shape in expected.items():
         if name not in names:
             problems.append(f"missing tensor {name!r} (expected shape {shape})")
-        elif tensors.shape(name) != shape:
+            continue
+        if tensors.shape(name) != shape:
             problems.append(f"tensor {name!r} has shape {tensors.shape(name)}, expected {shape}")
+        if tensors.dtype(name) not in _FLOAT_DTYPES:
+            problems.append(f"tensor {name!r} in {os.path.basename(tensors.file_of[name])} has dtype "
+                            f"{tensors.dtype(name)}; weights must be floating point {_FLOAT_DTYPES} (moejax reads no "
+                            "quantized format)")
     tied_head = config.tie_word_embeddings and "lm_head.weight" in names
     for name in sorted(names - set(expected)):
         if not _IGNORED.match(name) and not (tied_head and name == "lm_head.weight"):
@@ -226,40 +343,103 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
 
 
 def load_tokenizer(path: str):
-    """The checkpoint's tokenizer.json through the `tokenizers` library, or None where there is none."""
-    file = os.path.join(os.fspath(path), "tokenizer.json")
+    """The checkpoint's tokenizer.json through the `tokenizers` library, or None where the checkpoint
+    directory has none (a missing directory is an error, not None)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
+                                else f"checkpoint path {path!r} is not a directory")
+    file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(file)
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+        raise ValueError(f"{file} is not a readable tokenizers file: {e}") from None
 
 
-def save_converted(model: CausalLM, directory: str) -> None:
-    """Write the converted parameters with orbax (plus the model config), for a fast `load_pretrained`."""
+def save_converted(model: CausalLM, directory: str, *, overwrite: bool = False) -> None:
+    """Write the converted parameters with orbax (plus the model config), for a fast `load_pretrained`.
+
+    Nothing is lost: `directory` must be new or empty, or (overwrite=True) hold an earlier converted
+    checkpoint; a directory holding anything else, above all a Hugging Face checkpoint, is refused. The
+    checkpoint is written complete into a temporary sibling first and then renamed into place; replacing
+    an earlier one moves the new parameters beside the old ones and switches moejax_config.json with one
+    atomic rename, so a save killed at any moment leaves the old checkpoint loadable (and at worst a
+    `.NAME.partial-*` sibling or an unreferenced params-* directory, removed by the next overwrite)."""
+    import orbax.checkpoint as ocp
+
+    if not isinstance(model, CausalLM):
+        raise ValueError(f"save_converted needs a moejax CausalLM; got {type(model).__name__}")
+    directory = os.path.abspath(os.fspath(directory))
+    kind = checkpoint_kind(directory)
+    if kind in ("huggingface", "both"):
+        raise ValueError(f"{directory!r} holds a Hugging Face checkpoint (config.json / safetensors); "
+                         "save_converted never writes into one: choose another directory")
+    if kind == "other":
+        raise FileExistsError(f"{directory!r} exists and holds no converted checkpoint; save_converted writes "
+                              "only into a new or empty directory (or replaces a converted one, overwrite=True)")
+    if kind == "converted" and not overwrite:
+        raise FileExistsError(f"{directory!r} already holds a converted checkpoint; pass overwrite=True to "
+                              "replace it (the old one stays loadable until the new one is complete)")
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    staging = os.path.join(parent, f".{name}.partial-{token}")
+    os.mkdir(staging)  # not tempfile.mkdtemp: its mode 0700 would stay with the checkpoint after the rename
+    try:
+        params = f"params-{token}"
+        _, state = nnx.split(model)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(staging, params), state)
+        _write_json_durably(os.path.join(staging, _ORBAX_CONFIG),
+                            {"config": model.config.to_dict(), "dtype": model.dtype.name, "params": params})
+        if kind is None:
+            os.rename(staging, directory)  # atomic; replaces an empty directory
+            return
+        os.rename(os.path.join(staging, params), os.path.join(directory, params))  # unreferenced until...
+        os.replace(os.path.join(staging, _ORBAX_CONFIG), os.path.join(directory, _ORBAX_CONFIG))  # ...this switch
+        for entry in os.listdir(directory):  # the old parameters, and any a killed save left unreferenced
+            if entry.startswith("params") and entry != params:
+                shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_json_durably(file: str, content) -> None:
+    with open(file, "w") as f:
+        json.dump(content, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def restore_converted(directory: str, policy: MoEPolicy | None = None, dtype=None) -> CausalLM:
+    """A checkpoint `save_converted` wrote, its parameters cast to `dtype` (None: the dtype it was saved in)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-    _, state = nnx.split(model)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, "params"), state, force=True)
-    with open(os.path.join(directory, _ORBAX_CONFIG), "w") as f:
-        json.dump({"config": model.config.to_dict(), "dtype": model.dtype.name}, f)
-
-
-def restore_converted(directory: str, policy: MoEPolicy | None = None) -> CausalLM:
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.fspath(directory))
-    with open(os.path.join(directory, _ORBAX_CONFIG)) as f:
-        saved = json.load(f)
-    config = ModelConfig.from_dict(saved["config"])
-    dtype = jnp.dtype(saved["dtype"])
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
+    _check_policy(policy)
+    config_file = os.path.join(directory, _ORBAX_CONFIG)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no converted checkpoint in {directory!r} (no {_ORBAX_CONFIG})")
+    saved = _read_json(config_file)
+    try:
+        config = ModelConfig.from_dict(saved["config"])
+        saved_dtype = jnp.dtype(saved["dtype"])
+        params = os.path.join(directory, saved.get("params", "params"))  # "params": before atomic saves
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_file} is not a moejax converted-checkpoint config: {e!r}") from None
+    dtype = saved_dtype if dtype is None else _float_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=saved_dtype, policy=policy, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(os.path.join(directory, "params"), abstract_state)
+        state = checkpointer.restore(params, abstract_state)
+    if dtype != saved_dtype:
+        target = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
+        graphdef, target_state = nnx.split(target)
+        state = jax.tree.map(lambda value, want: jnp.asarray(value, want.dtype), state, target_state)
     return nnx.merge(graphdef, state)
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -97,8 +99,17 @@ class ModelConfig:
     def __post_init__(self):
         _check(self.architecture in SUPPORTED_MODEL_TYPES, "architecture", self.architecture,
                f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in _INTEGER_FIELDS:
+            _check(is_integer(getattr(self, name)), name, getattr(self, name), "must be an integer")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "max_position_embeddings"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            _check(value is None or is_integer(value), name, value, "must be a token id (an integer) or null")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+        _check(self.eos_token_id is None or all(is_integer(e) for e in eos), "eos_token_id", self.eos_token_id,
+               "must be a token id, a list of token ids or null")
         _check(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads", self.num_kv_heads,
                f"must divide num_attention_heads={self.num_heads}")
         _check(len(self.moe_layers) == self.num_layers, "moe_layers", self.moe_layers,
@@ -138,6 +149,11 @@ class ModelConfig:
         return cls(**d)
 
 
+_INTEGER_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                   "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                   "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
+                   "topk_group", "shared_expert_intermediate_size")
+
 # Activation names as HF configs spell them -> the name our expert kernel takes.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_exact", "gelu_new": "gelu",
                "gelu_pytorch_tanh": "gelu", "relu": "relu"}
@@ -146,6 +162,12 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_exact", "gelu_new"
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
         raise ValueError(f"config: {name}={value!r} is invalid: {why}")
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or numpy integer, not a bool (True is an int to Python) nor a float such as 2.0: the test
+    every integer argument of moejax's entry points makes before naming the bad value."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,8 +284,19 @@ SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": 
                            "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2"}
 
 
-def from_hf_config(hf: dict) -> ModelConfig:
-    """ModelConfig from the dict of a Hugging Face config.json; unknown families fail with the supported list."""
+def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
+    """ModelConfig from the dict of a Hugging Face config.json; unknown families fail with the supported list.
+    `generation`: the checkpoint's generation_config.json, whose bos / eos / pad token ids win over
+    config.json's where it names them (transformers generates with them)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json must hold a JSON object; got {type(hf).__name__}")
+    quantization = hf.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise ValueError(f"config.json: quantization_config (quant_method={method!r}) is not supported: moejax "
+                         "loads floating-point weights (float32, float16, bfloat16) only")
+    if generation:
+        hf = {**hf, **{k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}}
     model_type = hf.get("model_type")
     if model_type not in _READERS:
         raise ValueError(f"config.json: unknown model_type {model_type!r}; supported model types: "

@@ -11,22 +11,30 @@ import numpy as np
 from flax import nnx
 
 from moejax import stats
-from moejax.models.transformer import CausalLM, check_token_ids, init_cache
+from moejax.config import is_integer
+from moejax.models.transformer import CausalLM, check_positions, check_token_ids, init_cache
 
 _PROMPT_BUCKET = 8  # prompts are left-padded to a multiple of this, so few prompt lengths compile
 
 
-def pad_prompts(prompt, pad_id: int = 0, bucket: int = _PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
-    """int [B, T] array or list of token lists -> left-padded tokens [B, P] and a bool mask of real tokens."""
+def pad_prompts(prompt, pad_id: int = 0, bucket: int = _PROMPT_BUCKET,
+                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int [B, T] array or list of token lists -> left-padded int32 tokens [B, P] and a bool mask of real
+    tokens. Every id goes through `check_token_ids` before anything is cast (vocab_size: the model's; None
+    checks int32's range only, and the model checks its vocabulary)."""
+    if not is_integer(bucket) or bucket < 1:
+        raise ValueError(f"bucket={bucket!r} must be an integer >= 1")
+    if not is_integer(pad_id):
+        raise ValueError(f"pad_id={pad_id!r} must be an integer")
     if isinstance(prompt, (list, tuple)) and prompt and not np.isscalar(prompt[0]):
-        rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt]
+        rows = [np.asarray(check_token_ids(p, vocab_size, ndim=1, name=f"prompt {i}", row=i))
+                for i, p in enumerate(prompt)]
     else:
-        arr = np.asarray(prompt)
-        if arr.ndim != 2:
-            raise ValueError(f"prompt must be int [batch, seq] or a list of token lists; got shape {arr.shape}")
-        rows = list(arr)
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
+        rows = list(np.asarray(check_token_ids(prompt, vocab_size, name="prompt (int [batch, seq] or a list of "
+                                                                         "token lists)")))
+    empty = [i for i, r in enumerate(rows) if len(r) == 0]
+    if not rows or empty:
+        raise ValueError(f"every prompt needs at least one token; prompt {empty[0] if empty else 0} has none")
     length = -(-max(len(r) for r in rows) // bucket) * bucket
     tokens = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), bool)
@@ -49,23 +57,56 @@ class Sampling(NamedTuple):
 
 def decoding(config, max_new_tokens, *, key=None, temperature=0.0, top_p=1.0, stop_tokens=None,
              pad_token_id=None) -> tuple[Sampling, jax.Array]:
-    """Check a decode loop's arguments -> (Sampling, the PRNG key: key(0) where greedy needs none)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    """Check a decode loop's arguments -> (Sampling, the PRNG key: key(0) where greedy needs none).
+
+    stop_tokens None: the checkpoint's end-of-sequence ids (config.eos_token_id, read from
+    generation_config.json or config.json), as transformers stops; () never stops early."""
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-    if not temperature >= 0:  # also refuses nan
-        raise ValueError(f"temperature={temperature} must be >= 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if not _is_real(temperature) or not 0 <= temperature < np.inf:  # also refuses nan
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1]")
+    if key is not None and not _is_key(key):
+        raise ValueError(f"key={key!r} must be a PRNG key (jax.random.key(seed))")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: generate(..., key=jax.random.key(0))")
-    stops = () if stop_tokens is None else tuple(int(s) for s in np.atleast_1d(stop_tokens).tolist())
-    for s in stops:
-        if not 0 <= s < config.vocab_size:
-            raise ValueError(f"stop token {s} is outside the vocabulary [0, {config.vocab_size})")
+    if stop_tokens is None:
+        # the checkpoint's own ids: one outside the vocabulary can never be drawn, so it is no stop at all
+        stops = tuple(s for s in _token_list(config.eos_token_id, "config eos_token_id") if 0 <= s < config.vocab_size)
+    else:
+        stops = _token_list(stop_tokens, "stop_tokens")
+        for s in stops:
+            if not 0 <= s < config.vocab_size:
+                raise ValueError(f"stop token {s} is outside the vocabulary [0, {config.vocab_size})")
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
+    if not is_integer(pad_token_id) or not -2**31 <= pad_token_id < 2**31:
+        raise ValueError(f"pad_token_id={pad_token_id!r} must be an integer (int32)")
     sampling = Sampling(int(max_new_tokens), float(temperature), float(top_p), stops, int(pad_token_id))
     return sampling, jax.random.key(0) if key is None else key
+
+
+def _token_list(ids, name: str) -> tuple[int, ...]:
+    """None, an int or a sequence of ints -> a tuple of ints (floats, bools and strings refused)."""
+    if ids is None:
+        return ()
+    array = np.atleast_1d(np.asarray(ids, dtype=None if np.size(ids) else np.int64))
+    if array.ndim != 1 or array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name}={ids!r} must be a token id or a sequence of token ids (integers)")
+    return tuple(int(s) for s in array.tolist())
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_key(key) -> bool:
+    if not isinstance(key, jax.Array):
+        return False
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.shape == ()
+    return key.dtype == jnp.uint32 and key.shape == (2,)  # a raw jax.random.PRNGKey
 
 
 def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Array | None = None,
@@ -74,7 +115,9 @@ def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Arra
     """Generate `max_new_tokens` tokens after each prompt -> int32 [B, max_new_tokens].
 
     Greedy by default (temperature 0). Sampling (temperature > 0, optionally nucleus top_p < 1) needs an
-    explicit PRNG `key`. After a stop token a row's remaining outputs are `pad_token_id` (default: the
+    explicit PRNG `key`. A row stops at a stop token: by default the checkpoint's end-of-sequence token
+    (config.eos_token_id, from generation_config.json or config.json), as transformers does;
+    `stop_tokens=()` never stops early. After it a row's remaining outputs are `pad_token_id` (default: the
     config's pad id, else the first stop token, else 0).
     """
     return decode(model, prompt, max_new_tokens, key=key, temperature=temperature, top_p=top_p,
@@ -94,9 +137,12 @@ def decode(model: CausalLM, prompt, max_new_tokens: int = 16, *, record_loads: b
     loads: one jitted prefill over left-padded prompts, then a jitted while loop on a preallocated cache."""
     config = model.config
     sampling, key = decoding(config, max_new_tokens, **sampling)
-    tokens, mask = pad_prompts(prompt)
-    check_token_ids(jnp.where(mask, tokens, 0), config.vocab_size)
+    if cache_size is not None and (not is_integer(cache_size) or cache_size < 1):
+        raise ValueError(f"cache_size={cache_size!r} must be an integer >= 1 (KV cache slots) or None")
+    tokens, mask = pad_prompts(prompt, vocab_size=config.vocab_size)
     real_lengths = mask.sum(axis=1)
+    # the last new token is never fed back: the positions run to prompt + max_new_tokens - 1
+    check_positions(config, int(real_lengths.max()) + max_new_tokens - 1)
     needed = tokens.shape[1] + max_new_tokens
     if cache_size is None:
         cache_size = needed

@@ -10,10 +10,12 @@ biases, which layers are MoE, shared experts, router flavour.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.config import ModelConfig
@@ -24,8 +26,8 @@ from moejax.models.moe import MoEBlock
 from moejax.models.rope import inverse_frequencies
 from moejax.runtime import MoERuntime
 
-__all__ = ["CausalLM", "DecoderLayer", "Dense", "ForwardOutput", "KVCache", "MoEBlock", "check_token_ids",
-           "init_cache", "output_logits"]
+__all__ = ["CausalLM", "DecoderLayer", "Dense", "ForwardOutput", "KVCache", "MoEBlock", "check_inputs",
+           "check_positions", "check_token_ids", "init_cache", "output_logits"]
 
 
 class DecoderLayer(nnx.Module):
@@ -98,7 +100,7 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
         """Compiled once per shape: split into (static graph, arrays) and run the jitted forward."""
-        check_token_ids(tokens, self.config.vocab_size)
+        tokens, token_mask = check_inputs(self.config, tokens, token_mask)
         graphdef, state = nnx.split(self)
         return _jitted_logits(graphdef, state, jnp.asarray(tokens), token_mask)
 
@@ -125,7 +127,7 @@ class CausalLM(nnx.Module):
         nothing useful, is attended by nothing and takes no expert slot). positions default to the count of
         real tokens before each one (plus those already in the cache). With a cache, the T new tokens are
         written at slots [cache.index, cache.index + T) and attend to every valid earlier slot."""
-        check_token_ids(tokens, self.config.vocab_size)
+        tokens, token_mask = check_inputs(self.config, tokens, token_mask, positions, cache)
         b, t = tokens.shape
         ctx = self.attention_context(jnp.ones((b, t), bool) if token_mask is None else token_mask, positions, cache)
         x = self.embed(tokens)
@@ -148,17 +150,92 @@ def _jitted_logits(graphdef, state, tokens, token_mask):
     return nnx.merge(graphdef, state).forward(tokens, token_mask=token_mask).logits
 
 
-def check_token_ids(tokens, vocab_size: int) -> None:
-    """Token ids outside [0, vocab) fail loudly where they can be seen (outside jit)."""
+def check_inputs(config: ModelConfig, tokens, token_mask=None, positions=None, cache: KVCache | None = None):
+    """The checks of a forward call's inputs outside jit (inside it they are traced and pass): token ids
+    (`check_token_ids`), a token_mask of the tokens' shape (bool, or integers 0 / 1 as Hugging Face's
+    attention_mask), and positions past max_position_embeddings (`check_positions`). -> (tokens, token_mask)."""
+    tokens = check_token_ids(tokens, config.vocab_size)
     if isinstance(tokens, jax.core.Tracer):
-        return
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be int [batch, seq]; got shape {tokens.shape}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be integers; got dtype {tokens.dtype}")
-    bad = (tokens < 0) | (tokens >= vocab_size)
+        return tokens, token_mask
+    if token_mask is not None and not isinstance(token_mask, jax.core.Tracer):
+        mask = token_mask if isinstance(token_mask, jax.Array) else np.asarray(token_mask)
+        if tuple(mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"token_mask has shape {tuple(mask.shape)}; the tokens have shape {tuple(tokens.shape)}")
+        if mask.dtype != bool:
+            bad = np.asarray((mask != 0) & (mask != 1))
+            if mask.size and (not jnp.issubdtype(mask.dtype, jnp.integer) or bad.any()):
+                where = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else (0,) * mask.ndim
+                raise ValueError(f"token_mask must be bool (or integers 0 / 1); got dtype {mask.dtype}, value "
+                                 f"{mask[where].item()!r} at position {where}")
+            mask = mask.astype(bool)
+        token_mask = mask
+    concrete = lambda *xs: not any(isinstance(x, jax.core.Tracer) for x in xs)
+    if positions is not None:
+        if concrete(positions) and positions.size:
+            check_positions(config, int(jnp.max(positions)) + 1)
+    elif concrete(token_mask, *(() if cache is None else (cache.mask,))):
+        real = tokens.shape[1] if token_mask is None else int(token_mask.sum(axis=1).max(initial=0))
+        check_positions(config, real + (0 if cache is None else int(cache.mask.sum(axis=1).max())))
+    return tokens, token_mask
+
+
+def check_positions(config: ModelConfig, count: int) -> None:
+    """Warn when a sequence of `count` positions runs past config.max_position_embeddings.
+
+    A warning, not an error: every rope scheme moejax reads (default, linear, yarn) computes a position's
+    angles from the position itself, with no table to run off the end of, so a longer sequence computes
+    exactly what transformers computes for it. But the checkpoint was trained (yarn and linear: scaled) for
+    max_position_embeddings positions; past them the model extrapolates and its quality is unknown."""
+    if count > config.max_position_embeddings:
+        warnings.warn(f"a sequence of {count} positions runs past the checkpoint's max_position_embeddings="
+                      f"{config.max_position_embeddings} ({config.rope.kind} rope): positions beyond it were never "
+                      "trained, so quality may degrade", UserWarning, stacklevel=3)
+
+
+def check_token_ids(tokens, vocab_size: int | None = None, *, ndim: int = 2, name: str = "tokens",
+                    row: int | None = None):
+    """The one check of token ids, at every entry point (model(), forward, generate's prompts through
+    `pad_prompts`, buffered generation) -> the ids as int32 (numpy, or a jax array if given one).
+
+    Any integer dtype is accepted (numpy, jax, nested lists of Python ints) and judged in its own dtype
+    before any cast, so an int64 id 2**32 + 5 or a uint8 id is compared by its value, never wrapped.
+    Floats, bools, strings, the wrong rank (`ndim`: 2 for [batch, seq], 1 for one prompt of a list, whose
+    index `row` leads the positions named) and ids outside [0, vocab_size) (None: [0, 2**31), what int32
+    holds) fail with a ValueError naming `name`, the value and its position. Traced arrays (inside jit)
+    pass through unchecked."""
+    if isinstance(tokens, jax.core.Tracer):
+        return tokens
+    shape = "[batch, seq]" if ndim == 2 else "[seq]"
+    limit = _INT32_LIMIT if vocab_size is None else int(vocab_size)
+    span = "int32's range" if vocab_size is None else "the vocabulary"
+    xp = jnp if isinstance(tokens, jax.Array) else np
+    try:
+        ids = tokens if xp is jnp else np.asarray(tokens)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise ValueError(f"{name} must be int {shape}; got a ragged or mixed sequence ({e})") from None
+    if ids.ndim != ndim:
+        raise ValueError(f"{name} must be int {shape} (rank {ndim}); got shape {tuple(ids.shape)}")
+    prefix = () if row is None else (row,)
+    if ids.dtype == object:  # Python ints too large for int64, or things that are no numbers
+        for index in np.ndindex(ids.shape):
+            value = ids[index]
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name}: token id {value!r} at position {prefix + index} is not an integer")
+            if not 0 <= value < limit:
+                raise ValueError(f"token id {value} at position {prefix + index} is outside {span} [0, {limit})")
+        return np.asarray(ids.tolist(), np.int32).reshape(ids.shape)
+    if ids.size == 0:  # np.asarray([]) is float64; an empty sequence holds no bad id (callers refuse it if they must)
+        return np.zeros(ids.shape, np.int32) if xp is np else ids.astype(jnp.int32)
+    if ids.dtype == bool or not xp.issubdtype(ids.dtype, xp.integer):
+        raise ValueError(f"{name} must be integer token ids; got dtype {ids.dtype} (value "
+                         f"{ids.reshape(-1)[0].item()!r} at position {prefix + (0,) * ndim})")
+    bad = ids < 0
+    if limit <= np.iinfo(ids.dtype).max:  # compare in the ids' dtype only where the limit fits in it
+        bad = bad | (ids >= xp.asarray(limit, ids.dtype))
     if bool(bad.any()):
-        where = tuple(int(i) for i in jnp.argwhere(bad)[0])
-        raise ValueError(f"token id {int(tokens[where])} at position {where} is outside the vocabulary "
-                         f"[0, {vocab_size})")
+        where = tuple(int(i) for i in xp.argwhere(bad)[0])
+        raise ValueError(f"token id {int(ids[where])} at position {prefix + where} is outside {span} [0, {limit})")
+    return ids.astype(xp.int32)
+
+
+_INT32_LIMIT = 2**31
