@@ -20,6 +20,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from moejax.config import is_integer
+from moejax.models.transformer import check_token_ids
+
 STDLIB = "stdlib"
 SPLITS = ("train", "validation", "test")
 END_OF_DOCUMENT = "<|endoftext|>"  # separates documents in the token stream; the tokenizer's only special token
@@ -146,6 +149,8 @@ def encode_documents(tokenizer, documents: Sequence[Document]) -> list[np.ndarra
 
 def token_stream(encoded: Sequence[np.ndarray], separator: int) -> np.ndarray:
     """Documents joined into one int32 stream, each followed by `separator` (END_OF_DOCUMENT's id)."""
+    if not is_integer(separator) or separator < 0:
+        raise ValueError(f"separator={separator!r} must be a token id (an integer >= 0)")
     parts = []
     for ids in encoded:
         parts += [ids, np.asarray([separator], np.int32)]
@@ -162,6 +167,10 @@ def document_stream(tokenizer, documents: Sequence[Document]) -> np.ndarray:
 def training_batch(stream: np.ndarray, seed: int, step: int, batch_size: int, length: int) -> np.ndarray:
     """int32 [batch_size, length + 1] windows of `stream`, a pure function of (seed, step): a run resumed at
     any step sees exactly the batches an uninterrupted run would have."""
+    for name, value, least in (("seed", seed, 0), ("step", step, 0), ("batch_size", batch_size, 1),
+                               ("length", length, 1)):
+        if not is_integer(value) or value < least:
+            raise ValueError(f"training_batch: {name}={value!r} must be an integer >= {least}")
     if len(stream) < length + 2:
         raise ValueError(f"token stream of {len(stream)} tokens is shorter than one training sequence "
                          f"({length + 1} tokens)")
@@ -172,6 +181,10 @@ def training_batch(stream: np.ndarray, seed: int, step: int, batch_size: int, le
 
 def chunks(stream: np.ndarray, length: int, max_chunks: int | None = None) -> list[np.ndarray]:
     """Consecutive non-overlapping windows of `length` tokens (the last may be shorter, >= 2 tokens)."""
+    if not is_integer(length) or length < 2:  # 1 would leave no window of 2 tokens: an empty list, silently
+        raise ValueError(f"chunks: length={length!r} must be an integer >= 2")
+    if max_chunks is not None and (not is_integer(max_chunks) or max_chunks < 0):
+        raise ValueError(f"chunks: max_chunks={max_chunks!r} must be an integer >= 0 or None")
     out = [stream[i:i + length] for i in range(0, len(stream), length)]
     out = [c for c in out if len(c) >= 2]
     return out[:max_chunks] if max_chunks is not None else out
@@ -179,6 +192,9 @@ def chunks(stream: np.ndarray, length: int, max_chunks: int | None = None) -> li
 
 def unigram_log_probs(stream: np.ndarray, vocab_size: int) -> np.ndarray:
     """float64 [vocab]: add-one smoothed unigram log-probabilities from a token stream (the baseline)."""
+    if not is_integer(vocab_size) or vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size!r} must be a positive integer")
+    stream = check_token_ids(stream, vocab_size, ndim=1, name="stream")  # bincount would grow past the vocabulary
     counts = np.bincount(stream, minlength=vocab_size).astype(np.float64) + 1.0
     return np.log(counts / counts.sum())
 
@@ -186,5 +202,10 @@ def unigram_log_probs(stream: np.ndarray, vocab_size: int) -> np.ndarray:
 def unigram_perplexity(log_probs: np.ndarray, sequences: Sequence[Sequence[int]]) -> float:
     """Perplexity of the unigram model over every token after the first of each sequence (the tokens that
     evaluation.perplexity scores, so the two numbers compare)."""
-    predicted = np.concatenate([np.asarray(s[1:], np.int64) for s in sequences if len(s) >= 2])
+    vocab = len(log_probs)
+    rows = [check_token_ids(s, vocab, ndim=1, name=f"sequence {i}", row=i) for i, s in enumerate(sequences)]
+    rows = [r[1:] for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError("unigram_perplexity needs a sequence of at least 2 tokens")
+    predicted = np.concatenate(rows)
     return float(np.exp(-log_probs[predicted].mean()))

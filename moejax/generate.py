@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import stats
+from moejax.experts import ExpertState
 from moejax.config import is_integer
 from moejax.models.transformer import CausalLM, check_positions, check_token_ids, init_cache
 
@@ -64,9 +65,9 @@ def decoding(config, max_new_tokens, *, key=None, temperature=0.0, top_p=1.0, st
     if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not _is_real(temperature) or not 0 <= temperature < np.inf:  # also refuses nan
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0")
+        raise ValueError(f"temperature={temperature!r} must be >= 0 and finite (a number)")
     if not _is_real(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1]")
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (a number)")
     if key is not None and not _is_key(key):
         raise ValueError(f"key={key!r} must be a PRNG key (jax.random.key(seed))")
     if temperature > 0 and key is None:
@@ -127,8 +128,12 @@ def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Arra
 class Decoded(NamedTuple):
     tokens: jax.Array  # int32 [B, max_new_tokens]
     steps: jax.Array  # int32: forward calls after the prefill (fewer than max_new_tokens - 1 if all rows stopped)
-    loads: jax.Array | None  # int32 [max_new_tokens - 1, MoE layers, E]: routed pairs per expert per decode
-    #                          step (record_loads; rows of steps not run are 0)
+    # record_loads: per forward call (the prefill first; calls not run are 0) and MoE layer, per expert:
+    loads: jax.Array | None  # int32 [max_new_tokens, L, E]: pairs routed (before any policy)
+    kept_loads: jax.Array | None  # int32 [max_new_tokens, L, E]: pairs computed
+    predictions: jax.Array | None  # bool [max_new_tokens, L, E]: experts prefetched for the call (none: False)
+    expert_states: object  # stateful experts backends' ExpertState after the last call (nnx.State)
+    prefill_expert_states: object  # ... after the prefill
 
 
 def decode(model: CausalLM, prompt, max_new_tokens: int = 16, *, record_loads: bool = False,
@@ -189,32 +194,50 @@ def expert_loads(routings, top_k: int, token_mask: jax.Array) -> jax.Array:
                       for r in routings if r is not None])
 
 
+def _record(model, out, token_mask) -> tuple:
+    """(routed, kept, predicted) per MoE layer of one forward call; see Decoded."""
+    moe = [r for r in out.routings if r is not None]
+    top_k = model.config.num_experts_per_tok
+    routed = jnp.stack([stats.expert_counts(r, kept=False, token_mask=token_mask, top_k=top_k) for r in moe])
+    kept = jnp.stack([stats.expert_counts(r) for r in moe])
+    predicted = jnp.stack([b.expert_state.get_value().prediction if b.prefetches else jnp.zeros(kept.shape[1:], bool)
+                           for b in model.moe_blocks()])
+    return routed, kept, predicted
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampling", "cache_size", "record_loads"))
 def _decode(graphdef, state, tokens, mask, key, *, sampling, cache_size, record_loads):
+    # stateful experts backends (buffered experts) update their ExpertState in the forward; the loop carries it
     model = nnx.merge(graphdef, state)
+    graphdef, expert_states, rest = nnx.split(model, ExpertState, ...)
     batch, steps = tokens.shape[0], sampling.max_new_tokens
     cache = init_cache(model.config, batch, cache_size, model.dtype)
     out = model.forward(tokens, token_mask=mask, cache=cache)
+    expert_states = prefill_states = nnx.state(model, ExpertState)
     first, key, done = next_tokens(out.logits[:, -1], key, jnp.zeros((batch,), bool), sampling)
     generated = jnp.full((batch, steps), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
-    num_moe, num_experts = sum(model.config.moe_layers), model.config.num_experts
-    loads = jnp.zeros((max(steps - 1, 0), num_moe, num_experts) if record_loads else (0,), jnp.int32)
+    records = ()
+    if record_loads:
+        records = tuple(jnp.zeros((steps,) + a.shape, a.dtype).at[0].set(a)
+                        for a in _record(model, out, mask.reshape(-1)))
 
     def cond(carry):
-        step, _, _, done, _, _, _ = carry
+        step, _, _, done, _, _, _, _ = carry
         return (step < steps) & ~jnp.all(done)
 
     def body(carry):
-        step, last, generated, done, cache, key, loads = carry
+        step, last, generated, done, cache, key, expert_states, records = carry
+        m = nnx.merge(graphdef, expert_states, rest)
         # finished rows still run (static shapes) but as padding: no cache slot, no expert slot
-        out = model.forward(last[:, None], token_mask=~done[:, None], cache=cache, decode=True)
+        out = m.forward(last[:, None], token_mask=~done[:, None], cache=cache, decode=True)
         if record_loads:
-            loads = loads.at[step - 1].set(expert_loads(out.routings, model.config.num_experts_per_tok, ~done))
+            records = tuple(r.at[step].set(a) for r, a in zip(records, _record(m, out, ~done)))
         nxt, key, done = next_tokens(out.logits[:, -1], key, done, sampling)
         generated = jax.lax.dynamic_update_slice_in_dim(generated, nxt[:, None], step, axis=1)
-        return step + 1, nxt, generated, done, out.cache, key, loads
+        return step + 1, nxt, generated, done, out.cache, key, nnx.state(m, ExpertState), records
 
     cache = out.cache._replace(index=jnp.asarray(out.cache.index, jnp.int32))  # static after prefill; a loop carry now
-    carry = (jnp.ones((), jnp.int32), first, generated, done, cache, key, loads)
-    step, _, generated, _, _, _, loads = jax.lax.while_loop(cond, body, carry)
-    return Decoded(generated, step - 1, loads if record_loads else None)
+    carry = (jnp.ones((), jnp.int32), first, generated, done, cache, key, expert_states, records)
+    step, _, generated, _, _, _, expert_states, records = jax.lax.while_loop(cond, body, carry)
+    loads, kept, predicted = records if record_loads else (None,) * 3
+    return Decoded(generated, step - 1, loads, kept, predicted, expert_states, prefill_states)

@@ -4,7 +4,9 @@ block's dispatch / experts / combine under `jax.shard_map` with all-to-alls over
 Two gatings (papers.md B):
   * static:  every expert gets ceil(capacity_fraction * local tokens) slots per source device, unused slots
              padded, one fixed-size all-to-all; pairs past an expert's slots are dropped (fairseq's rule:
-             all first choices in token order, then all second choices, ...).
+             all first choices in token order, then all second choices, ...). It drops tokens even at the
+             default fraction: `expert_parallel` warns, and the forward's routings mark the pairs computed
+             (`keep`), so `stats.layer_loads(...)` reports the drop rate.
   * dynamic: only what is routed moves. Per-device counts are exchanged first; then either
              `jax.lax.ragged_all_to_all` (GPU, TPU) or, where the backend lacks it (CPU), a padded
              `all_to_all` whose per-(source, destination) buffer holds `bucket` rows. The bucket is static:
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from flax import nnx
 
 from moejax import dispatch, experts as experts_lib
+from moejax.config import is_integer
 from moejax import kernels
 from moejax.layout import DATA, EXPERT, Layout, make_mesh  # noqa: F401 (make_mesh: re-exported)
 from moejax.models import with_experts, with_runtime
@@ -67,9 +71,11 @@ class ExpertParallel:
             raise ValueError(f"unknown dispatch mode (gating) {self.gating!r}; supported: {GATINGS}")
         if self.all_to_all not in ALL_TO_ALLS:
             raise ValueError(f"unknown all_to_all {self.all_to_all!r}; supported: {ALL_TO_ALLS}")
-        if not 0 < self.capacity_fraction:
-            raise ValueError(f"capacity_fraction={self.capacity_fraction} must be > 0")
-        if self.bucket is not None and not (isinstance(self.bucket, int) and self.bucket >= 1):
+        fraction = self.capacity_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) or \
+                not 0 < fraction < math.inf:
+            raise ValueError(f"capacity_fraction={fraction!r} must be a finite number > 0")
+        if self.bucket is not None and not (is_integer(self.bucket) and self.bucket >= 1):
             raise ValueError(f"bucket={self.bucket!r} must be an integer >= 1 or None")
 
     @property
@@ -252,7 +258,11 @@ def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placement=Non
 
     placement= (device_of_expert, a placement.Placement, or None: contiguous blocks) applies to every MoE
     block; placements= gives one per MoE block instead (routing differs between layers)."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh (moejax.parallel.make_mesh())")
     backend = ExpertParallel(gating, **options)
+    if backend.gating == "static" and backend.capacity_fraction < 1:  # >= 1: a slot for every token, no drop
+        warnings.warn(static_gating_note(backend.capacity_fraction), UserWarning, stacklevel=2)
     blocks = model.moe_blocks()
     if placements is not None:
         if placement is not None:
@@ -276,6 +286,15 @@ def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placement=Non
         if isinstance(var, nnx.Variable) and id(var) not in expert_weights:
             var.set_value(global_array(np.asarray(var.get_value()), NamedSharding(mesh, P())))
     return new
+
+
+def static_gating_note(capacity_fraction: float) -> str:
+    """What static gating costs, said where it is switched on (the warning expert_parallel gives)."""
+    return (f"static gating drops tokens: each expert takes at most ceil({capacity_fraction} x local tokens) pairs "
+            "from each device and the rest are dropped (not computed), so logits differ from dropless ones; "
+            "model.forward(...).routings[layer].keep marks the pairs computed and "
+            "moejax.stats.layer_loads(routings, token_mask)[layer].drop_rate is the drop rate. Use "
+            "gating='dynamic' (the default) to drop nothing.")
 
 
 def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -24,14 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.config import is_integer
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 
 
 def _check_devices(num_devices, num_experts: int, what: str = "num_experts") -> int:
-    if not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
+    if not is_integer(num_devices) or num_devices < 1:
         raise ValueError(f"num_devices={num_devices!r} must be a positive int")
+    if not is_integer(num_experts) or num_experts < 1:
+        raise ValueError(f"{what}={num_experts!r} must be a positive int")
     if num_experts % num_devices:
         raise ValueError(f"num_devices={num_devices} must divide {what}={num_experts}")
     return int(num_devices)
@@ -39,7 +43,10 @@ def _check_devices(num_devices, num_experts: int, what: str = "num_experts") -> 
 
 def check_loads(loads, ndim: int, name: str = "loads") -> np.ndarray:
     """float64 loads of rank `ndim` ([E] mean loads or [B, E] batch loads): finite and >= 0."""
-    a = np.asarray(loads, np.float64)
+    try:
+        a = np.asarray(loads, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an array of numbers; got {loads!r}") from None
     if a.ndim != ndim or a.shape[-1] == 0 or (ndim == 2 and a.shape[0] == 0):
         shape = "[num_experts]" if ndim == 1 else "[num_batches, num_experts]"
         raise ValueError(f"{name} must be a non-empty array {shape}; got shape {a.shape}")
@@ -52,10 +59,8 @@ def check_loads(loads, ndim: int, name: str = "loads") -> np.ndarray:
 
 def check(device_of_expert, num_devices: int) -> np.ndarray:
     """Validate a placement: ids in [0, D) and E / D experts on every device."""
-    placement = np.asarray(device_of_expert)
-    if placement.ndim != 1 or placement.size == 0 or not np.issubdtype(placement.dtype, np.integer):
-        raise ValueError(f"a placement is an int array [num_experts]; got {placement!r}")
-    if not isinstance(num_devices, (int, np.integer)) or num_devices < 1 or placement.size % num_devices:
+    placement = _int_array(device_of_expert, "a placement (device_of_expert)")
+    if not is_integer(num_devices) or num_devices < 1 or placement.size % num_devices:
         raise ValueError(f"num_devices={num_devices!r} must divide the number of experts ({placement.size})")
     if placement.min() < 0 or placement.max() >= num_devices:
         raise ValueError(f"placement {placement.tolist()} names devices outside [0, {num_devices})")
@@ -64,6 +69,14 @@ def check(device_of_expert, num_devices: int) -> np.ndarray:
         raise ValueError(f"placement {placement.tolist()} puts {counts.tolist()} experts on the devices; each "
                          f"must hold {placement.size // num_devices}")
     return placement.astype(np.int32)
+
+
+def _int_array(values, what: str) -> np.ndarray:
+    """A non-empty int array [N]: floats (even 1.0: a placement is never rounded), bools and other ranks refused."""
+    array = np.asarray(values)
+    if array.ndim != 1 or array.size == 0 or array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{what} must be a non-empty int array [N] (no floats, no bools); got {values!r}")
+    return array
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,10 +95,8 @@ class Placement:
     num_devices: int
 
     def __post_init__(self):
-        slots = np.asarray(self.logical_of_slot)
-        if slots.ndim != 1 or slots.size == 0 or not np.issubdtype(slots.dtype, np.integer):
-            raise ValueError(f"Placement: logical_of_slot must be a non-empty int sequence; got {self.logical_of_slot!r}")
-        if not isinstance(self.num_devices, (int, np.integer)) or self.num_devices < 1 or slots.size % self.num_devices:
+        slots = _int_array(self.logical_of_slot, "Placement: logical_of_slot")
+        if not is_integer(self.num_devices) or self.num_devices < 1 or slots.size % self.num_devices:
             raise ValueError(f"Placement: num_devices={self.num_devices!r} must divide the number of physical "
                              f"slots ({slots.size})")
         if slots.min() < 0:
@@ -106,7 +117,11 @@ class Placement:
     @classmethod
     def from_device_of_slot(cls, logical, device_of_slot, num_devices: int) -> "Placement":
         """Slots given as (logical expert, device) pairs in any order -> device-major, by expert id."""
-        logical, device = np.asarray(logical), np.asarray(device_of_slot)
+        logical = _int_array(logical, "Placement: logical experts of the slots")
+        device = _int_array(device_of_slot, "Placement: device_of_slot")
+        _check_devices(num_devices, device.size, "the number of slots")
+        if logical.shape != device.shape:
+            raise ValueError(f"Placement: {logical.size} logical experts for {device.size} slot devices")
         order = np.lexsort((logical, device))
         counts = np.bincount(device, minlength=num_devices)
         if device.min() < 0 or device.max() >= num_devices or (counts != logical.size // num_devices).any():
@@ -162,6 +177,8 @@ class Placement:
 
     def local_experts(self, device: int) -> list[int]:
         """The logical experts with a replica on `device` (ascending, no repeats)."""
+        if not is_integer(device) or not 0 <= device < self.num_devices:
+            raise ValueError(f"device={device!r} must be an int in [0, {self.num_devices})")
         slots = self.logical_of_slot[device * self.slots_per_device:(device + 1) * self.slots_per_device]
         return sorted(set(slots))
 
@@ -237,7 +254,8 @@ def anti_correlation(batch_loads, num_devices: int, weight: float = 0.5) -> np.n
     batch_loads [B, E]: per historical batch, each expert's load (the paper: the fraction of the batch's
     tokens routed to it; the scale matters here, as mean loads are weighed against correlations)."""
     a = check_loads(batch_loads, 2, "batch_loads")
-    if not np.isfinite(weight) or weight < 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) or \
+            not np.isfinite(weight) or weight < 0:
         raise ValueError(f"anti_correlation: weight={weight!r} must be finite and >= 0")
     num_experts = a.shape[1]
     per_device = num_experts // _check_devices(num_devices, num_experts)
@@ -258,6 +276,8 @@ def replica_counts(mean_loads, num_slots: int) -> np.ndarray:
     """EPLB: one slot per expert, then each extra slot to the expert with the largest load per replica
     (ties: lower expert id). int32 [E]."""
     loads = check_loads(mean_loads, 1, "mean_loads")
+    if not is_integer(num_slots):
+        raise ValueError(f"num_slots={num_slots!r} must be an int")
     if num_slots < loads.size:
         raise ValueError(f"num_slots={num_slots} must be >= num_experts={loads.size} (every expert needs a slot)")
     count = np.ones(loads.size, np.int64)
@@ -341,8 +361,8 @@ def search(batch_loads, num_devices: int | None = None, start=None, *, max_steps
             raise ValueError("search: pass num_devices or a start placement")
         start = greedy(a.mean(0), num_devices)
     start = as_placement(start, num_devices)
-    for name, value in (("max_steps", max_steps), ("restarts", restarts), ("kick", kick)):
-        if not isinstance(value, (int, np.integer)) or value < 0:
+    for name, value in (("max_steps", max_steps), ("restarts", restarts), ("kick", kick), ("seed", seed)):
+        if not is_integer(value) or value < 0:
             raise ValueError(f"search: {name}={value!r} must be an int >= 0")
     if start.num_devices == 1:
         return start
@@ -473,5 +493,8 @@ def token_devices(num_tokens: int, num_devices: int, data: int = 1) -> np.ndarra
     """The expert-axis device of each token of a flattened batch, as expert parallelism shards tokens: over
     data x expert devices in contiguous blocks of ceil(T / (data * D)) (T padded up to a multiple), block b
     at mesh coordinate (b // D, b % D)."""
+    for name, value, least in (("num_tokens", num_tokens, 0), ("num_devices", num_devices, 1), ("data", data, 1)):
+        if not is_integer(value) or value < least:
+            raise ValueError(f"token_devices: {name}={value!r} must be an int >= {least}")
     block = -(-num_tokens // (data * num_devices))
     return ((np.arange(num_tokens) // block) % num_devices).astype(np.int32)

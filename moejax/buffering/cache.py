@@ -13,6 +13,8 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from moejax.config import is_integer
+
 POLICIES = ("lifo", "lru", "fifo", "lfu", "belady")
 
 
@@ -85,14 +87,26 @@ class Access(NamedTuple):
 
 
 def check_policy(cache_size, policy: str) -> None:
-    if isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < 1:
+    if not is_integer(cache_size) or cache_size < 1:
         raise ValueError(f"cache_size={cache_size!r} must be an integer >= 1 (expert slots per layer)")
     if policy not in POLICIES:
         raise ValueError(f"unknown eviction policy {policy!r}; supported: {POLICIES}")
 
 
+def _check_count(name: str, value) -> None:
+    if not is_integer(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be an integer >= 0")
+
+
 def step_ids(step, where: str) -> tuple[int, ...]:
-    ids = sorted({int(e) for e in np.asarray(step, dtype=np.int64).reshape(-1)})
+    """One step's expert ids -> sorted unique ints; floats (never truncated), bools and negative ids refused."""
+    try:
+        array = np.asarray(step)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a sequence of expert ids; got {step!r}") from None
+    if array.size and (array.dtype == bool or not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{where}: expert ids must be integers; got {step!r} (dtype {array.dtype})")
+    ids = sorted({int(e) for e in array.reshape(-1)})
     if ids and ids[0] < 0:
         raise ValueError(f"{where}: expert id {ids[0]} is negative")
     return tuple(ids)
@@ -113,6 +127,7 @@ class ExpertCache:
 
     def __init__(self, size: int, policy: str = "lifo", future: Iterable | None = None, expert_bytes: int = 0):
         check_policy(size, policy)
+        _check_count("expert_bytes", expert_bytes)
         if policy == "belady" and future is None:
             raise ValueError("policy 'belady' needs the future trace (future=...): it evicts the expert whose "
                              "next request is furthest away")
@@ -162,6 +177,8 @@ class ExpertCache:
             self._prediction = None
 
     def request(self, expert: int) -> Access:
+        if not is_integer(expert):
+            raise ValueError(f"step {self._step}: expert id {expert!r} must be an integer")
         expert = int(expert)
         if not self._pending or self._pending[0] != expert:
             raise ValueError(f"step {self._step}: expert {expert} requested out of turn; next expected "
@@ -263,7 +280,13 @@ def simulate(requests: Iterable, cache_size: int, policy: str = "lifo", *, exper
     still fill the cache: e.g. a prefill before decode steps).
     """
     check_policy(cache_size, policy)
+    _check_count("expert_bytes", expert_bytes)
+    _check_count("warmup_steps", warmup_steps)
+    if isinstance(requests, (str, bytes)) or not hasattr(requests, "__iter__"):
+        raise ValueError(f"requests must be a sequence of steps (each a sequence of expert ids); got {requests!r}")
     steps = normalize_trace(requests)
+    if prefetch is not None and not hasattr(prefetch, "__len__"):
+        raise ValueError(f"prefetch must be a sequence with one entry per step (or None); got {prefetch!r}")
     if prefetch is not None and len(prefetch) != len(steps):
         raise ValueError(f"prefetch has {len(prefetch)} steps; requests have {len(steps)}")
     cache = ExpertCache(cache_size, policy, future=steps if policy == "belady" else None, expert_bytes=expert_bytes)
