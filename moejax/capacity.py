@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,9 @@ from moejax.routing import Routing
 DROP_STRATEGIES = ("score", "first", "last", "random")
 EXPANDED = (None, "local", "global")
 SCOPES = ("expert", "device")
+# How a token's kept weights are rescaled after a drop (MoEPolicy.renormalize).
+RENORMALIZE = ("family", "none", "kept", "routed_sum")
+_LEGACY_RENORMALIZE = {False: "none", True: "routed_sum"}  # the booleans the field took before it had modes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +29,10 @@ class MoEPolicy:
     """How every MoE block of a model treats expert capacity.
 
     capacity_factor: None = dropless (the default); else gamma of C = ceil(gamma * T * k / E) per expert,
-        or C_dev = ceil(gamma * T * k / D) per device with scope="device". T counts real tokens only.
+        or C_dev = ceil(gamma * T * k / D) per device with scope="device". T counts real tokens only. C is
+        computed exactly (`expert_capacity`), gamma read as the decimal it prints as (1.2 is 6/5).
     drop: which pairs an over-full expert keeps: "score" (highest router score), "first", "last", "random".
+        Ties (equal priority) go to the lower token index (the authors' torch.topk leaves them undefined).
     expanded: None, or Capacity-Aware Expanded Drop: "local" (candidates = top-k plus the experts on the
         token's device) or "global" (every expert is a candidate); each expert keeps its top-C candidates
         by score, weighted by their score.
@@ -35,10 +41,21 @@ class MoEPolicy:
         to (placement: device_of_expert, a tuple of E ints; default contiguous blocks): shorthand for the
         model runtime's `layout.Layout`. Under expert parallelism the layout comes from the mesh and its
         placement instead (these must then be None or agree with it).
-    renormalize: rescale each token's kept weights to the sum its routed weights had (off by default, as
-        in the paper).
-    in_decode: apply the capacity in decode steps too (the authors' code silently did not; here it is a
-        visible choice).
+    renormalize: how each token's kept weights are rescaled when a capacity applies (dropless forwards,
+        and decode steps with in_decode=False, are never touched):
+        "family" (default): the family's own normalisation, over the experts the token kept: "kept" for
+            families whose router normalises its top-k (norm_topk_prob: Mixtral, Qwen3-MoE, ...), "none"
+            for the others (OLMoE, Qwen2-MoE, ...). This is what the authors' code computes.
+        "none": the weights as routed (normalised over the routed k where the family normalises), so a
+            token that lost an expert has weights summing to less than before.
+        "kept": the kept experts' router probabilities divided by their sum, times the family's
+            routed_scaling_factor (1 except DeepSeek): every token's weights sum to that, whether it lost
+            a pair or not (the authors' `renormalize_after_capacity_drop`, for any family).
+        "routed_sum": scaled to the sum the token's routed weights had; a token that lost nothing keeps
+            its weights. For norm_topk_prob families that sum is routed_scaling_factor: "kept" there.
+        False and True (the field's values before it had modes) mean "none" and "routed_sum".
+    in_decode: apply the capacity in decode steps too (the paper's formula; the authors' code silently did
+        not: see `MoEPolicy.authors`).
     seed: drop="random" draws each pair's priority from key(seed) folded with the layer and a digest of
         the batch's router logits: the same batch drops the same pairs, another batch or seed others.
     """
@@ -49,13 +66,22 @@ class MoEPolicy:
     scope: str = "expert"
     num_devices: int | None = None
     placement: tuple[int, ...] | None = None
-    renormalize: bool = False
+    renormalize: str = "family"
     in_decode: bool = True
     seed: int = 0
 
     def __post_init__(self):
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"MoEPolicy: capacity_factor={self.capacity_factor!r} must be > 0 (or None: dropless)")
+        if self.capacity_factor is not None:
+            try:
+                exact_factor(self.capacity_factor)
+            except (TypeError, ValueError):
+                raise ValueError(f"MoEPolicy: capacity_factor={self.capacity_factor!r} must be > 0 and finite "
+                                 "(or None: dropless)") from None
+        if isinstance(self.renormalize, bool):
+            object.__setattr__(self, "renormalize", _LEGACY_RENORMALIZE[self.renormalize])
+        if not isinstance(self.renormalize, str) or self.renormalize not in RENORMALIZE:
+            raise ValueError(f"MoEPolicy: unknown renormalize mode {self.renormalize!r}; supported: {RENORMALIZE} "
+                             "(or False / True: 'none' / 'routed_sum')")
         if self.drop not in DROP_STRATEGIES:
             raise ValueError(f"MoEPolicy: unknown drop strategy {self.drop!r}; supported: {DROP_STRATEGIES}")
         if self.expanded not in EXPANDED:
@@ -68,6 +94,30 @@ class MoEPolicy:
                 object.__setattr__(self, "num_devices", max(self.placement) + 1)
         if (self.expanded is not None or self.scope == "device") and self.capacity_factor is None:
             raise ValueError(f"MoEPolicy: expanded={self.expanded!r}, scope={self.scope!r} needs a capacity_factor")
+
+    @classmethod
+    def authors(cls, capacity_factor: float, drop: str = "score", *, expanded: str | None = None,
+                num_devices: int | None = None, placement: tuple[int, ...] | None = None,
+                renormalize: str = "family", seed: int = 0) -> MoEPolicy:
+        """The capacity-aware drop of the paper authors' code (CASE-Lab-UMD/Capacity-Aware-MoE, their
+        modeling_*.py MoE blocks), to reproduce their published numbers: capacity off in forwards of one token
+        per sequence (their `sequence_length == 1`: every decode step; in moejax those are the forwards with
+        decode=True, so in_decode=False), and each token's kept weights renormalised as its family does
+        (renormalize="family"; pass "kept" for their renormalize_after_capacity_drop=True).
+
+        Where moejax still differs from their code, on purpose: padding tokens neither count in T nor take
+        expert slots; ties go to the lower token index; drop="random" draws from `seed`, not torch.rand; and
+        C is exact, where their double-precision ceil(gamma * k * (T / E)) can round an exact integer up
+        (gamma=1.1 with T * k / E = 10: 12, not 11; gamma 0.5, 1.0, 1.25, 1.5, 2.0 never do).
+        """
+        return cls(capacity_factor=capacity_factor, drop=drop, expanded=expanded, num_devices=num_devices,
+                   placement=placement, renormalize=renormalize, in_decode=False, seed=seed)
+
+    def renormalization(self, norm_topk_prob: bool) -> str:
+        """The mode a family computes with: "none", "kept" or "routed_sum" ("family" resolved)."""
+        if self.renormalize == "family":
+            return "kept" if norm_topk_prob else "none"
+        return self.renormalize
 
     @property
     def needs_layout(self) -> bool:
@@ -85,18 +135,46 @@ class MoEPolicy:
         return Layout.build(num_experts, self.num_devices, self.placement)
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
-    """C = ceil(factor * top_k * num_tokens / num_experts), at least 1."""
-    if not factor > 0:
-        raise ValueError(f"capacity factor={factor!r} must be > 0")
+def exact_factor(factor) -> Fraction:
+    """A capacity factor as an exact fraction: a float is read as the decimal it prints as (1.2 is 6/5, not
+    the binary float just below it), so that C = ceil(gamma * T * k / E) lands on the integer a user means."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float, Fraction, np.integer, np.floating)):
+        raise TypeError(f"capacity factor={factor!r} is not a number")
+    value = Fraction(str(factor)) if isinstance(factor, (float, np.floating)) else Fraction(factor)
+    if not (math.isfinite(factor) and value > 0):
+        raise ValueError(f"capacity factor={factor!r} must be a finite number > 0")
+    return value
+
+
+def expert_capacity(num_tokens, top_k: int, num_experts: int, factor: float, *, max_tokens: int | None = None):
+    """C = ceil(factor * top_k * num_tokens / num_experts), at least 1, in exact integer arithmetic.
+
+    The one capacity formula: for a Python int count it returns an int; for a traced integer count (the real
+    tokens of a forward, padding excluded) an int32 array of the same value, given `max_tokens`, the static
+    bound on the count (the forward's rows). num_experts is the number of capacity groups (devices for a
+    per-device capacity).
+    """
+    ratio = exact_factor(factor) * top_k / num_experts
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
-    return max(1, math.ceil(factor * top_k * num_tokens / num_experts))
+    if isinstance(num_tokens, (int, np.integer)):
+        return max(1, _ceil_times(ratio, int(num_tokens)))
+    if max_tokens is None:
+        raise ValueError("expert_capacity of a traced token count needs max_tokens, its static bound")
+    if ratio.numerator * max_tokens + ratio.denominator < 2**31:
+        capacity = _ceil_times(ratio, jnp.asarray(num_tokens, jnp.int32))  # no int32 product overflows
+    else:  # a product past int32: look the count up in a table of exact Python-int capacities
+        table = _ceil_times(ratio, np.arange(max_tokens + 1, dtype=object))
+        if table[-1] >= 2**31:
+            raise ValueError(f"capacity factor={factor!r}: a capacity of {table[-1]} does not fit in int32")
+        capacity = jnp.asarray(table.astype(np.int64), jnp.int32)[num_tokens]
+    return jnp.maximum(1, capacity).astype(jnp.int32)
 
 
-def _traced_capacity(factor: float, top_k: int, num_tokens, groups: int) -> jax.Array:
-    """expert_capacity's formula on a traced token count (padding excluded)."""
-    return jnp.maximum(1, jnp.ceil(factor * top_k * num_tokens / groups)).astype(jnp.int32)
+def _ceil_times(ratio: Fraction, count):
+    """ceil(ratio * count) exactly, for a Python int or an integer array (floor division rounds down for
+    negative numerators in Python, numpy and jax alike)."""
+    return -((-ratio.numerator * count) // ratio.denominator)
 
 
 def keep_top_per_group(group: jax.Array, priority: jax.Array, capacity, num_groups: int) -> jax.Array:
@@ -170,13 +248,15 @@ def expanded_drop(scores: jax.Array, experts: jax.Array, capacity: int | jax.Arr
 
 
 def apply_policy(routing: Routing, policy: MoEPolicy, *, num_tokens: jax.Array | int, decode: bool = False,
-                 key: jax.Array | None = None, layout: Layout | None = None) -> Routing:
+                 key: jax.Array | None = None, layout: Layout | None = None, norm_topk_prob: bool = False,
+                 routed_scaling_factor: float = 1.0) -> Routing:
     """Apply `policy` to a block's routing. `num_tokens` counts real (non-padding) tokens only; `layout`
-    (default: the policy's own) says which device holds each expert and token.
+    (default: the policy's own) says which device holds each expert and token; norm_topk_prob and
+    routed_scaling_factor are the family's (what renormalize="family" / "kept" follow).
 
-    Token drop edits `keep` (and with renormalize, the weights). Expanded drop returns a wider Routing:
-    its experts [T, k + L] are the top-k followed by the L experts local to the token (all E for the
-    global variant), each kept pair weighted by its score.
+    Token drop edits `keep` (and, as policy.renormalize says, the weights). Expanded drop returns a wider
+    Routing: its experts [T, k + L] are the top-k followed by the L experts local to the token (all E for
+    the global variant), each kept pair weighted by its score before renormalisation.
     """
     if policy.dropless or (decode and not policy.in_decode):
         return routing
@@ -194,16 +274,34 @@ def apply_policy(routing: Routing, policy: MoEPolicy, *, num_tokens: jax.Array |
         if policy.scope == "device":
             device_of_expert = layout.device_of_expert
             groups = layout.num_devices
-        capacity = _traced_capacity(policy.capacity_factor, top_k, num_tokens, groups)
+        capacity = expert_capacity(num_tokens, top_k, groups, policy.capacity_factor,
+                                   max_tokens=routing.experts.shape[0])
         keep = token_drop(routing.scores, routing.experts, capacity, policy.drop, key=key, keep=routing.keep,
                           device_of_expert=device_of_expert)
         new = routing._replace(keep=keep)
-    if policy.renormalize:
-        total = jnp.where(routing.keep, routing.weights, 0.0).sum(-1, keepdims=True)
-        kept = jnp.where(new.keep, new.weights, 0.0).sum(-1, keepdims=True)
-        new = new._replace(weights=jnp.where(kept > 0, new.weights * total / jnp.where(kept > 0, kept, 1.0),
-                                             new.weights))
-    return new
+    return renormalize(routing, new, policy.renormalization(norm_topk_prob), routed_scaling_factor)
+
+
+def renormalize(routed: Routing, new: Routing, mode: str, routed_scaling_factor: float = 1.0) -> Routing:
+    """`new` (the routing after a drop) with each token's kept weights rescaled as `mode` says (see
+    MoEPolicy.renormalize); a token that lost every pair keeps its (unused) weights.
+
+    "kept" recomputes the weights from the router scores of the kept experts, p / sum(p) * scaling, the very
+    formula a norm_topk_prob family routes with, so a token that lost nothing keeps the weights it was routed
+    with. "routed_sum" multiplies by routed sum / kept sum, exactly 1 for a token that lost nothing.
+    """
+    if mode == "none":
+        return new
+    if mode == "kept":
+        weights = jnp.take_along_axis(new.scores, new.experts, axis=-1)
+        target = routed_scaling_factor
+    elif mode == "routed_sum":
+        weights = new.weights
+        target = jnp.where(routed.keep, routed.weights, 0.0).sum(-1, keepdims=True)
+    else:
+        raise ValueError(f"unknown renormalize mode {mode!r}; supported: 'none', 'kept', 'routed_sum'")
+    kept = jnp.where(new.keep, weights, 0.0).sum(-1, keepdims=True)
+    return new._replace(weights=jnp.where(kept > 0, weights / jnp.where(kept > 0, kept, 1.0) * target, new.weights))
 
 
 def drop_key(policy: MoEPolicy, layer: int, router_logits: jax.Array) -> jax.Array | None:
@@ -224,7 +322,7 @@ def _expanded(routing: Routing, policy: MoEPolicy, num_tokens, layout: Layout | 
     else:
         extra = jnp.asarray(layout.local_experts(t_count))  # [T, L]
     local = jnp.zeros((t_count, num_experts), bool).at[jnp.arange(t_count)[:, None], extra].set(True)
-    capacity = _traced_capacity(policy.capacity_factor, top_k, num_tokens, num_experts)
+    capacity = expert_capacity(num_tokens, top_k, num_experts, policy.capacity_factor, max_tokens=t_count)
     keep_dense = expanded_drop(scores, experts, capacity, local & valid[:, None])
     keep_dense &= valid[:, None]
     # Compact [T, E] -> [T, k + L]: the top-k first, then local experts not already among them.

@@ -166,10 +166,12 @@ def test_padding_never_counts_toward_capacity(model):
         assert not np.asarray(p.keep)[~mask[0]].any()
 
 
+@pytest.mark.parametrize("renormalize", ["none", "family"])
 @pytest.mark.parametrize("expanded", ["local", "global"])
-def test_expanded_drop_in_the_model(model, expanded):
-    """Every expert keeps its top-C candidates (top-k plus local experts) by score, weighted by the score."""
-    policy = moejax.MoEPolicy(capacity_factor=1.0, expanded=expanded, num_devices=4)
+def test_expanded_drop_in_the_model(model, expanded, renormalize):
+    """Every expert keeps its top-C candidates (top-k plus local experts) by score, weighted by the score;
+    this family normalises its top-k, so by default the kept scores are normalised per token."""
+    policy = moejax.MoEPolicy(capacity_factor=1.0, expanded=expanded, num_devices=4, renormalize=renormalize)
     tokens = _tokens(2)
     out = moejax.with_policy(model, policy).forward(tokens)
     t_count = tokens.size
@@ -184,7 +186,10 @@ def test_expanded_drop_in_the_model(model, expanded):
             assert not dense[t, experts[t, j]]  # no pair kept twice
             dense[t, experts[t, j]] = True
         np.testing.assert_array_equal(dense, expanded_drop_brute_force(scores, experts[:, :2], cap, local))
-        np.testing.assert_allclose(np.asarray(r.weights)[keep], scores[np.nonzero(keep)[0], experts[keep]])
+        kept_scores = np.where(keep, np.take_along_axis(scores, experts, -1), 0.0)
+        if renormalize == "family":
+            kept_scores /= np.maximum(kept_scores.sum(-1, keepdims=True), 1e-30)
+        np.testing.assert_allclose(np.asarray(r.weights)[keep], kept_scores[keep], rtol=1e-6)
 
 
 def test_capacity_applies_in_decode_unless_switched_off(model):

@@ -53,6 +53,9 @@ def _block_brute_force(block, x, token_mask):
         cap = capacity.expert_capacity(int(np.sum(token_mask)), c.num_experts_per_tok, c.num_experts,
                                        block.policy.capacity_factor)
         keep = token_drop_brute_force(scores, experts, cap, block.policy.drop, keep)
+        # mixtral normalises its top-k, so the default renormalize="family" normalises over the kept experts
+        kept = np.where(keep, weights, 0.0).sum(-1, keepdims=True)
+        weights = weights / np.where(kept > 0, kept, 1.0)
     out = np.zeros_like(x)
     for t, j in itertools.product(range(x.shape[0]), range(experts.shape[1])):
         if keep[t, j]:
