@@ -277,6 +277,39 @@ def _deepseek_v2(hf: dict) -> dict:
                 * _get(hf, "moe_intermediate_size", 0))
 
 
+# The types of the config.json keys the readers use (a string "4" or a "false" would compute silently wrong:
+# bool("false") is True). Keys that may be null are checked only when set.
+_JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "max_position_embeddings", "intermediate_size", "num_local_experts", "num_experts",
+                  "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "decoder_sparse_step", "n_routed_experts", "first_k_dense_replace", "moe_layer_freq",
+                  "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group",
+                  "topk_group", "n_shared_experts", "sliding_window", "bos_token_id", "pad_token_id")
+_JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv")
+_JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
+               "use_sliding_window")
+
+
+def _check_json_types(hf: dict) -> None:
+    def bad(key, what):
+        raise ValueError(f"config.json: {key}={hf[key]!r} is invalid: must be {what}")
+
+    for key in _JSON_INTEGERS:
+        if hf.get(key) is not None and not is_integer(hf[key]):
+            bad(key, "an integer")
+    for key in _JSON_NUMBERS:
+        if hf.get(key) is not None and (isinstance(hf[key], bool) or not isinstance(hf[key], (int, float))):
+            bad(key, "a number")
+    for key in _JSON_BOOLS:
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            bad(key, "true or false")
+    eos = hf.get("eos_token_id")
+    if eos is not None and not (is_integer(eos) or isinstance(eos, list) and all(is_integer(e) for e in eos)):
+        bad("eos_token_id", "a token id or a list of token ids")
+    if not isinstance(hf.get("mlp_only_layers", []), list):
+        bad("mlp_only_layers", "a list of layer indices")
+
+
 _READERS: dict[str, Callable[[dict], dict]] = {
     "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2}
 SUPPORTED_MODEL_TYPES = frozenset(_READERS)
@@ -297,6 +330,7 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
                          "loads floating-point weights (float32, float16, bfloat16) only")
     if generation:
         hf = {**hf, **{k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}}
+    _check_json_types(hf)
     model_type = hf.get("model_type")
     if model_type not in _READERS:
         raise ValueError(f"config.json: unknown model_type {model_type!r}; supported model types: "
