@@ -108,7 +108,7 @@ class MoEPolicy:
         Where moejax still differs from their code, on purpose: padding tokens neither count in T nor take
         expert slots; ties go to the lower token index; drop="random" draws from `seed`, not torch.rand; and
         C is exact, where their double-precision ceil(gamma * k * (T / E)) can round an exact integer up
-        (gamma=1.1 with T * k / E = 10: 12, not 11; gamma 0.5, 1.0, 1.25, 1.5, 2.0 never do).
+        (gamma=1.1, k=4, E=8, T=100: 56, not 55; at gamma 0.5, 1.0, 1.25, 1.5 and 2.0 the two always agree).
         """
         return cls(capacity_factor=capacity_factor, drop=drop, expanded=expanded, num_devices=num_devices,
                    placement=placement, renormalize=renormalize, in_decode=False, seed=seed)

@@ -76,6 +76,74 @@ def test_expert_capacity_formula_and_errors():
         moejax.MoEPolicy(capacity_factor=1.0, drop="lowest")
 
 
+# gamma as an exact fraction (numerator, denominator) beside the float a user writes. The non-dyadic ones
+# land T * k * gamma / E on exact integers that float32 arithmetic misses (k=4, E=32, T=100, 1.2: 15, not 16).
+FACTORS = {0.3: (3, 10), 0.6: (3, 5), 1.1: (11, 10), 1.2: (6, 5), 1.25: (5, 4), 1.5: (3, 2), 2.4: (12, 5)}
+
+
+def capacity_reference(tokens, top_k, groups, factor):
+    numerator, denominator = FACTORS[factor]
+    return max(1, -(-numerator * top_k * tokens // (denominator * groups)))  # integer ceil
+
+
+@pytest.mark.parametrize("factor", sorted(FACTORS))
+def test_capacity_is_exact_on_host_and_traced_alike(factor):
+    counts = np.arange(257)
+    traced_off_by_one = 0
+    for top_k, groups in [(1, 8), (2, 8), (4, 8), (2, 16), (4, 32), (8, 64)]:
+        reference = [capacity_reference(int(t), top_k, groups, factor) for t in counts]
+        host = [capacity.expert_capacity(int(t), top_k, groups, factor) for t in counts]
+        traced = jax.jit(jax.vmap(lambda t: capacity.expert_capacity(t, top_k, groups, factor, max_tokens=256)))(
+            jnp.asarray(counts, jnp.int32))
+        assert host == reference
+        np.testing.assert_array_equal(np.asarray(traced), reference)
+        # the float32 formula the traced capacity had before
+        float32 = np.maximum(1, np.ceil(np.float32(factor * top_k) * counts.astype(np.float32) / np.float32(groups)))
+        traced_off_by_one += int((float32 != reference).sum())
+    # the sweep covers the products where float32 rounds up, for every factor that has them
+    assert traced_off_by_one > 0 or factor in (1.1, 1.25, 1.5)
+
+
+def test_capacity_past_int32_products_is_still_exact():
+    """A factor with many digits makes numerator * tokens overflow int32; the capacity stays exact."""
+    factor, top_k, groups = 1.2345678, 2, 8
+    assert (capacity.exact_factor(factor) * top_k / groups).numerator * 512 > 2**31
+    counts = np.arange(513)
+    traced = jax.jit(jax.vmap(lambda t: capacity.expert_capacity(t, top_k, groups, factor, max_tokens=512)))(
+        jnp.asarray(counts, jnp.int32))
+    reference = [max(1, -(-12345678 * top_k * int(t) // (10**7 * groups))) for t in counts]
+    np.testing.assert_array_equal(np.asarray(traced), reference)
+    assert [capacity.expert_capacity(int(t), top_k, groups, factor) for t in counts] == reference
+
+
+@pytest.mark.parametrize("tokens, top_k, experts, factor, devices", [
+    (100, 4, 32, 1.2, None),  # the issue's: C = 15 (float32 said 16)
+    (100, 4, 16, 0.6, None),  # 15 (16)
+    (200, 2, 16, 0.6, None),  # 15 (16)
+    (100, 4, 32, 0.6, 8),     # per device of 4 experts: C_dev = 30 (31)
+])
+def test_no_expert_keeps_more_than_expert_capacity_inside_a_forward(tokens, top_k, experts, factor, devices):
+    """Products T * k * gamma / E on exact integers, T counting only real tokens of a padded batch: every expert
+    (or device) keeps min(routed, C) pairs with C = expert_capacity, so those over it keep exactly C."""
+    config = tiny_config(num_layers=1, moe_layers=(True,), num_experts=experts, num_experts_per_tok=top_k)
+    scope = dict(scope="device", num_devices=devices) if devices else {}
+    model = moejax.random_model(config, seed=0, policy=moejax.MoEPolicy(capacity_factor=factor, **scope))
+    block = model.moe_blocks()[0]
+    block.router[...] = block.router[...] * 10  # uneven loads: some experts over capacity
+    mask = (np.arange((tokens // 64 + 1) * 64) < tokens).reshape(-1, 64)  # the last row padded
+    ids = np.random.RandomState(0).randint(0, 64, size=mask.shape)
+    r = model.forward(jnp.asarray(ids), token_mask=jnp.asarray(mask)).routings[0]
+    experts_of_pairs, keep = np.asarray(r.experts), np.asarray(r.keep)
+    group = experts_of_pairs if devices is None else placement.contiguous(experts, devices)[experts_of_pairs]
+    groups = devices or experts
+    cap = capacity.expert_capacity(tokens, top_k, groups, factor)
+    assert cap == capacity_reference(tokens, top_k, groups, factor)
+    routed = np.bincount(group[mask.reshape(-1)].ravel(), minlength=groups)
+    kept = np.bincount(group[keep], minlength=groups)
+    assert (routed > cap).any()
+    np.testing.assert_array_equal(kept, np.minimum(routed, cap))
+
+
 def expanded_drop_brute_force(scores, experts, cap, local):
     t_count, e_count = scores.shape
     keep = np.zeros((t_count, e_count), bool)
@@ -208,6 +276,13 @@ def test_capacity_applies_in_decode_unless_switched_off(model):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(capacity_factor=0.0), "capacity_factor=0.0 must be > 0"),
+    (dict(capacity_factor=float("inf")), "capacity_factor=inf must be > 0 and finite"),
+    (dict(capacity_factor=float("nan")), "capacity_factor=nan must be > 0 and finite"),
+    (dict(capacity_factor="1.5"), "capacity_factor='1.5' must be > 0 and finite"),
+    (dict(capacity_factor=1.0, renormalize="no"),
+     r"unknown renormalize mode 'no'; supported: \('family', 'none', 'kept', 'routed_sum'\)"),
+    (dict(capacity_factor=1.0, renormalize=None), "unknown renormalize mode None"),
+    (dict(capacity_factor=1.0, renormalize="Kept"), "unknown renormalize mode 'Kept'"),
     (dict(capacity_factor=1.0, drop="fastest"), "unknown drop strategy 'fastest'"),
     (dict(capacity_factor=1.0, scope="node"), "unknown capacity scope 'node'"),
     (dict(capacity_factor=1.0, expanded="nearby"), "unknown expanded mode 'nearby'"),
@@ -247,3 +322,106 @@ def test_placement_must_fit_the_model(model):
     policy = moejax.MoEPolicy(capacity_factor=1.0, expanded="local", placement=(0, 0, 1, 1, 2, 2))
     with pytest.raises(ValueError, match="placement has 6 entries but the model has 8 experts"):
         moejax.with_policy(model, policy).forward(_tokens())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Renormalisation of the kept weights
+
+
+def _swiglu(x, wg, wu, wd):
+    g = x @ wg
+    return ((g / (1 + np.exp(-g))) * (x @ wu)) @ wd
+
+
+def renormalised_reference(block, x, token_mask, factor, mode):
+    """Plain numpy: route, drop by score with C = ceil(gamma * T * k / E), rescale each token's kept weights as
+    `mode` says, combine. -> experts [N, k], keep [N, k], routed weights [N, k], weights [N, k] (0 where
+    dropped), output [N, d]."""
+    c = block.config
+    x = np.asarray(x, np.float64)
+    scores = _softmax(x @ np.asarray(block.router[...], np.float64))
+    experts = np.argsort(-scores, axis=-1, kind="stable")[:, :c.num_experts_per_tok]
+    probs = np.take_along_axis(scores, experts, -1)
+    routed = probs / probs.sum(-1, keepdims=True) if c.norm_topk_prob else probs
+    real = np.broadcast_to(np.asarray(token_mask)[:, None], experts.shape)
+    cap = capacity.expert_capacity(int(np.sum(token_mask)), c.num_experts_per_tok, c.num_experts, factor)
+    keep = token_drop_brute_force(scores, experts, cap, "score", real.copy())
+    kept_sum = lambda w: np.maximum(np.where(keep, w, 0).sum(-1, keepdims=True), 1e-30)
+    if mode == "family":
+        mode = "kept" if c.norm_topk_prob else "none"
+    weights = {"none": routed, "kept": probs / kept_sum(probs),
+               "routed_sum": routed * routed.sum(-1, keepdims=True) / kept_sum(routed)}[mode]
+    weights = np.where(keep, weights, 0.0)
+    wg, wu, wd = (np.asarray(w[...], np.float64) for w in (block.w_gate, block.w_up, block.w_down))
+    out = np.zeros_like(x)
+    for t, j in zip(*np.nonzero(keep)):
+        e = experts[t, j]
+        out[t] += weights[t, j] * _swiglu(x[t], wg[e], wu[e], wd[e])
+    return experts, keep, routed, weights, out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A norm_topk_prob=True (Mixtral) and a norm_topk_prob=False (OLMoE) checkpoint, routers made decisive."""
+    paths = {}
+    for family, fields in {"mixtral": dict(), "olmoe": dict(qk_norm=True, norm_topk_prob=False)}.items():
+        model = moejax.random_model(tiny_config(architecture=family, num_experts=8, num_experts_per_tok=2,
+                                                intermediate_size=24, **fields), seed=4)
+        for block in model.moe_blocks():
+            block.router[...] = block.router[...] * 10
+        paths[family] = str(tmp_path_factory.mktemp(family))
+        moejax.export_pretrained(model, paths[family])
+    return paths
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("mode", ["family", "none", "kept", "routed_sum"])
+def test_renormalize_modes_match_a_numpy_reference(checkpoints, family, mode):
+    factor = 0.75
+    model = moejax.load_pretrained(checkpoints[family], policy=moejax.MoEPolicy(capacity_factor=factor,
+                                                                                renormalize=mode))
+    assert model.config.norm_topk_prob == (family == "mixtral")
+    block = model.moe_blocks()[0]
+    rs = np.random.RandomState(1)
+    x = jnp.asarray(rs.randn(40, 32), jnp.float32)
+    token_mask = jnp.asarray(rs.rand(40) > 0.15)
+    out, r, _ = jax.jit(lambda x, m: block(x, m))(x, token_mask)
+    experts, keep, routed, weights, ref = renormalised_reference(block, x, token_mask, factor, mode)
+    np.testing.assert_array_equal(np.asarray(r.experts), experts)
+    np.testing.assert_array_equal(np.asarray(r.keep), keep)
+    np.testing.assert_allclose(np.where(keep, np.asarray(r.weights), 0.0), weights, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+    # what tells the modes apart, on the tokens that lost one of their two experts
+    partial = keep.sum(-1) == 1
+    assert partial.any()
+    sums, routed_sums = weights[partial].sum(-1), routed[partial].sum(-1)
+    resolved = {"family": "kept" if family == "mixtral" else "none"}.get(mode, mode)
+    if resolved == "kept":
+        np.testing.assert_allclose(sums, 1.0, rtol=1e-6)
+    elif resolved == "routed_sum":
+        np.testing.assert_allclose(sums, routed_sums, rtol=1e-6)
+    else:
+        assert (sums < routed_sums - 1e-3).all()
+    if family == "olmoe":  # where the family does not normalise, "kept" and "routed_sum" differ
+        assert (routed_sums < 1 - 1e-3).all()
+
+
+def test_family_default_is_the_old_default_where_the_family_does_not_normalise(checkpoints):
+    """OLMoE (the committed default model's family): the default renormalises nothing, as before the modes."""
+    tokens = _tokens(3, (2, 20))
+    logits = {}
+    for mode in ("family", "none", False):
+        model = moejax.load_pretrained(checkpoints["olmoe"], policy=moejax.MoEPolicy(capacity_factor=0.5,
+                                                                                      renormalize=mode))
+        logits[mode] = np.asarray(model.forward(tokens).logits)
+    np.testing.assert_array_equal(logits["family"], logits["none"])
+    np.testing.assert_array_equal(logits["family"], logits[False])
+
+
+def test_renormalize_booleans_are_the_modes_they_meant():
+    assert moejax.MoEPolicy(renormalize=False).renormalize == "none"
+    assert moejax.MoEPolicy(renormalize=True).renormalize == "routed_sum"
+    assert moejax.MoEPolicy().renormalize == "family"
+    assert moejax.MoEPolicy().renormalization(norm_topk_prob=True) == "kept"
+    assert moejax.MoEPolicy().renormalization(norm_topk_prob=False) == "none"
+    assert moejax.MoEPolicy(renormalize="routed_sum").renormalization(norm_topk_prob=False) == "routed_sum"
