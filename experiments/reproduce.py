@@ -4,8 +4,8 @@ expert buffering and expert placement, in one Markdown report with the papers' n
 Each stage runs its experiment script (experiments/<script>.py) in a fresh process, configured by its part of
 the reproduce config (config.<stage>, see configs/reproduce.py) and writing into WORKDIR/<stage>/ with its log;
 a finished stage leaves WORKDIR/<stage>/stage.json and is skipped on a rerun (the scripts also resume their own
-unfinished cells), so an interrupted run picks up where it stopped. The report is rebuilt from whatever stages
-have finished.
+unfinished cells), so an interrupted run picks up where it stopped. A stage that fails does not stop the others;
+the report is rebuilt from whatever stages have finished, and the command then exits non-zero naming the failed.
 
   ./launch.sh reproduce --quick                       # the README's main job: the trained default model
   ./launch.sh reproduce                               # the full sweeps (see README for the time)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -60,13 +61,21 @@ def main(argv):
             finished = os.path.exists(os.path.join(workdir, name, "stage.json")) and not _FORCE.value
             print(f"{name}{' (finished: skipped)' if finished else ''}: {shlex.join(stage_command(name, config, workdir))}")
         return
+    failed = []
     progress = tqdm(stages, desc="reproduce", unit="stage")
     for name in progress:
         progress.set_postfix_str(f"{name} (log: {os.path.join(workdir, name, 'log.txt')})")
-        record = run_stage(name, config, workdir, _FORCE.value)
+        try:
+            record = run_stage(name, config, workdir, _FORCE.value)
+        except RuntimeError as e:  # the other stages still run, and the report shows what finished
+            tqdm.write(str(e))
+            failed.append(name)
+            continue
         tqdm.write(f"{name}: done in {record['seconds'] / 60:.1f} min")
     path = write_report(workdir, config, command=harness.command())
     print(f"Wrote {path}")
+    if failed:
+        sys.exit(f"stage(s) {failed} failed (see their log.txt); a rerun runs them again and skips the others")
 
 
 if __name__ == "__main__":

@@ -89,3 +89,16 @@ def test_report_from_the_committed_results(config, tmp_path):
     assert "| lifo |" in text and "| belady |" in text
     assert "![Avg Max Load per method and device count](placement.png)" in text
     assert (tmp_path / "placement.png").exists()
+
+
+def test_a_failing_stage_leaves_the_report_of_the_others(tmp_path):
+    """The gating stage fails (an unknown layer shape); the finished placement stage is skipped, the report
+    is still written with it, and the command exits non-zero naming the failed stage."""
+    shutil.copytree(os.path.join(ROOT, "experiments", "results", "reproduce", "placement"), tmp_path / "placement")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "reproduce.py"), f"--workdir={tmp_path}",
+                             "--stages=gating,placement", "--config.gating.layers=('nope',)"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "stage(s) ['gating'] failed" in result.stderr and "KeyError: 'nope'" in result.stdout  # its log's tail
+    text = (tmp_path / "report.md").read_text()
+    assert "## gating: not run" in text and "## Expert placement" in text
