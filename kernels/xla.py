@@ -59,15 +59,7 @@ class Xla(Implementation):
         return tuple(XlaConfig(tile=t) for t in (64, 128, 256, 512))
 
     def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity):
-        act = ACTIVATIONS[activation]
-
-        def expert(rows, weights):
-            wg, wu, wd = weights
-            h = act(jnp.dot(rows, wg, preferred_element_type=jnp.float32)) * jnp.dot(
-                rows, wu, preferred_element_type=jnp.float32)
-            return jnp.dot(h.astype(rows.dtype), wd, preferred_element_type=jnp.float32)
-
-        return self._tiled(x, group_sizes, (w_gate, w_up, w_down), expert, x.shape[1], capacity)
+        return self._tiled(x, group_sizes, (w_gate, w_up, w_down), ffn_rows(activation), x.shape[1], capacity)
 
     def _matmul(self, x, group_sizes, w, *, capacity):
         return self._tiled(x, group_sizes, (w,), lambda rows, ws: jnp.dot(rows, ws[0],
@@ -90,30 +82,14 @@ class Xla(Implementation):
         if capacity is not None:  # rows keep their places; only the first `capacity` of each group are computed
             group_sizes = jnp.minimum(group_sizes, capacity)
         active = jnp.nonzero(group_sizes > 0, size=min(num_groups, n), fill_value=0)[0]
-        x_bits = _bits(x)
-        weights_bits = tuple((_bits(w), w.dtype) for w in weights)
-
-        def one_tile(out, row0, lo, hi, size, expert_weights):
-            # Rows [row0, row0 + size), slid back to stay inside x; only rows in [lo, hi) are written.
-            start = jnp.clip(row0, 0, n - size)
-            y = compute(_unbits(jax.lax.dynamic_slice_in_dim(x_bits, start, size, 0), x.dtype), expert_weights)
-            index = start + jnp.arange(size)
-            mine = ((index >= lo) & (index < hi))[:, None]
-            old = jax.lax.dynamic_slice_in_dim(out, start, size, 0)
-            return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), start, 0)
+        x_bits = bits(x)
+        weights_bits = tuple((bits(w), w.dtype) for w in weights)
 
         def expert_body(i, out):
             e = active[i]
-            start, end = starts[e], starts[e] + group_sizes[e]
-            expert_weights = tuple(_unbits(w[e], dtype) for w, dtype in weights_bits)  # one copy per expert
-            full = group_sizes[e] // tile
-            out = jax.lax.fori_loop(0, full, lambda j, o: one_tile(o, start + j * tile, start, end, tile,
-                                                                  expert_weights), out)
-            # The remainder (< tile rows) in small tiles; the last ends at the group's end, overlapping the
-            # one before it rather than computing rows past it.
-            rest = start + full * tile
-            return jax.lax.fori_loop(0, (end - rest + small - 1) // small, lambda j, o: one_tile(
-                o, jnp.minimum(rest + j * small, end - small), rest, end, small, expert_weights), out)
+            expert_weights = tuple(unbits(w[e], dtype) for w, dtype in weights_bits)  # one copy per expert
+            return group_rows(out, x_bits, x.dtype, starts[e], starts[e] + group_sizes[e], expert_weights, compute,
+                              tile, small)
 
         # f32 output buffer, cast once at the end: XLA:CPU widens bf16 elementwise ops to f32, and the update
         # of a bf16 buffer then copies the whole buffer on every tile instead of writing the tile in place.
@@ -121,12 +97,48 @@ class Xla(Implementation):
         return jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), expert_body, out).astype(x.dtype)
 
 
-def _bits(a: jax.Array) -> jax.Array:
+def ffn_rows(activation: str):
+    """rows [n, d], (w_gate [d, f], w_up [d, f], w_down [f, d]) -> f32 [n, d]: one expert's gated FFN."""
+    act = ACTIVATIONS[activation]
+
+    def expert(rows, weights):
+        wg, wu, wd = weights
+        h = act(jnp.dot(rows, wg, preferred_element_type=jnp.float32)) * jnp.dot(
+            rows, wu, preferred_element_type=jnp.float32)
+        return jnp.dot(h.astype(rows.dtype), wd, preferred_element_type=jnp.float32)
+
+    return expert
+
+
+def group_rows(out, x_bits, x_dtype, start, end, expert_weights, compute, tile: int, small: int):
+    """One group's rows [start, end) of x through `compute` with its weights, written into out [N, out_dim]
+    (f32): full tiles, then the remainder in small tiles, the last ending at the group's end and overlapping
+    the one before it rather than computing rows past it. x_bits: x as `bits(x)`. Rows outside the group
+    keep their values."""
+    n = x_bits.shape[0]
+
+    def one_tile(out, row0, size):
+        # Rows [row0, row0 + size), slid back to stay inside x; only rows in [start, end) are written.
+        first = jnp.clip(row0, 0, n - size)
+        y = compute(unbits(jax.lax.dynamic_slice_in_dim(x_bits, first, size, 0), x_dtype), expert_weights)
+        index = first + jnp.arange(size)
+        mine = ((index >= start) & (index < end))[:, None]
+        old = jax.lax.dynamic_slice_in_dim(out, first, size, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), first, 0)
+
+    full = (end - start) // tile
+    out = jax.lax.fori_loop(0, full, lambda j, o: one_tile(o, start + j * tile, tile), out)
+    rest = start + full * tile
+    return jax.lax.fori_loop(0, (end - rest + small - 1) // small,
+                             lambda j, o: one_tile(o, jnp.minimum(rest + j * small, end - small), small), out)
+
+
+def bits(a: jax.Array) -> jax.Array:
     """2-byte floats as uint16 for dynamic slicing: XLA:CPU widens a bf16 dynamic-slice to f32 and hoists the
     widening out of the loop, converting every expert's weights on every call (all 64 experts for a decode
     step that uses 4). Slicing the raw bits is a plain copy of the rows or the expert taken."""
     return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a
 
 
-def _unbits(a: jax.Array, dtype) -> jax.Array:
+def unbits(a: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a

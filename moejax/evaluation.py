@@ -19,7 +19,7 @@ from flax import nnx
 
 from moejax.data import read_jsonl
 from moejax.generate import pad_prompts
-from moejax.models.transformer import CausalLM
+from moejax.models.transformer import CausalLM, check_token_ids
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -69,48 +69,89 @@ def bucket_length(length: int, smallest: int = 16) -> int:
     return max(smallest, 1 << max(0, length - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _target_log_probs(graphdef, state, tokens, mask):
-    """float32 [B, T-1]: log p(tokens[:, t+1] | tokens[:, :t+1]); 0 where the input or target is padding."""
-    logits = nnx.merge(graphdef, state).forward(tokens, token_mask=mask).logits
-    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.where(mask[:, 1:] & mask[:, :-1], picked, 0.0)
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _scored_batch(graphdef, state, inputs, targets, mask, with_routings):
+    """For one left-padded batch: log p(targets[:, t] | inputs[:, :t+1]) float32 [B, T], whether each target
+    is the argmax there bool [B, T], and the forward's routings when asked for."""
+    out = nnx.merge(graphdef, state).forward(inputs, token_mask=mask)
+    logprobs = jax.nn.log_softmax(out.logits, axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logprobs, axis=-1) == targets
+    return jnp.where(mask, picked, 0.0), greedy | ~mask, out.routings if with_routings else None
 
 
-def continuation_log_likelihoods(model: CausalLM, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                                 batch_size: int = 16) -> np.ndarray:
-    """float64 [N]: log p(continuation | context) for each (context ids, continuation ids) request.
+class ScoredContinuations(NamedTuple):
+    log_likelihoods: np.ndarray  # float64 [N]: log p(continuation | context)
+    greedy: np.ndarray  # bool [N]: every continuation token is the argmax after its prefix (lm-eval's is_greedy)
+    loads: dict | None  # with_loads: {MoE layer: stats.LayerLoads} summed over every batch
+
+
+def score_continuations(model: CausalLM, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                        batch_size: int = 16, max_length: int | None = None,
+                        with_loads: bool = False) -> ScoredContinuations:
+    """Each (context ids, continuation ids) request scored as lm-eval's Hugging Face backend scores it: of
+    context + continuation, the last max_length + 1 tokens are kept (the context is cut from the left) and all
+    but the last are fed to the model, which predicts the continuation's tokens; max_length defaults to the
+    model's max_position_embeddings. with_loads: also the per-layer expert loads of those forwards, padding
+    and filler rows excluded (what the policy enforced).
 
     Requests are sorted by length, left-padded to bucketed lengths and run in batches of a fixed size (the
-    last filled with fully masked rows), so compiled shapes are few. A request longer than the model's
-    max_position_embeddings keeps its last tokens (the context is cut from the left, as lm-eval does)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    limit = model.config.max_position_embeddings
+    last filled with fully masked rows), so compiled shapes are few. Under a capacity policy the rows of a
+    batch compete for expert slots: the result depends on batch_size and on which requests are scored
+    together (report them with the numbers)."""
+    from moejax import stats
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    limit = model.config.max_position_embeddings if max_length is None else max_length
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_length={max_length!r} must be an integer >= 1 (or None: the model's positions)")
     rows, lengths = [], []
     for i, (context, continuation) in enumerate(requests):
         if not len(context):
             raise ValueError(f"request {i}: the context is empty (at least one token must precede the continuation)")
         if not len(continuation):
             raise ValueError(f"request {i}: the continuation is empty")
-        if len(continuation) >= limit:
-            raise ValueError(f"request {i}: continuation of {len(continuation)} tokens does not fit the model's "
-                             f"{limit} positions")
-        rows.append((list(context) + list(continuation))[-limit:])
+        if len(continuation) > limit:
+            raise ValueError(f"request {i}: continuation of {len(continuation)} tokens does not fit max_length={limit}")
+        row = np.asarray(check_token_ids(list(context) + list(continuation), model.config.vocab_size, ndim=1,
+                                         name=f"request {i}"))
+        rows.append(row[-(limit + 1):].tolist())
         lengths.append(len(continuation))
     graphdef, state = nnx.split(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = np.zeros(len(rows), np.float64)
+    scores, greedy, loads = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool), {} if with_loads else None
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        batch = [rows[i] for i in index] + [[0]] * (batch_size - len(index))
-        tokens, mask = pad_prompts(batch, bucket=min(bucket_length(max(len(r) for r in batch)), limit))
+        batch = [rows[i] for i in index] + [[0, 0]] * (batch_size - len(index))
+        bucket = min(bucket_length(max(len(r) - 1 for r in batch)), limit)
+        inputs, mask = pad_prompts([r[:-1] for r in batch], bucket=bucket)
+        targets, _ = pad_prompts([r[1:] for r in batch], bucket=bucket)
         mask[len(index):] = False  # filler rows: padding everywhere, so they take no expert slot
-        logprobs = np.asarray(_target_log_probs(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
+        picked, hit, routings = _scored_batch(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets),
+                                              jnp.asarray(mask), with_loads)
+        picked, hit = np.asarray(picked, np.float64), np.asarray(hit)
         for row, i in enumerate(index):
-            out[i] = logprobs[row, logprobs.shape[1] - lengths[i]:].sum()
+            scores[i] = picked[row, picked.shape[1] - lengths[i]:].sum()
+            greedy[i] = hit[row, hit.shape[1] - lengths[i]:].all()
+        if with_loads:
+            loads = add_loads(loads, stats.layer_loads(routings, jnp.asarray(mask), model.config.num_experts_per_tok))
+    return ScoredContinuations(scores, greedy, loads)
+
+
+def add_loads(total: dict, loads: dict) -> dict:
+    """{MoE layer: stats.LayerLoads} + {MoE layer: stats.LayerLoads} -> their per-layer sums (a new dict)."""
+    out = dict(total)
+    for layer, l in loads.items():
+        out[layer] = l if layer not in out else type(l)(*(a + b for a, b in zip(out[layer], l)))
     return out
+
+
+def continuation_log_likelihoods(model: CausalLM, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                                 batch_size: int = 16) -> np.ndarray:
+    """float64 [N]: log p(continuation | context) for each (context ids, continuation ids) request, batched and
+    truncated as `score_continuations` does (a request past max_position_embeddings keeps its last tokens)."""
+    return score_continuations(model, requests, batch_size).log_likelihoods
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,16 +199,19 @@ def write_multiple_choice(examples: Sequence[MultipleChoice], path: str) -> None
 
 
 def score_multiple_choice(model: CausalLM, tokenizer, examples: Sequence[MultipleChoice],
-                          batch_size: int = 16) -> dict:
+                          batch_size: int = 16, encode_pair=None) -> dict:
     """lm-eval's multiple-choice metrics: acc (the choice of highest log-likelihood given the context is
     gold), acc_norm (the same with log-likelihoods divided by each choice's length in characters), and the
-    chance level (mean of 1 / number of choices). Context and choice are tokenised separately and joined."""
+    chance level (mean of 1 / number of choices). Context and choice are tokenised separately and joined,
+    unless encode_pair(context, choice) -> (context ids, choice ids) says otherwise (lm-eval's backends
+    encode the pair together: moejax.lm_eval_model.MoejaxLM._encode_pair gives its requests exactly)."""
     requests, owners = [], []
     for i, e in enumerate(examples):
         _example({"context": e.context, "choices": list(e.choices), "gold": e.gold})  # the checks a file gets
         context = tokenizer.encode(e.context).ids
         for choice in e.choices:
-            requests.append((context, tokenizer.encode(choice).ids))
+            requests.append((context, tokenizer.encode(choice).ids) if encode_pair is None
+                            else encode_pair(e.context, choice))
             owners.append(i)
     scores = continuation_log_likelihoods(model, requests, batch_size=batch_size)
     correct, correct_norm, chance, start = 0, 0, 0.0, 0
@@ -284,7 +328,7 @@ def decode_loads(model: CausalLM, prompts: Sequence[Sequence[int]], steps: int, 
         raise ValueError(f"prompts of {padded} padded tokens + {steps} steps exceed the model's "
                          f"{model.config.max_position_embeddings} positions")
     out = decode(model, [list(p) for p in prompts], steps + 1, record_loads=True, stop_tokens=stop_tokens)
-    counts = np.asarray(out.loads)[:int(out.steps)]  # [steps run, layers, E]
+    counts = np.asarray(out.loads)[1:int(out.steps) + 1]  # decode steps run: [steps, layers, E]
     return {"layers": [i for i, moe in enumerate(model.config.moe_layers) if moe], "steps": int(out.steps),
             "batch_size": len(prompts), "idle_fraction": (counts == 0).mean(axis=(0, 2)).tolist(),
             "step_max_over_mean": np.asarray(stats.max_over_mean(jnp.asarray(counts, jnp.float32))).mean(0).tolist()}

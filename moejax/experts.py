@@ -12,7 +12,8 @@ says where it can run (`supported(layout)`: None, or why not). They live in `BAC
   capacity_buffers  Switch/GShard capacity buffers: each expert computes at most ceil(factor * N * k / E)
                     of its pairs in one dense batched matmul; differentiable and fast everywhere (training)
   expert_parallel   `moejax.parallel.ExpertParallel`: experts sharded over the layout's mesh
-The buffered slot cache (`moejax.buffering`) drives the same block phases with its own engine.
+  buffered          `moejax.buffering.slots.Buffered`: experts in a host store, a few device slots; stateful
+                    (`stateful = True`: called with the block's ExpertState and returning the next one)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from moejax import dispatch, kernels
 from moejax.capacity import expert_capacity
@@ -51,6 +53,11 @@ class ExpertsBackend(Protocol):
 
     def __call__(self, x: jax.Array, routing: Routing, weights: ExpertWeights, layout: Layout | None,
                  activation: str) -> ExpertsOutput: ...
+
+
+class ExpertState(nnx.Variable):
+    """A stateful backend's state on a MoE block (buffered experts: the slots and the policy's clocks): not a
+    parameter; decode loops carry it from step to step."""
 
 
 def _on_one_device(name: str, layout: Layout | None) -> str | None:

@@ -12,7 +12,6 @@ import pytest
 
 import moejax
 from moejax import buffering
-from moejax.buffering import store as store_module
 from tests.tiny import tiny_config
 
 OTHER_POLICIES = ("lifo", "lru", "fifo", "lfu")
@@ -198,50 +197,69 @@ def resident_tokens(model):
     return np.asarray(moejax.generate(model, PROMPTS, max_new_tokens=NEW_TOKENS))
 
 
-def _check_slots_hold_their_experts(buffered):
-    for layer, cache in buffered.caches.items():
-        for expert, slot in cache.book.slot_of.items():
-            for device_slots, host in zip(cache.slots, buffered.store.expert_weights(layer, expert)):
-                np.testing.assert_array_equal(np.asarray(device_slots[slot]), np.asarray(host))
+def _check_slots_hold_their_experts(model, run, cache_size):
+    """Each layer's slots hold exactly the experts its maps say, as the host store has them; never more
+    than cache_size of them."""
+    for block in model.moe_blocks():
+        cache = run.caches[block.layer]
+        expert_of = np.asarray(cache.expert_of)
+        assert len(expert_of) == min(cache_size, model.config.num_experts)  # the device holds no more
+        assert np.array_equal(np.asarray(cache.slot_of)[expert_of[expert_of >= 0]], np.flatnonzero(expert_of >= 0))
+        for slot, expert in enumerate(expert_of):
+            if expert >= 0:
+                for device_slots, host in zip(cache.slots, block.expert_weights()):
+                    np.testing.assert_array_equal(np.asarray(device_slots[slot]), np.asarray(host[expert]))
+
+
+def _check_simulator_agrees(run, cache_size, policy, prefetch=False):
+    for layer, trace in run.trace.items():
+        simulated = buffering.simulate(trace, cache_size, policy, prefetch=run.predictions[layer] if prefetch else None)
+        got = run.stats[layer]
+        fields = ("requests", "hits", "misses", "evictions", "prefetch_loads", "prefetch_hits", "predicted",
+                  "predicted_right", "max_resident", "steps")
+        assert [getattr(got, f) for f in fields] == [getattr(simulated, f) for f in fields], (policy, cache_size)
 
 
 def test_buffered_generation_equals_resident_for_every_policy_with_one_slot(model, resident_tokens):
     """One slot per layer: every step (4 active experts per decode step, all 8 in prefill) streams."""
     runs = {}
     for policy in buffering.POLICIES:
-        future = runs["lifo"][1].trace if policy == "belady" else None  # the trace does not depend on the cache
-        buffered = buffering.BufferedModel(model, 1, policy, future=future)
-        run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+        future = runs["lifo"].trace if policy == "belady" else None  # the trace does not depend on the cache
+        run = buffering.generate(model, PROMPTS, NEW_TOKENS, cache_size=1, policy=policy, future=future)
         np.testing.assert_array_equal(run.tokens, resident_tokens, err_msg=policy)
         assert max(len(step) for step in run.trace[0]) > 1  # the active set exceeds the cache
+        _check_simulator_agrees(run, 1, policy)
         for layer, trace in run.trace.items():
-            simulated = buffering.simulate(trace, 1, policy)
-            assert (run.stats[layer].hits, run.stats[layer].misses) == (simulated.hits, simulated.misses)
             decode = run.stats[layer] - run.prefill_stats[layer]
             simulated = buffering.simulate(trace, 1, policy, warmup_steps=1)
             assert (decode.hits, decode.misses) == (simulated.hits, simulated.misses) != (0, 0)
-        _check_slots_hold_their_experts(buffered)
-        assert sum(run.decode_breakdown.values()) == pytest.approx(run.decode_seconds)
-        assert min(run.decode_breakdown.values()) >= 0 and run.decode_breakdown["waiting_for_routing"] > 0
-        runs[policy] = (buffered, run)
+        _check_slots_hold_their_experts(model, run, 1)
+        runs[policy] = run
+
+
+@pytest.mark.slow
+def test_buffered_generation_equals_resident_for_every_policy_and_cache_size(model, resident_tokens):
+    trace = buffering.record_trace(model, PROMPTS, NEW_TOKENS)
+    for cache_size in (2, 3, 5, 8):
+        for policy in buffering.POLICIES:
+            run = buffering.generate(model, PROMPTS, NEW_TOKENS, cache_size=cache_size, policy=policy,
+                                     future=trace if policy == "belady" else None)
+            np.testing.assert_array_equal(run.tokens, resident_tokens, err_msg=f"{policy} {cache_size}")
+            _check_simulator_agrees(run, cache_size, policy)
+    assert run.stats[0].misses == model.config.num_experts  # all resident: every expert loaded once
 
 
 @pytest.mark.slow
 def test_buffered_generation_with_prefetch_matches_resident_and_the_simulator(model, resident_tokens):
     # 1 and 2 slots: prefetched copies evicted by the same step's demand loads, streaming with prefetch
     for cache_size, policy in ((1, "lru"), (2, "lifo"), (3, "lfu"), (5, "fifo")):
-        buffered = buffering.BufferedModel(model, cache_size, policy, prefetch=True)
-        run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+        run = buffering.generate(model, PROMPTS, NEW_TOKENS, cache_size=cache_size, policy=policy, prefetch=True)
         np.testing.assert_array_equal(run.tokens, resident_tokens, err_msg=f"{policy} {cache_size}")
         assert run.predictions[0] == [None] * len(run.trace[0])  # the first MoE layer has no predecessor
         assert all(p is not None for p in run.predictions[1])
-        for layer, trace in run.trace.items():
-            simulated = buffering.simulate(trace, cache_size, policy, prefetch=run.predictions[layer])
-            got = run.stats[layer]
-            assert (got.hits, got.misses, got.prefetch_loads, got.predicted_right) == (
-                simulated.hits, simulated.misses, simulated.prefetch_loads, simulated.predicted_right)
-        assert run.stats[1].predicted > 0
-        _check_slots_hold_their_experts(buffered)
+        _check_simulator_agrees(run, cache_size, policy, prefetch=True)
+        assert run.stats[1].predicted > 0 and run.stats[1].prefetch_loads > 0
+        _check_slots_hold_their_experts(model, run, cache_size)
 
 
 def test_buffered_sampling_draws_what_generate_draws(model):
@@ -254,10 +272,23 @@ def test_buffered_sampling_draws_what_generate_draws(model):
     np.testing.assert_array_equal(run.tokens, want)
 
 
+def test_a_buffered_model_is_a_model_that_moejax_generate_runs(model, resident_tokens):
+    """buffered() returns a CausalLM: moejax.generate and model.forward run it as they run any model."""
+    small = buffering.buffered(model, 3, "lifo", prefetch=True)
+    assert isinstance(small, moejax.CausalLM)
+    assert all(isinstance(b.runtime.experts, buffering.Buffered) for b in small.moe_blocks())
+    assert all(isinstance(b.runtime.experts, moejax.experts.Resident) for b in model.moe_blocks())  # untouched
+    np.testing.assert_array_equal(np.asarray(moejax.generate(small, PROMPTS, NEW_TOKENS)), resident_tokens)
+    tokens = jnp.asarray([[5, 9, 2, 7, 1, 4]])
+    np.testing.assert_allclose(np.asarray(small.forward(tokens).logits), np.asarray(model.forward(tokens).logits),
+                               atol=1e-5)
+    assert buffering.device_bytes(small) == 3 * buffering.expert_bytes(model) * len(small.moe_blocks())
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_buffered_generation_with_dense_layers_and_a_shared_expert(prefetch):
-    """Dense layers before, between and after MoE layers (one jitted piece spans them), and a gated shared
-    expert beside the routed ones (Qwen2-MoE); the prediction skips the dense layer between."""
+    """Dense layers before, between and after MoE layers and a gated shared expert beside the routed ones
+    (Qwen2-MoE); the prediction skips the dense layer between."""
     config = tiny_config(architecture="qwen2_moe", num_layers=5, moe_layers=(False, True, False, True, False),
                          num_experts=8, shared_expert_intermediate_size=16, shared_expert_gate=True)
     m = moejax.random_model(config, seed=5)
@@ -265,48 +296,70 @@ def test_buffered_generation_with_dense_layers_and_a_shared_expert(prefetch):
         block.router[...] = block.router[...] * 20
     m.lm_head[...] = m.lm_head[...] * 20
     resident = np.asarray(moejax.generate(m, PROMPTS, max_new_tokens=NEW_TOKENS))
-    buffered = buffering.BufferedModel(m, 3, "lifo", prefetch=prefetch)
-    run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+    run = buffering.generate(m, PROMPTS, NEW_TOKENS, cache_size=3, policy="lifo", prefetch=prefetch)
     np.testing.assert_array_equal(run.tokens, resident)
     assert sorted(run.trace) == [1, 3]
-    for layer, trace in run.trace.items():
-        simulated = buffering.simulate(trace, 3, "lifo", prefetch=run.predictions[layer] if prefetch else None)
-        assert (run.stats[layer].hits, run.stats[layer].misses) == (simulated.hits, simulated.misses)
+    _check_simulator_agrees(run, 3, "lifo", prefetch)
     assert (run.stats[3].predicted > 0) == prefetch
-    _check_slots_hold_their_experts(buffered)
+    _check_slots_hold_their_experts(m, run, 3)
 
 
 @pytest.mark.slow
 def test_buffered_generation_in_bfloat16():
-    """bf16 weights: host rows, copies and slots keep the dtype; tokens equal moejax.generate's."""
+    """bf16 weights: the store and the slots keep the dtype; tokens equal moejax.generate's."""
     m = moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2), seed=3, dtype=jnp.bfloat16)
     for block in m.moe_blocks():
         block.router[...] = block.router[...] * 20
     m.lm_head[...] = m.lm_head[...] * 20
     want = np.asarray(moejax.generate(m, PROMPTS, max_new_tokens=NEW_TOKENS))
-    buffered = buffering.BufferedModel(m, 3, "lifo", prefetch=True)
-    assert all(s.dtype == jnp.bfloat16 for c in buffered.caches.values() for s in c.slots)
-    run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
+    run = buffering.generate(m, PROMPTS, NEW_TOKENS, cache_size=3, policy="lifo", prefetch=True)
+    assert all(s.dtype == jnp.bfloat16 for c in run.caches.values() for s in c.slots)
     np.testing.assert_array_equal(run.tokens, want)
-    _check_slots_hold_their_experts(buffered)
+    _check_slots_hold_their_experts(m, run, 3)
 
 
-@pytest.mark.parametrize("stack_limit", [store_module._STACK_LIMIT_BYTES, 0])
-def test_buffered_generation_from_jax_host_arrays(model, resident_tokens, stack_limit, monkeypatch):
-    """The GPU/TPU path (per expert a jax array in a memory kind, a load a batched device_put of them),
-    run here with the CPU device's own memory: the same tokens and slots as the numpy path, with the copied
-    rows stacked for one write, or (as large experts are) written one by one."""
-    monkeypatch.setattr(store_module, "_STACK_LIMIT_BYTES", stack_limit)
-    store_module.experts_step.clear_cache()  # the limit is read when the step is traced
-    store = buffering.HostExpertStore(model, memory_kind="device")
-    assert all(isinstance(row, jax.Array) for row in store.experts[0])
-    buffered = buffering.BufferedModel(model, 3, "lifo", prefetch=True, store=store)
-    run = buffering.generate(buffered, PROMPTS, NEW_TOKENS)
-    np.testing.assert_array_equal(run.tokens, resident_tokens)
-    assert run.stats[1].prefetch_loads > 0 and run.stats[0].misses > 3  # copies happened
-    _check_slots_hold_their_experts(buffered)
-    with pytest.raises(ValueError, match="memory_kind='hbm'"):
-        buffering.HostExpertStore(model, memory_kind="hbm")
+def test_int8_copies_on_a_miss(model):
+    """low_precision="int8": demand misses copy an int8 expert (a quarter of the f32 bytes) and compute with
+    it; prefetched experts come in full precision; on decisive routing the cache decides exactly as at full
+    precision."""
+    q, scales = buffering.slots.quantize_int8(model.moe_blocks()[0].w_up[...])
+    assert q.dtype == jnp.int8 and q.nbytes * 4 == model.moe_blocks()[0].w_up[...].nbytes
+    np.testing.assert_allclose(np.asarray(q * scales), np.asarray(model.moe_blocks()[0].w_up[...]),
+                               atol=float(scales.max()) / 2 + 1e-7)
+    exact = buffering.generate(model, PROMPTS, NEW_TOKENS, cache_size=3, prefetch=True)
+    run = buffering.generate(model, PROMPTS, NEW_TOKENS, cache_size=3, prefetch=True, low_precision="int8")
+    assert run.trace == exact.trace and run.stats == exact.stats
+    assert run.stats[1].prefetch_loads > 0
+    # layer 0 has no prediction: every slot a demand (int8) copy; an unused prefetch in layer 1: full precision
+    block = model.moe_blocks()[0]
+    dequantized = [np.asarray(q * s) for q, s in map(buffering.slots.quantize_int8, block.expert_weights())]
+    for slot, expert in enumerate(np.asarray(run.caches[0].expert_of)):
+        for got, want in zip(run.caches[0].slots, dequantized):
+            np.testing.assert_allclose(np.asarray(got[slot]), want[expert], rtol=1e-6, atol=1e-7)
+    cache = run.caches[1]
+    for slot in np.flatnonzero(np.asarray(cache.unused_prefetch)):
+        for got, want in zip(cache.slots, model.moe_blocks()[1].expert_weights()):
+            np.testing.assert_array_equal(np.asarray(got[slot]), np.asarray(want[int(cache.expert_of[slot])]))
+
+
+@pytest.mark.slow
+def test_int8_copies_stay_close_to_full_precision_on_the_default_model():
+    """The stated tolerance: with every expert an int8 demand copy (a prefill from an empty cache), logits
+    within 5% of the logit scale and the mean next-token loss within 1%."""
+    model = moejax.load_pretrained("experiments/default_model")
+    tokenizer = moejax.load_tokenizer("experiments/default_model")
+    ids = tokenizer.encode(open(moejax.generate.__code__.co_filename).read()[:2000]).ids[:256]
+    tokens = jnp.asarray([ids])
+    full = model.forward(tokens).logits
+    low = buffering.buffered(model, 16, "lifo", low_precision="int8").forward(tokens).logits
+    error, scale = float(jnp.abs(low - full).max()), float(jnp.abs(full).max())
+    assert 0 < error < 0.05 * scale
+
+    def loss(logits):
+        logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+        return -float(jnp.take_along_axis(logprobs, tokens[0, 1:, None], axis=-1).mean())
+
+    assert abs(loss(low) - loss(full)) < 0.01 * loss(full)
 
 
 def test_buffered_generation_bad_input(model):
@@ -315,25 +368,28 @@ def test_buffered_generation_bad_input(model):
     with pytest.raises(ValueError, match="cache_size=0"):
         buffering.generate(model, PROMPTS, 2, cache_size=0)
     with pytest.raises(ValueError, match="'random'"):
-        buffering.BufferedModel(model, 2, "random")
+        buffering.buffered(model, 2, "random")
     with pytest.raises(ValueError, match="cache_size"):
         buffering.generate(model, PROMPTS, 2)
+    with pytest.raises(ValueError, match="low_precision='fp4'"):
+        buffering.buffered(model, 2, low_precision="fp4")
+    with pytest.raises(ValueError, match="future has layers"):
+        buffering.buffered(model, 2, "belady", future={5: [(0,)]})
     dense = moejax.random_model(tiny_config(moe_layers=(False, False)), seed=0)
     with pytest.raises(ValueError, match="no MoE layer"):
-        buffering.BufferedModel(dense, 2)
+        buffering.buffered(dense, 2)
+    ep = moejax.parallel.expert_parallel(model, moejax.parallel.make_mesh())
+    with pytest.raises(ValueError, match="resident on one device"):
+        buffering.buffered(ep, 2)
 
 
-def test_host_storage_is_numpy_on_the_cpu_backend(model):
+def test_host_storage_is_device_memory_on_the_cpu_backend(model):
     assert jax.default_backend() == "cpu"
     assert buffering.host_memory_kind() is None
-    store = buffering.HostExpertStore(model)
+    small = buffering.buffered(model, 2)
+    assert all(b.runtime.experts.host_memory is None for b in small.moe_blocks())
     c = model.config
-    assert all(isinstance(expert, np.ndarray) and expert.ndim == 1 for expert in store.experts[0])  # one flat array
-    assert store.expert_bytes == 3 * c.hidden_size * c.moe_intermediate_size * 4  # three f32 matrices
-    block = model.layers[0].mlp
-    for e in (0, c.num_experts - 1):  # the flat array reads back as the model's own matrices
-        for got, want in zip(store.expert_weights(0, e), (block.w_gate, block.w_up, block.w_down)):
-            np.testing.assert_array_equal(got, np.asarray(want[...][e]))
+    assert buffering.expert_bytes(model) == 3 * c.hidden_size * c.moe_intermediate_size * 4  # three f32 matrices
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -40,9 +40,10 @@ their copies start one layer early, evicting by the same policy with the predict
 """
 
 from moejax.buffering.cache import POLICIES, Access, CacheStats, ExpertCache, check_policy, normalize_trace, simulate
-from moejax.buffering.engine import BufferedGeneration, BufferedModel, generate, record_trace
-from moejax.buffering.store import DeviceExpertCache, HostExpertStore, host_memory_kind
+from moejax.buffering.engine import (BufferedGeneration, buffered, device_bytes, expert_bytes, generate,
+                                     host_memory_kind, record_trace)
+from moejax.buffering.slots import Buffered, SlotState
 
-__all__ = ["POLICIES", "Access", "BufferedGeneration", "BufferedModel", "CacheStats", "DeviceExpertCache",
-           "ExpertCache", "HostExpertStore", "check_policy", "generate", "host_memory_kind", "normalize_trace",
-           "record_trace", "simulate"]
+__all__ = ["POLICIES", "Access", "Buffered", "BufferedGeneration", "CacheStats", "ExpertCache", "SlotState",
+           "buffered", "check_policy", "device_bytes", "expert_bytes", "generate", "host_memory_kind",
+           "normalize_trace", "record_trace", "simulate"]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import capacity, routing
+from moejax import stats as stats_lib
 from moejax.config import ACTIVATIONS, ModelConfig
 from moejax.experts import ExpertsOutput, ExpertWeights
 from moejax.models.layers import MLP, param
@@ -33,6 +34,10 @@ class MoEBlock(nnx.Module):
         self.layer = layer
         runtime.layout_for(e)  # fails here, not at the first call, if the layout cannot serve this block
         self.runtime = runtime
+        # a stateful experts backend's state (e.g. buffered experts' slots), set by whoever installs it:
+        # an nnx Variable, so decode loops carry it from step to step; and constant extra weights it reads
+        self.expert_state = nnx.data(None)
+        self.extra_weights = nnx.data(None)
 
     @property
     def policy(self) -> capacity.MoEPolicy:
@@ -62,10 +67,36 @@ class MoEBlock(nnx.Module):
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
 
+    @property
+    def stateful(self) -> bool:
+        return getattr(self.runtime.experts, "stateful", False)
+
+    def _backend_weights(self):
+        if self.extra_weights is None:
+            return self.expert_weights(), None
+        return self.expert_weights(), self.extra_weights.get_value()
+
     def experts(self, h: jax.Array, r: routing.Routing) -> ExpertsOutput:
-        """The routed experts through the runtime's backend."""
-        return self.runtime.experts(h, r, self.expert_weights(), self.layout,
-                                    ACTIVATIONS[self.config.hidden_act])
+        """The routed experts through the runtime's backend (a stateful one updates self.expert_state)."""
+        activation = ACTIVATIONS[self.config.hidden_act]
+        if not self.stateful:
+            return self.runtime.experts(h, r, self.expert_weights(), self.layout, activation)
+        out, state = self.runtime.experts(h, r, self._backend_weights(), self.layout, activation,
+                                          self.expert_state.get_value())
+        self.expert_state.set_value(state)
+        return out
+
+    @property
+    def prefetches(self) -> bool:
+        """Whether the backend wants this block's experts predicted one MoE layer early (see prefetch)."""
+        return self.stateful and getattr(self.runtime.experts, "prefetch", False)
+
+    def prefetch(self, h: jax.Array, token_mask: jax.Array, decode: bool = False) -> None:
+        """Predict this block's experts from h [N, d] (the previous MoE layer's residual stream through this
+        layer's own norm) and let the backend start loading them."""
+        counts = stats_lib.expert_counts(self.apply_policy(self.route(h, token_mask), token_mask, decode))
+        self.expert_state.set_value(self.runtime.experts.prefetch_step(self.expert_state.get_value(), counts > 0,
+                                                                       self._backend_weights()))
 
     def combine(self, h: jax.Array, routed: jax.Array) -> jax.Array:
         """The routed experts' combined output [N, d] plus the shared experts of h [N, d]."""

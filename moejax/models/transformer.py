@@ -98,6 +98,10 @@ class CausalLM(nnx.Module):
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.mlp for layer in self.layers if layer.is_moe]
 
+    def next_moe_layer(self, layer: int) -> int | None:
+        """The index of the first MoE layer after `layer`, None if there is none."""
+        return next((i for i in range(layer + 1, self.config.num_layers) if self.config.moe_layers[i]), None)
+
     def __call__(self, tokens: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
         """Compiled once per shape: split into (static graph, arrays) and run the jitted forward."""
         tokens, token_mask = check_inputs(self.config, tokens, token_mask)
@@ -134,6 +138,9 @@ class CausalLM(nnx.Module):
         new_layers, routings, needed = [], [], jnp.zeros((), jnp.int32)
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer.attention_phase(x, ctx, None if cache is None else cache.layers[i])
+            after = self.next_moe_layer(i)
+            if layer.is_moe and after is not None and self.layers[after].mlp.prefetches:
+                self.layers[after].mlp.prefetch(self.layers[after].ffn_input(x), ctx.token_mask.reshape(-1), decode)
             x, r, layer_needed = layer.feed_forward_phase(x, ctx, decode)
             new_layers.append(layer_cache)
             routings.append(r)
