@@ -1,15 +1,16 @@
 """Expert Buffering (papers.md B): cache size x eviction policy on decode traces, and measured decode latency.
 
-1. Traces: greedy generation from real prompts with every expert resident (buffering.record_trace with
-   next-layer prediction on): per MoE layer, per forward call (the prefill, then each decode step), the
-   active experts, and the experts the next-layer predictor named for it.
+1. Traces: greedy generation from real prompts with every expert resident (buffering.generate with every
+   expert in the cache and next-layer prediction on): per MoE layer, per forward call (the prefill, then each
+   decode step), the active experts, and the experts the next-layer predictor named for it.
 2. Sweep (simulator, exact): for every cache size and policy (with and without prefetch), the decode steps'
    misses with the cache as the prefill left it; miss rate, bytes copied host -> device per token, and the
    device memory the slots hold.
-3. Measured, side by side: buffering.generate with real host -> device copies for a subset of cells, with
-   moejax.generate with every expert resident (one jitted loop) and a buffered run with every expert
-   resident (the same layer loop without copies), timed round-robin (a compiling round, then config.repeats
-   rounds; medians), so the machine's drift hits every cell alike. Each cell's ratio to both baselines is
+3. Measured, side by side: buffering.generate of a buffering.buffered model (real host -> device copies)
+   for a subset of cells, with moejax.generate with every expert resident and a buffered run with every
+   expert resident (the same loop, no copies), timed round-robin (a compiling round, then config.repeats
+   rounds; medians), so the machine's drift hits every cell alike. A cell's decode time per step is
+   (time for new_tokens - time for 1) / decode steps, for the baselines and the buffered runs alike. Each cell's ratio to both baselines is
    stored and printed; the Expert Buffering target is lifo at half the experts <= 1.5x all-resident. A
    measured run's decode misses must equal the simulator's (checked, stored).
 
@@ -28,7 +29,9 @@ import functools
 import json
 import os
 import statistics
+import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -74,24 +77,18 @@ def sweep_cell(trace, predictions, size: int, policy: str, prefetch: bool, exper
             "layers": {str(k): v.to_dict() for k, v in layers.items()}}
 
 
-def buffered_run(model, store, prompts, new_tokens, size, policy, prefetch, trace):
-    """One generation with a fresh buffered model (cold cache; the prefill is not timed) -> (run, model)."""
-    buffered = buffering.BufferedModel(model, size, policy, future=trace if policy == "belady" else None,
-                                       prefetch=prefetch, store=store)
-    return buffering.generate(buffered, prompts, new_tokens), buffered
-
-
-def jitted_seconds_per_step(model, prompts, new_tokens: int) -> float:
-    """moejax.generate (one jitted decode loop), decode only: (time for new_tokens - time for 1) / steps."""
-    long, short = (harness.wall_seconds(functools.partial(moejax.generate, model, prompts, max_new_tokens=n))
-                   for n in (new_tokens, 1))
-    return (long - short) / (new_tokens - 1)
+def decode_seconds_per_step(generate, new_tokens: int):
+    """(decode seconds per step, the full run's output) of generate(max_new_tokens): (time for new_tokens -
+    time for 1) / decode steps, so the prefill is not in it."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(generate(new_tokens))
+    long = time.perf_counter() - start
+    return (long - harness.wall_seconds(functools.partial(generate, 1))) / (new_tokens - 1), out
 
 
 def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, trace, results):
-    """A cell's record: median decode seconds per step (batch_size tokens) over the timed rounds, where the
-    last round's time went (BufferedGeneration.decode_breakdown), its decode misses against the simulator's,
-    its tokens against moejax.generate's."""
+    """A cell's record: median decode seconds per step (batch_size tokens) over the timed rounds, its decode
+    misses against the simulator's, its tokens against moejax.generate's."""
     decode = sum((run.stats[l] - run.prefill_stats[l] for l in run.stats), buffering.CacheStats())
     simulated = sum((buffering.simulate(trace[l], size, policy, warmup_steps=1,
                                         prefetch=run.predictions[l] if prefetch else None) for l in trace),
@@ -102,8 +99,7 @@ def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, tra
             "decode_bytes_moved_per_step": decode.bytes_moved / (results["new_tokens"] - 1),
             "simulator_agrees": (decode.misses, decode.prefetch_loads) == (simulated.misses, simulated.prefetch_loads),
             "same_tokens_as_resident": bool(np.array_equal(run.tokens, results["resident_tokens"])),
-            "expert_device_bytes": expert_device_bytes,
-            "last_round_ms_per_step": {k: v * 1e3 / (results["new_tokens"] - 1) for k, v in run.decode_breakdown.items()}}
+            "expert_device_bytes": expert_device_bytes}
 
 
 def main(config, workdir):
@@ -117,23 +113,24 @@ def main(config, workdir):
     rng = np.random.default_rng(config.seed)
     model, prompts, model_note = load_model_and_prompts(config, rng)
     c = model.config
-    store = buffering.HostExpertStore(model)
-    moe_layers = list(store.experts)
+    moe_layers = [block.layer for block in model.moe_blocks()]
+    expert_bytes = buffering.expert_bytes(model)
     new_tokens = config.new_tokens
-    decode_steps = new_tokens - 1  # each generates batch_size tokens
+    decode_steps = new_tokens - 1  # each generates batch_size tokens (no stop token: every step runs)
     results.update(
-        **harness.header(), model=model_note, host_memory=buffering.host_memory_kind() or "numpy (CPU backend)",
+        **harness.header(), model=model_note,
+        host_memory=buffering.host_memory_kind() or "device memory (CPU backend: host and device memory are one)",
         num_experts=c.num_experts, top_k=c.num_experts_per_tok, moe_layers=len(moe_layers),
-        expert_bytes=store.expert_bytes, batch_size=config.batch_size, prompt_len=config.prompt_len,
+        expert_bytes=expert_bytes, batch_size=config.batch_size, prompt_len=config.prompt_len,
         new_tokens=new_tokens)
     results.setdefault("sweep", {})
     results.setdefault("measured", {})
 
     # 1. the trace, with the next-layer predictions (they do not change what is computed)
     if "trace" not in results:
-        run = buffering.generate(buffering.BufferedModel(model, c.num_experts, "lru", prefetch=True, store=store),
-                                 prompts, new_tokens)
-        resident = np.asarray(moejax.generate(model, prompts, max_new_tokens=new_tokens))
+        run = buffering.generate(model, prompts, new_tokens, cache_size=c.num_experts, policy="lru", prefetch=True,
+                                 stop_tokens=())
+        resident = np.asarray(moejax.generate(model, prompts, max_new_tokens=new_tokens, stop_tokens=()))
         results["trace"] = {str(l): [list(s) for s in run.trace[l]] for l in moe_layers}
         results["predictions"] = {str(l): [None if p is None else list(p) for p in run.predictions[l]]
                                   for l in moe_layers}
@@ -151,7 +148,7 @@ def main(config, workdir):
     for size, policy, prefetch in tqdm(cells, desc="sweep"):
         key = f"{policy}/{size}/{'prefetch' if prefetch else 'demand'}"
         if key not in results["sweep"]:
-            results["sweep"][key] = sweep_cell(trace, predictions, size, policy, prefetch, store.expert_bytes,
+            results["sweep"][key] = sweep_cell(trace, predictions, size, policy, prefetch, expert_bytes,
                                                decode_steps)
             store_results.save()
 
@@ -164,19 +161,25 @@ def main(config, workdir):
     if set(keys + ["resident_jitted"]) - set(results["measured"]):
         runs = {}
 
-        def buffered_seconds_per_step(key, size, policy, prefetch):
-            run, buffered = buffered_run(model, store, prompts, new_tokens, size, policy, prefetch, trace)
-            runs[key] = (run, buffered.expert_device_bytes())  # the model goes: its slots free device memory
-            return run.decode_seconds / decode_steps
+        def resident_generate(n):
+            return moejax.generate(model, prompts, max_new_tokens=n, stop_tokens=())
 
-        calls = {"resident_jitted": functools.partial(jitted_seconds_per_step, model, prompts, new_tokens)}
+        def buffered_seconds_per_step(key, size, policy, prefetch):
+            cached = buffering.buffered(model, size, policy, future=trace if policy == "belady" else None,
+                                        prefetch=prefetch)  # a fresh model per round: every run starts cold
+            seconds, run = decode_seconds_per_step(
+                lambda n: buffering.generate(cached, prompts, n, stop_tokens=()), new_tokens)
+            runs[key] = (run, buffering.device_bytes(cached))
+            return seconds
+
+        calls = {"resident_jitted": lambda: decode_seconds_per_step(resident_generate, new_tokens)[0]}
         calls.update({key: functools.partial(buffered_seconds_per_step, key, *cell) for key, cell in zip(keys, cells)})
         seconds = harness.round_robin(calls, config.repeats + 1, desc="measured rounds (the first compiles)")
         jitted = statistics.median(seconds["resident_jitted"][1:])
         results["measured"] = {"resident_jitted": {
             "seconds_per_step": jitted, "all_seconds_per_step": seconds["resident_jitted"],
             "note": "moejax.generate (one jitted decode loop): (time for new_tokens - time for 1) / decode steps",
-            "expert_device_bytes": c.num_experts * store.expert_bytes * len(moe_layers)}}
+            "expert_device_bytes": c.num_experts * expert_bytes * len(moe_layers)}}
         for key, (size, policy, prefetch) in zip(keys, cells):
             results["measured"][key] = measured_cell(*runs[key], seconds[key], size, policy, prefetch, trace,
                                                      results)
@@ -188,12 +191,10 @@ def main(config, workdir):
     plot(results, os.path.join(workdir, "plot.png"))
     summary = {k: v for k, v in results.items() if k not in ("trace", "predictions", "resident_tokens")}
     print(json.dumps(summary, indent=1)[:4000])
-    print("\nms per decode step, side by side (x buffered loop with every expert resident, x moejax.generate;"
-          " last round: waiting for routing / policy and copies / dispatch and other):")
+    print("\nms per decode step, side by side (x buffered run with every expert resident, x moejax.generate):")
     for key, m in results["measured"].items():
-        split = " / ".join(f"{v:.2f}" for v in m["last_round_ms_per_step"].values()) if "last_round_ms_per_step" in m else ""
         print(f"  {key:24s} {m['seconds_per_step'] * 1e3:8.2f}  {m['over_buffered_resident']:5.2f}x  "
-              f"{m['over_jitted_resident']:5.2f}x  {split}")
+              f"{m['over_jitted_resident']:5.2f}x")
     half = results["measured"].get(f"lifo/{c.num_experts // 2}/demand")
     if half:
         print(f"target (Expert Buffering issue): lifo at half the experts <= 1.5x all-resident: "

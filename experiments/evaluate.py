@@ -91,7 +91,8 @@ def main(config, workdir):
         rng = np.random.default_rng(0)
         picks = rng.choice(len(sequences), size=min(config.decode_prompts, len(sequences)), replace=False)
         prompts = [sequences[i][:32].tolist() for i in sorted(picks)]
-        r["decode_routing"] = evaluation.decode_loads(model, prompts, config.decode_steps)
+        # every step runs (no stop token): idle experts are the router's, not those of rows that finished
+        r["decode_routing"] = evaluation.decode_loads(model, prompts, config.decode_steps, stop_tokens=())
         results.save()
     decode = r["decode_routing"]
     for layer, idle, mom in zip(decode["layers"], decode["idle_fraction"], decode["step_max_over_mean"]):
