@@ -28,6 +28,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # capacity factors gamma (> 0); the dropless reference always runs first
     config.factors = (1.0, 1.5, 2.0) if quick else (0.5, 1.0, 1.25, 1.5, 2.0)
     config.strategies = STRATEGIES[:5] if quick else STRATEGIES
+    # True: every cell's policy is moejax.MoEPolicy.authors (the paper authors' code: capacity off in decode
+    # steps, their renormalisation); the sweep's forwards are whole sequences, so only the renormalisation of
+    # families that normalise their top-k (not the default OLMoE model's) could move a number
+    config.authors_semantics = False
     config.num_devices = 8  # devices of the expert axis (local experts, the busiest device)
     config.sequences = 12 if quick else 32  # validation windows, spread evenly over the split
     config.length = 256  # tokens per window

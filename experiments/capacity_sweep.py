@@ -11,7 +11,8 @@ time per device).
 results.json is written after every cell (a rerun with the same settings skips finished cells; one with
 other settings is refused rather than mixed), then plot.png (perplexity and MC accuracy against measured
 speedup) and README.md (the tables of markdown_tables, the machine and the command). Settings: configs/
-capacity_sweep.py.
+capacity_sweep.py; --config.authors_semantics=True runs every cell with moejax.MoEPolicy.authors, the
+semantics of the paper authors' code.
 
   python experiments/capacity_sweep.py --config.sequences=64
 """
@@ -78,13 +79,14 @@ def check_strategies(strategies) -> list[str]:
     return list(dict.fromkeys(strategies))
 
 
-def policy_for(factor: str, strategy: str, num_devices: int) -> moejax.MoEPolicy:
+def policy_for(factor: str, strategy: str, num_devices: int, authors: bool = False) -> moejax.MoEPolicy:
+    """The cell's policy: moejax's default semantics, or with `authors` the authors' (MoEPolicy.authors)."""
     if factor == "none":
         return moejax.MoEPolicy()
+    make = moejax.MoEPolicy.authors if authors else moejax.MoEPolicy
     if strategy.startswith("expanded_"):
-        return moejax.MoEPolicy(capacity_factor=float(factor), expanded=strategy.split("_", 1)[1],
-                                num_devices=num_devices)
-    return moejax.MoEPolicy(capacity_factor=float(factor), drop=strategy)
+        return make(capacity_factor=float(factor), expanded=strategy.split("_", 1)[1], num_devices=num_devices)
+    return make(capacity_factor=float(factor), drop=strategy)
 
 
 def task_name(path: str) -> str:
@@ -161,9 +163,9 @@ def busiest_device_seconds(block, loads: dict[str, np.ndarray], device_of_expert
 
 
 def run_cell(model, sequences, tasks, tokenizer, factor: str, strategy: str, *, num_devices: int, batch_size: int,
-             repeats: int) -> dict:
+             repeats: int, authors: bool = False) -> dict:
     start = time.perf_counter()
-    policy = policy_for(factor, strategy, num_devices)
+    policy = policy_for(factor, strategy, num_devices, authors)
     m = moejax.with_policy(model, policy)
     device_of_expert = placement.contiguous(model.config.num_experts, num_devices)
     counts = layer_counts(m, sequences, batch_size)
@@ -216,16 +218,18 @@ def sweep_cells(factors, strategies) -> list[tuple[str, str]]:
 
 def run_sweep(model, sequences, tasks, tokenizer, workdir: str, *, factors, strategies, settings: dict,
               num_devices: int = 8, batch_size: int = 8, repeats: int = 5, extra: dict | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, authors: bool = False) -> dict:
     """Run every cell not yet in workdir/results.json, writing the file after each. `settings` are what the
-    numbers depend on: a results.json made with other settings is refused, never mixed in."""
+    numbers depend on: a results.json made with other settings is refused, never mixed in. `authors`: the
+    cells' policies are MoEPolicy.authors (say so in `settings`)."""
     if tasks and tokenizer is None:
         raise ValueError("multiple-choice tasks need the checkpoint's tokenizer; this model has none")
     results = Results(workdir, settings)
     results.data.update(extra or {})
     keys = [{"factor": f, "strategy": s} for f, s in sweep_cells(factors, strategies)]
     harness.sweep(results, keys, lambda key: run_cell(model, sequences, tasks, tokenizer, key["factor"], key["strategy"],
-                                                      num_devices=num_devices, batch_size=batch_size, repeats=repeats),
+                                                      num_devices=num_devices, batch_size=batch_size, repeats=repeats,
+                                                      authors=authors),
                   describe_cell, desc="capacity cells", progress=progress)
     results.save()
     return results.data
@@ -414,7 +418,9 @@ def write_readme(workdir: str, results: dict) -> None:
              + f", the first {s['task_examples'] or 'all'} examples of each (acc: the highest log-likelihood "
              f"choice is gold; chance 0.25). Batches of {s['batch_size']} sequences (or choice requests) share the "
              f"capacity C = ceil(gamma * T * k / E) of a forward; expert axis of {s['num_devices']} devices "
-             "(contiguous placement) for expanded drop, the latency model and the busiest device.", "",
+             "(contiguous placement) for expanded drop, the latency model and the busiest device."
+             + (" Policies: `moejax.MoEPolicy.authors` (the authors' code's semantics)." if s.get("authors_semantics")
+                else ""), "",
              "Speedups are of the MoE layers only. Modelled: a layer waits for its busiest device, whose time is its "
              "kept pairs. Measured: the time of the busiest device's expert work (grouped SwiGLU with the real "
              "weights), summed over layers: at the per-batch loads the router asked for (dropless) over at the loads the "
@@ -448,6 +454,8 @@ def main(config, workdir):
     settings = {"checkpoint": config.checkpoint or "random built-in", "sequences": config.sequences,
                 "length": config.length, "batch_size": config.batch_size, "num_devices": config.num_devices,
                 "repeats": config.repeats, "tasks": list(config.tasks), "task_examples": config.task_examples}
+    if config.authors_semantics:  # only when set, so that results.json files from before the option resume
+        settings["authors_semantics"] = True
     if config.checkpoint:
         model = moejax.load_pretrained(config.checkpoint)
         tokenizer = moejax.load_tokenizer(config.checkpoint)
@@ -470,7 +478,8 @@ def main(config, workdir):
                              f"{model.config.num_experts} experts")
     results = run_sweep(model, sequences, tasks, tokenizer, workdir, factors=factors, strategies=strategies,
                         settings=settings, num_devices=config.num_devices, batch_size=config.batch_size,
-                        repeats=config.repeats, extra={**harness.header(), "corpus": corpus})
+                        repeats=config.repeats, extra={**harness.header(), "corpus": corpus},
+                        authors=config.authors_semantics)
     plot(results["cells"], os.path.join(workdir, "plot.png"))
     write_readme(workdir, results)
     print(markdown_tables(results))

@@ -115,3 +115,28 @@ def test_bad_strategy_and_task_file_are_named(tmp_path):
         cs.load_tasks([str(tmp_path / "missing.jsonl")], 10)
     with pytest.raises(ValueError, match="-1"):
         cs.load_tasks([], -1)
+
+
+def test_authors_semantics_runs_every_cell_with_the_authors_preset(inputs, tmp_path):
+    """config.authors_semantics: each capacity cell's policy is MoEPolicy.authors. The sweep's forwards are whole
+    sequences (no decode step) and this OLMoE-shaped family does not normalise its top-k, so every number but
+    the timings equals the default sweep's."""
+    model, sequences, tasks = inputs
+    factors, strategies = ["none", "1.0"], ["score", "expanded_local"]
+    default = _sweep(inputs, tmp_path / "default", factors, strategies)
+    authors = cs.run_sweep(model, sequences, tasks, ByteTokenizer(), str(tmp_path / "authors"), factors=factors,
+                           strategies=strategies, settings=dict(SETTINGS, authors_semantics=True), num_devices=4,
+                           batch_size=4, repeats=1, progress=False, authors=True)
+    policies = [c["policy"] for c in authors["cells"]]
+    assert policies == [repr(moejax.MoEPolicy()), repr(moejax.MoEPolicy.authors(1.0, "score")),
+                        repr(moejax.MoEPolicy.authors(1.0, expanded="local", num_devices=4))]
+    assert all("in_decode=False" in p for p in policies[1:])
+    strip = lambda results: [{k: v for k, v in c.items() if k != "policy"} for c in _without_timing(results)]
+    assert strip(authors) == strip(default)
+    assert cs.policy_for("1.0", "score", 4) != cs.policy_for("1.0", "score", 4, authors=True)
+    # the setting keeps the two kinds of results apart: a default sweep's results.json is not resumed under it
+    with pytest.raises(ValueError, match="authors_semantics"):
+        cs.run_sweep(model, sequences, tasks, ByteTokenizer(), str(tmp_path / "default"), factors=factors,
+                     strategies=strategies, settings=dict(SETTINGS, authors_semantics=True), num_devices=4,
+                     batch_size=4, repeats=1, progress=False, authors=True)
+
