@@ -146,10 +146,7 @@ class MoejaxLM(TemplateLM):
             raise _error(str(e)) from None
         if tokenizer is None:
             raise _error(f"pretrained={pretrained!r} has no tokenizer.json (lm-eval's requests are text)")
-        self._serve(model, tokenizer, *settings,
-                    {"checkpoint": str(pretrained), "dtype": str(dtype),
-                     "mesh": None if mesh_ is None else dict(mesh_.shape),
-                     "gating": None if mesh_ is None else gating or "dynamic"})
+        self._serve(model, tokenizer, *settings, {"checkpoint": str(pretrained), "dtype": str(dtype)})
 
     @classmethod
     def for_model(cls, model: CausalLM, tokenizer, batch_size: int = 16, max_length: int | None = None,
@@ -164,9 +161,13 @@ class MoejaxLM(TemplateLM):
         self.model, self.tokenizer = model, tokenizer
         self._batch_size, self._max_gen_toks = batch_size, max_gen_toks
         self._max_length = model.config.max_position_embeddings if max_length is None else max_length
-        blocks = model.moe_blocks()
-        self.policy = blocks[0].policy if blocks else None
-        self.info = {**info, "policy": None if self.policy is None else dataclasses.asdict(self.policy),
+        runtimes = [block.runtime for block in model.moe_blocks()]
+        self.policy = runtimes[0].policy if runtimes else None
+        policies = [dataclasses.asdict(r.policy) for r in runtimes]
+        mesh = runtimes[0].layout.mesh if runtimes and runtimes[0].layout is not None else None
+        self.info = {**info, "policy": policies[0] if policies and policies.count(policies[0]) == len(policies)
+                     else policies, "experts": repr(runtimes[0].experts) if runtimes else None,
+                     "mesh": None if mesh is None else dict(mesh.shape),
                      "batch_size": self._batch_size, "max_length": self._max_length}
         self._loads: dict[str, dict] = {}  # task -> request type -> (requests, loads summed over its batches)
         self._stops: dict[tuple, tuple[int, ...]] = {}
@@ -185,13 +186,18 @@ class MoejaxLM(TemplateLM):
     # -- what lm-eval reads
 
     @property
-    def eot_token_id(self) -> int:
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The checkpoint's end-of-sequence ids (generation_config.json over config.json); generation stops at any."""
         eos = self.model.config.eos_token_id
-        eos = eos[0] if isinstance(eos, tuple) else eos
-        if eos is None:
+        eos = eos if isinstance(eos, tuple) else () if eos is None else (eos,)
+        if not eos:
             raise ValueError("the checkpoint names no eos_token_id (config.json / generation_config.json): lm-eval "
                              "needs one to start empty contexts and rolling windows and to stop generations")
         return eos
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.eos_token_ids[0]
 
     @property
     def prefix_token_id(self) -> int:
@@ -315,7 +321,7 @@ class MoejaxLM(TemplateLM):
             raise ValueError(f"moejax generate_until: max_gen_toks={max_gen} leaves no room for a prompt in "
                              f"max_length={self._max_length}")
         prompts = [self.tok_encode(r.args[0])[-room:] or [self.prefix_token_id] for r in group]
-        eos = {self.eot_token_id}
+        eos = {t for t in self.eos_token_ids if 0 <= t < self.model.config.vocab_size}
         stops = tuple(sorted(eos | set(self._stop_tokens(tuple(until)))))
         order = sorted(range(len(group)), key=lambda i: -len(prompts[i]))
         texts = [None] * len(group)
@@ -337,9 +343,8 @@ class MoejaxLM(TemplateLM):
         """The vocabulary's tokens whose own text holds one of the stop sequences (cached per sequence set)."""
         if until not in self._stops:
             size = min(self.tokenizer.get_vocab_size(), self.model.config.vocab_size)
-            self._stops[until] = tuple(t for t in range(size)
-                                       if any(u and u in self.tokenizer.decode([t], skip_special_tokens=False)
-                                              for u in until))
+            texts = self.tokenizer.decode_batch([[t] for t in range(size)], skip_special_tokens=False)
+            self._stops[until] = tuple(t for t, text in enumerate(texts) if any(u and u in text for u in until))
         return self._stops[until]
 
 
