@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from moejax.data import read_jsonl
 from moejax.generate import pad_prompts
@@ -87,13 +88,13 @@ class ScoredContinuations(NamedTuple):
 
 
 def score_continuations(model: CausalLM, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                        batch_size: int = 16, max_length: int | None = None,
-                        with_loads: bool = False) -> ScoredContinuations:
+                        batch_size: int = 16, max_length: int | None = None, with_loads: bool = False,
+                        progress: str | None = None) -> ScoredContinuations:
     """Each (context ids, continuation ids) request scored as lm-eval's Hugging Face backend scores it: of
     context + continuation, the last max_length + 1 tokens are kept (the context is cut from the left) and all
     but the last are fed to the model, which predicts the continuation's tokens; max_length defaults to the
     model's max_position_embeddings. with_loads: also the per-layer expert loads of those forwards, padding
-    and filler rows excluded (what the policy enforced).
+    and filler rows excluded (what the policy enforced). progress: a progress bar over the batches, so named.
 
     Requests are sorted by length, left-padded to bucketed lengths and run in batches of a fixed size (the
     last filled with fully masked rows), so compiled shapes are few. Under a capacity policy the rows of a
@@ -121,7 +122,7 @@ def score_continuations(model: CausalLM, requests: Sequence[tuple[Sequence[int],
     graphdef, state = nnx.split(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores, greedy, loads = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool), {} if with_loads else None
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None):
         index = order[start:start + batch_size]
         batch = [rows[i] for i in index] + [[0, 0]] * (batch_size - len(index))
         bucket = min(bucket_length(max(len(r) - 1 for r in batch)), limit)

@@ -38,6 +38,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
 
 from moejax import evaluation
 from moejax.capacity import MoEPolicy
@@ -171,7 +172,7 @@ class MoejaxLM(TemplateLM):
                      "batch_size": self._batch_size, "max_length": self._max_length}
         self._loads: dict[str, dict] = {}  # task -> request type -> (requests, loads summed over its batches)
         self._stops: dict[tuple, tuple[int, ...]] = {}
-        self._pending = None
+        self._task, self._pending = None, None  # the task being served: its progress bar, its loads so far
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -249,6 +250,7 @@ class MoejaxLM(TemplateLM):
             groups.setdefault(str(r.task_name), []).append(i)
         out = [None] * len(requests)
         for task, index in groups.items():
+            self._task = f"moejax {task} {kind}"
             self._pending = self._loads.get(task, {}).get(kind, (0, None))[1]
             for i, answer in zip(index, run([requests[i] for i in index])):
                 out[i] = answer
@@ -259,7 +261,8 @@ class MoejaxLM(TemplateLM):
         return out
 
     def _score(self, pairs) -> evaluation.ScoredContinuations:
-        scored = evaluation.score_continuations(self.model, pairs, self._batch_size, self._max_length, with_loads=True)
+        scored = evaluation.score_continuations(self.model, pairs, self._batch_size, self._max_length, with_loads=True,
+                                                progress=self._task)
         self._pending = evaluation.add_loads(self._pending or {}, scored.loads)
         return scored
 
@@ -325,7 +328,7 @@ class MoejaxLM(TemplateLM):
         stops = tuple(sorted(eos | set(self._stop_tokens(tuple(until)))))
         order = sorted(range(len(group)), key=lambda i: -len(prompts[i]))
         texts = [None] * len(group)
-        for number, start in enumerate(range(0, len(order), self._batch_size)):
+        for number, start in enumerate(tqdm(range(0, len(order), self._batch_size), desc=self._task)):
             index = order[start:start + self._batch_size]
             key = jax.random.fold_in(jax.random.key(self.policy.seed if self.policy else 0), number)
             result = decode(self.model, [prompts[i] for i in index], max_gen, record_loads=True, stop_tokens=stops,
