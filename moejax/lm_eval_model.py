@@ -16,8 +16,8 @@ tokenisation (context and continuation encoded together and split), the same lef
 for log-likelihoods and to max_length - max_gen_toks for generation prompts, the same rolling windows,
 greedy `generate_until` cut at the stop sequences. Batching differs on purpose: requests are batched per
 task (never mixed across tasks), sorted by length, bucketed (moejax.evaluation.score_continuations), so
-that under a capacity policy a task's numbers do not depend on which other tasks ran beside it and equal
-`moejax.evaluation.score_multiple_choice` on the same examples.
+that under a capacity policy a task's numbers do not depend on which other tasks ran beside it, and equal
+`moejax.evaluation.score_multiple_choice(..., encode_pair=MoejaxLM._encode_pair)` on the same examples.
 
 Each run records, beside the metrics, what the policy enforced: lm-eval's results["config"]["moejax"]
 (the results JSON of --output_path) holds the policy, batch size, mesh, and per task and request type
@@ -340,6 +340,7 @@ class MoejaxLM(TemplateLM):
                 end = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
                 tokens = tokens[:end] if end == len(tokens) or tokens[end] in eos else tokens[:end + 1]
                 texts[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
+                self.cache_hook.add_partial("generate_until", group[i].args, texts[i])
         return texts
 
     def _stop_tokens(self, until: tuple[str, ...]) -> tuple[int, ...]:
