@@ -196,7 +196,7 @@ def check_positions(config: ModelConfig, count: int) -> None:
     if count > config.max_position_embeddings:
         warnings.warn(f"a sequence of {count} positions runs past the checkpoint's max_position_embeddings="
                       f"{config.max_position_embeddings} ({config.rope.kind} rope): positions beyond it were never "
-                      "trained, so quality may degrade", UserWarning, stacklevel=3)
+                      "trained, so quality may degrade", UserWarning, stacklevel=4)  # the caller of model() / generate
 
 
 def check_token_ids(tokens, vocab_size: int | None = None, *, ndim: int = 2, name: str = "tokens",
