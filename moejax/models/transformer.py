@@ -178,8 +178,8 @@ def check_inputs(config: ModelConfig, tokens, token_mask=None, positions=None, c
         token_mask = mask
     concrete = lambda *xs: not any(isinstance(x, jax.core.Tracer) for x in xs)
     if positions is not None:
-        if concrete(positions) and positions.size:
-            check_positions(config, int(jnp.max(positions)) + 1)
+        if concrete(positions) and np.size(positions):
+            check_positions(config, int(np.max(np.asarray(positions))) + 1)
     elif concrete(token_mask, *(() if cache is None else (cache.mask,))):
         real = tokens.shape[1] if token_mask is None else int(token_mask.sum(axis=1).max(initial=0))
         check_positions(config, real + (0 if cache is None else int(cache.mask.sum(axis=1).max())))
