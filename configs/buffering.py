@@ -24,6 +24,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.cache_sizes = (2, 4, 8, 16, 24, 32) if quick else (1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32)  # simulated
     config.measured_sizes = (16,) if quick else (4, 8, 16, 24)  # timed with real copies
     config.policies = ("lifo", "lru", "fifo", "lfu", "belady")
+    config.low_precision = "int8"  # demand misses copy this low-precision version (None: off); quality measured too
+    config.low_precision_sizes = (16,)  # the cache sizes timed with low-precision copies
+    config.low_precision_task = "experiments/results/default_model/next_word.jsonl"  # its quality ("": none)
     config.repeats = 3  # timed rounds per measured cell (median)
     config.seed = 0  # the random model and the prompts' offsets
     # checkpoint "" only: a Mixtral-style random model, its router weights scaled so routing is decisive

@@ -77,29 +77,59 @@ def sweep_cell(trace, predictions, size: int, policy: str, prefetch: bool, exper
             "layers": {str(k): v.to_dict() for k, v in layers.items()}}
 
 
-def decode_seconds_per_step(generate, new_tokens: int):
-    """(decode seconds per step, the full run's output) of generate(max_new_tokens): (time for new_tokens -
-    time for 1) / decode steps, so the prefill is not in it."""
-    start = time.perf_counter()
-    out = jax.block_until_ready(generate(new_tokens))
-    long = time.perf_counter() - start
-    return (long - harness.wall_seconds(functools.partial(generate, 1))) / (new_tokens - 1), out
+def decode_seconds_per_step(generate, new_tokens: int) -> float:
+    """Decode seconds per step of generate(max_new_tokens): (time for new_tokens - time for 1) / decode
+    steps, so the prefill is not in it."""
+    long = harness.wall_seconds(functools.partial(generate, new_tokens))
+    return (long - harness.wall_seconds(functools.partial(generate, 1))) / (new_tokens - 1)
 
 
-def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, trace, results):
+def copy_bandwidth(megabytes: int = 64) -> float:
+    """Bytes per second of one device-side copy of a large array (read once, written once): the rate a
+    host -> device copy of this backend's store can reach at best (on the CPU backend the store is in the same
+    memory, so an expert's copy is such a copy)."""
+    x = jax.numpy.zeros((megabytes * 2**20 // 4,), jax.numpy.float32)
+    copy = jax.jit(lambda a: a + 1.0)  # one read and one write of every byte, like a slot write from the store
+    harness.wall_seconds(lambda: copy(x))
+    return x.nbytes / min(harness.wall_seconds(lambda: copy(x)) for _ in range(5))
+
+
+def measured_cell(run, expert_device_bytes, seconds, size, policy, prefetch, low_precision, trace, results):
     """A cell's record: median decode seconds per step (batch_size tokens) over the timed rounds, its decode
-    misses against the simulator's, its tokens against moejax.generate's."""
+    misses against the simulator's, bytes moved, its tokens against moejax.generate's."""
     decode = sum((run.stats[l] - run.prefill_stats[l] for l in run.stats), buffering.CacheStats())
     simulated = sum((buffering.simulate(trace[l], size, policy, warmup_steps=1,
                                         prefetch=run.predictions[l] if prefetch else None) for l in trace),
                     buffering.CacheStats())
-    return {"policy": policy, "cache_size": size, "prefetch": prefetch,
+    full, low = results["expert_bytes"], results["expert_bytes"] // 4  # an int8 copy: a quarter of f32
+    moved = decode.misses * (low if low_precision else full) + decode.prefetch_loads * full
+    return {"policy": policy, "cache_size": size, "prefetch": prefetch, "low_precision": low_precision,
             "seconds_per_step": statistics.median(seconds[1:]), "all_seconds_per_step": seconds,
             "decode_misses": decode.misses, "decode_prefetch_loads": decode.prefetch_loads,
-            "decode_bytes_moved_per_step": decode.bytes_moved / (results["new_tokens"] - 1),
+            "decode_bytes_moved_per_step": moved / (results["new_tokens"] - 1),
             "simulator_agrees": (decode.misses, decode.prefetch_loads) == (simulated.misses, simulated.prefetch_loads),
             "same_tokens_as_resident": bool(np.array_equal(run.tokens, results["resident_tokens"])),
             "expert_device_bytes": expert_device_bytes}
+
+
+def low_precision_quality(model, config, low_precision: str, cache_size: int) -> dict:
+    """Perplexity on held-out windows and multiple-choice accuracy (config.low_precision_task), full precision against a
+    buffered model whose demand misses are `low_precision` copies (each batch from an empty cache: every
+    expert such a copy, the worst case)."""
+    from moejax import evaluation
+
+    tokenizer = moejax.load_tokenizer(config.checkpoint)
+    stream, _ = harness.held_out_stream(tokenizer, config.corpus)
+    windows = [stream[i:i + 256].tolist() for i in range(0, min(len(stream) - 256, 16 * 256), 256)]
+    low = buffering.buffered(model, cache_size, "lifo", low_precision=low_precision)
+    tasks = evaluation.read_multiple_choice(config.low_precision_task) if config.low_precision_task else []
+    out = {"perplexity": {name: evaluation.perplexity(m, windows) for name, m in (("full", model), (low_precision, low))},
+           "windows": len(windows)}
+    if tasks:
+        out["task"] = config.low_precision_task
+        out["multiple_choice"] = {name: evaluation.score_multiple_choice(m, tokenizer, tasks)
+                                  for name, m in (("full", model), (low_precision, low))}
+    return out
 
 
 def main(config, workdir):
@@ -154,52 +184,62 @@ def main(config, workdir):
 
     # 3. measured latency, every cell side by side (measured together, so a rerun measures all or none)
     resident_key = f"lru/{c.num_experts}/demand"
-    cells = [(c.num_experts, "lru", False)] + [
-        (int(s), p, f) for s in config.measured_sizes for p in config.policies for f in (False, True)
+    cells = [(c.num_experts, "lru", False, None)] + [
+        (int(s), p, f, None) for s in config.measured_sizes for p in config.policies for f in (False, True)
         if not (f and p != "lifo") and int(s) < c.num_experts]  # prefetch measured with the paper's policy only
-    keys = [f"{policy}/{size}/{'prefetch' if prefetch else 'demand'}" for size, policy, prefetch in cells]
+    cells += [(int(s), "lifo", False, config.low_precision) for s in config.low_precision_sizes if config.low_precision]
+    keys = [f"{policy}/{size}/{'prefetch' if prefetch else 'demand'}" + (f"/{low}" if low else "")
+            for size, policy, prefetch, low in cells]
     if set(keys + ["resident_jitted"]) - set(results["measured"]):
-        runs = {}
+        models = {key: buffering.buffered(model, size, policy, future=trace if policy == "belady" else None,
+                                          prefetch=prefetch, low_precision=low)
+                  for key, (size, policy, prefetch, low) in zip(keys, cells)}
 
-        def resident_generate(n):
-            return moejax.generate(model, prompts, max_new_tokens=n, stop_tokens=())
+        def timed(m):  # moejax.generate itself runs a buffered model: every call starts from its empty cache
+            return lambda: decode_seconds_per_step(
+                lambda n: moejax.generate(m, prompts, max_new_tokens=n, stop_tokens=()), new_tokens)
 
-        def buffered_seconds_per_step(key, size, policy, prefetch):
-            cached = buffering.buffered(model, size, policy, future=trace if policy == "belady" else None,
-                                        prefetch=prefetch)  # a fresh model per round: every run starts cold
-            seconds, run = decode_seconds_per_step(
-                lambda n: buffering.generate(cached, prompts, n, stop_tokens=()), new_tokens)
-            runs[key] = (run, buffering.device_bytes(cached))
-            return seconds
-
-        calls = {"resident_jitted": lambda: decode_seconds_per_step(resident_generate, new_tokens)[0]}
-        calls.update({key: functools.partial(buffered_seconds_per_step, key, *cell) for key, cell in zip(keys, cells)})
+        calls = {"resident_jitted": timed(model)} | {key: timed(m) for key, m in models.items()}
+        bandwidth = [copy_bandwidth()]
         seconds = harness.round_robin(calls, config.repeats + 1, desc="measured rounds (the first compiles)")
+        bandwidth.append(copy_bandwidth())
         jitted = statistics.median(seconds["resident_jitted"][1:])
+        results["copy_bandwidth_bytes_per_s"] = max(bandwidth)
         results["measured"] = {"resident_jitted": {
             "seconds_per_step": jitted, "all_seconds_per_step": seconds["resident_jitted"],
             "note": "moejax.generate (one jitted decode loop): (time for new_tokens - time for 1) / decode steps",
             "expert_device_bytes": c.num_experts * expert_bytes * len(moe_layers)}}
-        for key, (size, policy, prefetch) in zip(keys, cells):
-            results["measured"][key] = measured_cell(*runs[key], seconds[key], size, policy, prefetch, trace,
-                                                     results)
+        for key, (size, policy, prefetch, low) in zip(keys, cells):
+            run = buffering.generate(models[key], prompts, new_tokens, stop_tokens=())  # its stats and trace
+            results["measured"][key] = measured_cell(run, buffering.device_bytes(models[key]), seconds[key], size,
+                                                     policy, prefetch, low, trace, results)
         resident = results["measured"][resident_key]["seconds_per_step"]
         for m in results["measured"].values():
             m["over_buffered_resident"] = m["seconds_per_step"] / resident
             m["over_jitted_resident"] = m["seconds_per_step"] / jitted
+            # the physical bound: no faster than all-resident decode, nor than moving its bytes at the copy rate
+            m["bound_seconds_per_step"] = max(jitted, m.get("decode_bytes_moved_per_step", 0) / max(bandwidth))
+            m["over_bound"] = m["seconds_per_step"] / m["bound_seconds_per_step"]
+        store_results.save()
+    if config.low_precision and config.checkpoint and "low_precision_quality" not in results:
+        results["low_precision_quality"] = low_precision_quality(model, config, config.low_precision,
+                                                                 int(config.low_precision_sizes[0]))
         store_results.save()
     plot(results, os.path.join(workdir, "plot.png"))
     summary = {k: v for k, v in results.items() if k not in ("trace", "predictions", "resident_tokens")}
     print(json.dumps(summary, indent=1)[:4000])
-    print("\nms per decode step, side by side (x buffered run with every expert resident, x moejax.generate):")
+    print(f"\nms per decode step, side by side (x buffered run with every expert resident, x moejax.generate, "
+          f"x the bound max(all-resident, bytes / {results['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s copies)):")
     for key, m in results["measured"].items():
-        print(f"  {key:24s} {m['seconds_per_step'] * 1e3:8.2f}  {m['over_buffered_resident']:5.2f}x  "
-              f"{m['over_jitted_resident']:5.2f}x")
+        print(f"  {key:28s} {m['seconds_per_step'] * 1e3:8.2f}  {m['over_buffered_resident']:5.2f}x  "
+              f"{m['over_jitted_resident']:5.2f}x  {m['over_bound']:5.2f}x")
     half = results["measured"].get(f"lifo/{c.num_experts // 2}/demand")
+    every = results["measured"][resident_key]
     if half:
-        print(f"target (Expert Buffering issue): lifo at half the experts <= 1.5x all-resident: "
-              f"{half['over_buffered_resident']:.2f}x the buffered loop, {half['over_jitted_resident']:.2f}x "
-              f"moejax.generate")
+        print(f"targets (issue 18): lifo at half the experts <= 1.5x moejax.generate: {half['over_jitted_resident']:.2f}x; "
+              f"every expert resident <= 1.1x: {every['over_jitted_resident']:.2f}x")
+    if "low_precision_quality" in results:
+        print("low-precision quality:", json.dumps(results["low_precision_quality"]))
 
 
 def report_section(r: dict) -> list[str]:
@@ -222,11 +262,12 @@ def report_section(r: dict) -> list[str]:
     if measured:
         lines += ["", "Measured decode latency with real copies (x: over the buffered loop with every expert "
                   "resident; target at half the experts <= 1.5x):", "",
-                  "| cell | ms / step | x | device MiB held by experts | same tokens as all-resident |",
-                  "|---|---|---|---|---|"]
+                  "| cell | ms / step | x moejax.generate | x bound | device MiB held by experts | same tokens as all-resident |",
+                  "|---|---|---|---|---|---|"]
         for name, m in measured.items():
-            ratio = f"{m['over_buffered_resident']:.2f}" if "over_buffered_resident" in m else "-"
-            lines.append(f"| {name} | {m['seconds_per_step'] * 1e3:.2f} | {ratio} | "
+            ratio = f"{m['over_jitted_resident']:.2f}" if "over_jitted_resident" in m else "-"
+            bound = f"{m['over_bound']:.2f}" if "over_bound" in m else "-"
+            lines.append(f"| {name} | {m['seconds_per_step'] * 1e3:.2f} | {ratio} | {bound} | "
                          f"{m['expert_device_bytes'] / 2**20:.2f} | {m.get('same_tokens_as_resident', '-')} |")
     return lines
 

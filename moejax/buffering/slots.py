@@ -114,6 +114,22 @@ def _argbest(key, allowed, largest: bool):
     return jnp.argmax(masked) if largest else jnp.argmin(masked)
 
 
+def _all_hits(book: SlotState, order, active) -> SlotState:
+    """The bookkeeping of a step whose active experts (bool [E]; `order`: their ids ascending, then padding)
+    are all resident: what the request loop would do, at once. Request j of the step gets tick + 1 + j."""
+    num_active = active.sum()
+    rank = jnp.cumsum(active) - 1  # each active expert's place in the step
+    slot_of = jnp.maximum(book.slot_of, 0)
+    requested = jnp.zeros(book.expert_of.shape, bool).at[slot_of].max(active)  # per slot
+    tick_of_slot = jnp.zeros(book.expert_of.shape, jnp.int32).at[slot_of].max(
+        jnp.where(active, book.tick + 1 + rank, 0))
+    first_uses = jnp.sum(requested & book.unused_prefetch)
+    stats = _bump(_bump(_bump(book.stats, "requests", num_active), "hits", num_active), "prefetch_hits", first_uses)
+    return book._replace(last_used=jnp.where(requested, tick_of_slot, book.last_used),
+                         uses=book.uses + requested, unused_prefetch=book.unused_prefetch & ~requested,
+                         tick=book.tick + num_active, position=book.position + num_active, stats=stats)
+
+
 def _victim(state: SlotState, policy: str, protected, active):
     """The slot to evict: among resident experts not `protected` (bool [E]); `active` (bool [E]): the step's
     experts (lifo evicts the others first). Mirrors buffering.cache.ExpertCache._victim."""
@@ -176,22 +192,21 @@ class Buffered:
             rows = tuple(jax.device_put(r, jax.memory.Space.Device) for r in rows)
         return rows
 
-    def _load(self, state: SlotState, e, weights, protected, active, low: bool) -> tuple[SlotState, jax.Array]:
-        """Put expert e in a slot (the first free one, else the policy's victim) -> (state, its slot)."""
-        free = state.expert_of < 0
+    def _place(self, book: SlotState, e, protected, active) -> tuple[SlotState, jax.Array]:
+        """The bookkeeping of loading expert e (into the first free slot, else the policy's victim's) ->
+        (book, its slot). `book`: the state without its slots (small arrays only)."""
+        free = book.expert_of < 0
         has_free = free.any()
-        slot = jnp.where(has_free, _first(free), _victim(state, self.policy, protected, active))
-        evicted = jnp.where(has_free, -1, state.expert_of[slot])
-        slot_of = jnp.where(evicted >= 0, state.slot_of.at[jnp.maximum(evicted, 0)].set(-1), state.slot_of)
-        stats = _bump(state.stats, "evictions", evicted >= 0)
-        expert_of = state.expert_of.at[slot].set(e)
-        resident = jnp.sum(expert_of >= 0)
-        stats = stats.at[_S["max_resident"]].max(resident)
-        slots = tuple(s.at[slot].set(r) for s, r in zip(state.slots, self._fetch(weights, e, low)))
-        state = state._replace(slots=slots, slot_of=slot_of.at[e].set(slot), expert_of=expert_of,
-                               loaded_at=state.loaded_at.at[slot].set(state.tick),
-                               unused_prefetch=state.unused_prefetch.at[slot].set(False), stats=stats)
-        return state, slot
+        slot = jnp.where(has_free, _first(free), _victim(book, self.policy, protected, active))
+        evicted = jnp.where(has_free, -1, book.expert_of[slot])
+        slot_of = jnp.where(evicted >= 0, book.slot_of.at[jnp.maximum(evicted, 0)].set(-1), book.slot_of)
+        stats = _bump(book.stats, "evictions", evicted >= 0)
+        expert_of = book.expert_of.at[slot].set(e)
+        stats = stats.at[_S["max_resident"]].max(jnp.sum(expert_of >= 0))
+        book = book._replace(slot_of=slot_of.at[e].set(slot), expert_of=expert_of,
+                             loaded_at=book.loaded_at.at[slot].set(book.tick),
+                             unused_prefetch=book.unused_prefetch.at[slot].set(False), stats=stats)
+        return book, slot
 
     def __call__(self, x, routing, weights, layout, activation, state: SlotState):
         """x [N, d] -> (ExpertsOutput, state): one step of requests, each expert computed right after its
@@ -218,34 +233,49 @@ class Buffered:
         low = self.low_precision is not None
 
         def request(i, carry):
-            state, out = carry
+            slots, book, out = carry
             e = order[i]
-            tick = state.tick + 1
-            state = state._replace(tick=tick, stats=_bump(state.stats, "requests"))
-            hit = state.slot_of[e] >= 0
-
-            def on_hit(state):
-                slot = state.slot_of[e]
-                stats = _bump(_bump(state.stats, "hits"), "prefetch_hits", state.unused_prefetch[slot])
-                return state._replace(stats=stats, unused_prefetch=state.unused_prefetch.at[slot].set(False)), slot
-
-            def on_miss(state):
-                state = state._replace(stats=_bump(state.stats, "misses"))
-                protected = jnp.zeros((num_experts,), bool).at[e].set(True)
-                state, slot = self._load(state, e, weights, protected, active, low)
-                return state._replace(uses=state.uses.at[slot].set(0)), slot
-
-            state, slot = jax.lax.cond(hit, on_hit, on_miss, state)
-            state = state._replace(last_used=state.last_used.at[slot].set(tick), uses=state.uses.at[slot].add(1),
-                                   position=state.position + 1)
-            expert_weights = tuple(unbits(bits(s)[slot], s.dtype) for s in state.slots)
+            tick = book.tick + 1
+            book = book._replace(tick=tick, stats=_bump(book.stats, "requests"))
+            hit = book.slot_of[e] >= 0
+            # both outcomes' bookkeeping (small arrays), then one chosen: no branch carries the slots, which
+            # a conditional would copy whole on every request
+            hit_slot = jnp.maximum(book.slot_of[e], 0)
+            on_hit = book._replace(stats=_bump(_bump(book.stats, "hits"), "prefetch_hits",
+                                               book.unused_prefetch[hit_slot]),
+                                   unused_prefetch=book.unused_prefetch.at[hit_slot].set(False))
+            protected = jnp.zeros((num_experts,), bool).at[e].set(True)
+            on_miss, miss_slot = self._place(book._replace(stats=_bump(book.stats, "misses")), e, protected, active)
+            on_miss = on_miss._replace(uses=on_miss.uses.at[miss_slot].set(0))
+            book = jax.tree.map(lambda a, b: jnp.where(hit, a, b), on_hit, on_miss)
+            slot = jnp.where(hit, hit_slot, miss_slot)
+            book = book._replace(last_used=book.last_used.at[slot].set(tick), uses=book.uses.at[slot].add(1),
+                                 position=book.position + 1)
+            # the copy happens on a miss only; the slot write is one expert's rows in place
+            rows = jax.lax.cond(hit, lambda e: tuple(jnp.zeros(s.shape[1:], s.dtype) for s in slots),
+                                lambda e: self._fetch(weights, e, low), e)
+            slots = tuple(s.at[slot].set(jnp.where(hit, s[slot], r)) for s, r in zip(slots, rows))
+            expert_weights = tuple(unbits(bits(s)[slot], s.dtype) for s in slots)
             out = group_rows(out, rows_bits, sent.rows.dtype, starts[e], starts[e] + counts[e], expert_weights,
                              compute, tile, small)
-            return state, out
+            return slots, book, out
 
+        def resident(i, out):  # a step whose experts are all resident: compute only, in the same order
+            e = order[i]
+            expert_weights = tuple(unbits(bits(s)[book.slot_of[e]], s.dtype) for s in state.slots)
+            return group_rows(out, rows_bits, sent.rows.dtype, starts[e], starts[e] + counts[e], expert_weights,
+                              compute, tile, small)
+
+        # Two loops with complementary trip counts instead of a conditional (which would copy the slots): a
+        # step that needs no copy skips the request-by-request bookkeeping, whose outcome it knows at once.
+        num_active = active.sum()
+        all_hit = jnp.all(jnp.where(active, state.slot_of >= 0, True))
+        book = state._replace(slots=())
         out = jnp.zeros((n, x.shape[1]), jnp.float32)
-        state, out = jax.lax.fori_loop(0, active.sum(), request, (state, out))
-        state = state._replace(step=state.step + 1, stats=_bump(state.stats, "steps"))
+        out = jax.lax.fori_loop(0, jnp.where(all_hit, num_active, 0), resident, out)
+        slots, book, out = jax.lax.fori_loop(0, jnp.where(all_hit, 0, num_active), request, (state.slots, book, out))
+        book = jax.tree.map(lambda hit, served: jnp.where(all_hit, hit, served), _all_hits(book, order, active), book)
+        state = book._replace(slots=slots, step=book.step + 1, stats=_bump(book.stats, "steps"))
         combined = dispatch.combine(out.astype(x.dtype), sent, routing)
         return ExpertsOutput(combined, routing.keep, jnp.zeros((), jnp.int32)), state
 
@@ -267,12 +297,13 @@ class Buffered:
         def body(carry):
             i, state = carry
             e = order[i]
-            state = state._replace(tick=state.tick + 1)
-            state, slot = self._load(state, e, weights, predicted, predicted, low=False)
-            state = state._replace(last_used=state.last_used.at[slot].set(state.tick), uses=state.uses.at[slot].set(0),
-                                   unused_prefetch=state.unused_prefetch.at[slot].set(True),
-                                   stats=_bump(state.stats, "prefetch_loads"))
-            return i + 1, state
+            book = state._replace(slots=(), tick=state.tick + 1)
+            book, slot = self._place(book, e, predicted, predicted)
+            book = book._replace(last_used=book.last_used.at[slot].set(book.tick), uses=book.uses.at[slot].set(0),
+                                 unused_prefetch=book.unused_prefetch.at[slot].set(True),
+                                 stats=_bump(book.stats, "prefetch_loads"))
+            rows = self._fetch(weights, e, low=False)
+            return i + 1, book._replace(slots=tuple(s.at[slot].set(r) for s, r in zip(state.slots, rows)))
 
         _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
         return state._replace(prediction=predicted, has_prediction=jnp.ones((), bool))
