@@ -6,7 +6,8 @@
   ./launch.sh reproduce --config=configs/reproduce.py:mixtral,quick --config.checkpoint=/data/Mixtral-8x7B-v0.1
   ./launch.sh reproduce --quick --config.capacity.tasks='()' --config.placement.devices='(4, 8)'
 
-The argument after the colon names a model preset (default, olmoe, qwen_moe, deepseek_v2, mixtral) and/or
+The argument after the colon names a model preset (default, olmoe, qwen_moe, deepseek_v2, mixtral, qwen3_moe,
+deepseek_v3, glm4_moe) and/or
 "quick". Each stage's settings are the config of its script (configs/<script>.py, its "quick" variant under
 quick), nested here as config.<stage>: override any of them with --config.<stage>.FIELD=VALUE. checkpoint and
 num_devices are set once at the top and shared by every stage that has them. A real checkpoint needs its own
@@ -25,6 +26,9 @@ PRESETS = {
     "olmoe": dict(checkpoint="", num_devices=8),          # 64 experts on 8 GPUs, as He et al.
     "qwen_moe": dict(checkpoint="", num_devices=8),
     "deepseek_v2": dict(checkpoint="", num_devices=8),
+    "qwen3_moe": dict(checkpoint="", num_devices=8),      # Qwen3-30B-A3B: 128 experts, top-8
+    "deepseek_v3": dict(checkpoint="", num_devices=8),    # Moonlight / a bf16 DeepSeek-V3: 64-256 experts
+    "glm4_moe": dict(checkpoint="", num_devices=8),       # GLM-4.5-Air: 128 experts
     "mixtral": dict(checkpoint="", num_devices=8),        # one expert per GPU, as He et al.
 }
 # stage -> the script that runs it (experiments/<script>.py, configured by configs/<script>.py), in run order

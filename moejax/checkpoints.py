@@ -32,6 +32,7 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 # Tensors a checkpoint may carry that moejax recomputes instead of reading.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ORBAX_CONFIG = "moejax_config.json"
+_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe")  # ...mlp.shared_experts.*, not shared_expert
 _INDEX = "model.safetensors.index.json"
 # The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight,
 # and moejax reads no quantization format.
@@ -220,9 +221,11 @@ def _plan(model: CausalLM, names: set[str]) -> _Plan:
             mixtral = c.architecture == "mixtral"
             prefix = f"{p}.block_sparse_moe" if mixtral and f"{p}.block_sparse_moe.gate.weight" in names else f"{p}.mlp"
             plan.copy(moe.router, f"{prefix}.gate.weight", transpose=True)
+            if moe.score_bias is not None:
+                plan.copy(moe.score_bias, f"{prefix}.gate.e_score_correction_bias")
             _experts(plan, moe, prefix, names, mixtral)
             if moe.shared is not None:
-                shared = "shared_experts" if c.architecture == "deepseek_v2" else "shared_expert"
+                shared = "shared_experts" if c.architecture in _SHARED_EXPERTS_PLURAL else "shared_expert"
                 _mlp(plan, moe.shared, f"{prefix}.{shared}")
             if moe.shared_gate is not None:
                 plan.copy(moe.shared_gate, f"{prefix}.shared_expert_gate.weight", transpose=True)
@@ -328,8 +331,9 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
                             f"{tensors.dtype(name)}; weights must be floating point {_FLOAT_DTYPES} (moejax reads no "
                             "quantized format)")
     tied_head = config.tie_word_embeddings and "lm_head.weight" in names
+    mtp = tuple(f"model.layers.{config.num_layers + j}." for j in range(config.mtp_layers))  # not run: skipped
     for name in sorted(names - set(expected)):
-        if not _IGNORED.match(name) and not (tied_head and name == "lm_head.weight"):
+        if not _IGNORED.match(name) and not (tied_head and name == "lm_head.weight") and not name.startswith(mtp):
             problems.append(f"unexpected tensor {name!r} with shape {tensors.shape(name)}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
@@ -338,7 +342,8 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
 
     for item in plan.items:
         array = item.build(*(tensors.get(name) for name, _ in item.sources))
-        item.param.set_value(jnp.asarray(array, dtype=dtype))
+        # in the parameter's own dtype: `dtype`, but float32 where the model keeps one so (the router's score bias)
+        item.param.set_value(jnp.asarray(array, dtype=item.param.get_value().dtype))
     return model
 
 

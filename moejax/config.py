@@ -52,6 +52,8 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False  # OLMoE: RMSNorm over the whole q / k projection, before the head split
+    head_qk_norm: bool = False  # Qwen3 / GLM-4.5: RMSNorm over each head's head_dim, after the split, before rope
+    rotary_dim: int = 0  # rope on the first rotary_dim dims of each head (GLM-4.5's partial rotary); 0: all
     clip_qkv: float | None = None  # OLMoE
     # Multi-head latent attention (DeepSeek-V2); kv_lora_rank > 0 switches it on.
     q_lora_rank: int | None = None
@@ -68,12 +70,18 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
-    topk_method: str = "greedy"  # "greedy" or "group_limited_greedy" (DeepSeek-V2)
+    scoring_func: str = "softmax"  # router scores: "softmax" or "sigmoid" (DeepSeek-V3, GLM-4.5)
+    # "greedy", "group_limited_greedy" (DeepSeek-V2) or "noaux_tc" (DeepSeek-V3: the choice adds a learned
+    # e_score_correction_bias to the scores, groups ranked by the sum of their top-2)
+    topk_method: str = "greedy"
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ g)
+    # multi-token-prediction layers (DeepSeek-V3, GLM-4.5) the checkpoint holds after the decoder's, as
+    # model.layers.{num_layers + j}.*: transformers does not run them in a forward, nor does moejax (skipped at load)
+    mtp_layers: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -94,7 +102,7 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+        return self.qk_rope_head_dim if self.is_mla else self.rotary_dim or self.head_dim
 
     def __post_init__(self):
         _check(self.architecture in SUPPORTED_MODEL_TYPES, "architecture", self.architecture,
@@ -123,11 +131,16 @@ class ModelConfig:
         if not all(self.moe_layers):
             _check(self.intermediate_size > 0, "intermediate_size", self.intermediate_size,
                    "must be positive when some layers are dense")
-        _check(self.topk_method in ("greedy", "group_limited_greedy"), "topk_method", self.topk_method,
-               "supported: 'greedy', 'group_limited_greedy'")
-        if self.topk_method == "group_limited_greedy":
+        _check(self.topk_method in TOPK_METHODS, "topk_method", self.topk_method, f"supported: {TOPK_METHODS}")
+        _check(self.scoring_func in ("softmax", "sigmoid"), "scoring_func", self.scoring_func,
+               "supported: 'softmax', 'sigmoid'")
+        _check(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim", self.rotary_dim,
+               f"must be even and in [0, head_dim={self.head_dim}]")
+        if self.topk_method in ("group_limited_greedy", "noaux_tc") and any(self.moe_layers):
             _check(self.n_group > 0 and self.num_experts % self.n_group == 0, "n_group", self.n_group,
                    f"must divide num_experts={self.num_experts}")
+            _check(self.topk_method != "noaux_tc" or self.num_experts // self.n_group >= 2, "n_group", self.n_group,
+                   "noaux_tc ranks groups by the sum of their top-2 scores: each group needs at least 2 experts")
             _check(0 < self.topk_group <= self.n_group, "topk_group", self.topk_group,
                    f"must be in [1, n_group={self.n_group}]")
             _check(self.topk_group * (self.num_experts // self.n_group) >= self.num_experts_per_tok,
@@ -152,7 +165,8 @@ class ModelConfig:
 _INTEGER_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                    "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                    "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
-                   "topk_group", "shared_expert_intermediate_size")
+                   "topk_group", "shared_expert_intermediate_size", "rotary_dim", "mtp_layers")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 # Activation names as HF configs spell them -> the name our expert kernel takes.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_exact", "gelu_new": "gelu",
@@ -234,15 +248,19 @@ def _olmoe(hf: dict) -> dict:
                 norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
 
 
+def _qwen_sparse_layers(hf: dict, experts: int) -> tuple[bool, ...]:
+    """Qwen's MoE layers: every decoder_sparse_step-th layer, except those of mlp_only_layers."""
+    step = _get(hf, "decoder_sparse_step", 1)
+    mlp_only = set(_get(hf, "mlp_only_layers", []))
+    return tuple(i not in mlp_only and experts > 0 and (i + 1) % step == 0 for i in range(_get(hf, "num_hidden_layers")))
+
+
 def _qwen2_moe(hf: dict) -> dict:
-    n = _get(hf, "num_hidden_layers")
     if hf.get("use_sliding_window"):
         raise ValueError("config.json: use_sliding_window=True (Qwen2-MoE per-layer sliding windows) is not "
                          "supported yet; set it to false")
     experts = _get(hf, "num_experts")
-    step = _get(hf, "decoder_sparse_step", 1)
-    mlp_only = set(_get(hf, "mlp_only_layers", []))
-    sparse = tuple(i not in mlp_only and experts > 0 and (i + 1) % step == 0 for i in range(n))
+    sparse = _qwen_sparse_layers(hf, experts)
     return dict(_common(hf), qkv_bias=bool(_get(hf, "qkv_bias", True)),
                 intermediate_size=_get(hf, "intermediate_size"), moe_layers=sparse, num_experts=experts,
                 num_experts_per_tok=_get(hf, "num_experts_per_tok"),
@@ -277,6 +295,66 @@ def _deepseek_v2(hf: dict) -> dict:
                 * _get(hf, "moe_intermediate_size", 0))
 
 
+def _qwen3_moe(hf: dict) -> dict:
+    # the Hub's configs say num_experts; transformers v5 writes the attribute it maps to, num_local_experts
+    experts = _get(hf, "num_experts") if hf.get("num_experts") is not None else _get(hf, "num_local_experts")
+    bias = bool(_get(hf, "attention_bias", False))
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, head_qk_norm=True,
+                sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=_qwen_sparse_layers(hf, experts),
+                num_experts=experts, num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_get(hf, "moe_intermediate_size"),
+                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
+
+
+def _sigmoid_router(hf: dict, experts: int) -> dict:
+    """DeepSeek-V3's router as transformers computes it for deepseek_v3 and glm4_moe (noaux_tc, sigmoid
+    scores); a config.json naming another topk_method or scoring_func is refused, not silently recomputed."""
+    for key, value in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+        if _get(hf, key, value) != value:
+            raise ValueError(f"config.json: {key}={hf[key]!r} is not supported for {hf.get('model_type')}; "
+                             f"supported: {value!r}")
+    shared = _get(hf, "n_shared_experts", 0) * _get(hf, "moe_intermediate_size", 0)
+    return dict(num_experts=experts, num_experts_per_tok=_get(hf, "num_experts_per_tok", 0) or 0,
+                moe_intermediate_size=_get(hf, "moe_intermediate_size", 0),
+                norm_topk_prob=bool(_get(hf, "norm_topk_prob", True)), scoring_func="sigmoid", topk_method="noaux_tc",
+                n_group=_get(hf, "n_group", 1), topk_group=_get(hf, "topk_group", 1),
+                routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)),
+                shared_expert_intermediate_size=shared, mtp_layers=_get(hf, "num_nextn_predict_layers", 0))
+
+
+def _dense_first(hf: dict, experts: int) -> tuple[bool, ...]:
+    """MoE layers from first_k_dense_replace on (DeepSeek-V3, GLM-4.5)."""
+    if _get(hf, "moe_layer_freq", 1) != 1:
+        raise ValueError(f"config.json: moe_layer_freq={hf['moe_layer_freq']!r} is not supported for "
+                         f"{hf.get('model_type')} (transformers makes every layer from first_k_dense_replace MoE); "
+                         "supported: 1")
+    first_dense = _get(hf, "first_k_dense_replace", 0)
+    return tuple(experts > 0 and i >= first_dense for i in range(_get(hf, "num_hidden_layers")))
+
+
+def _deepseek_v3(hf: dict) -> dict:
+    experts = _get(hf, "n_routed_experts", 0) or 0
+    common = _common(hf)
+    common["rope"] = _rope(hf, interleaved=bool(_get(hf, "rope_interleave", True)))
+    bias = bool(_get(hf, "attention_bias", False))
+    return dict(common, qkv_bias=bias, o_bias=bias, q_lora_rank=hf.get("q_lora_rank"),
+                kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=_get(hf, "qk_nope_head_dim"),
+                qk_rope_head_dim=_get(hf, "qk_rope_head_dim"), v_head_dim=_get(hf, "v_head_dim"),
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=_dense_first(hf, experts),
+                **_sigmoid_router(hf, experts))
+
+
+def _glm4_moe(hf: dict) -> dict:
+    experts = _get(hf, "n_routed_experts", 0) or 0
+    common = _common(hf)
+    # transformers v5 keeps partial_rotary_factor in rope_parameters; the Hub's configs at the top level
+    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", _get(hf, "partial_rotary_factor", 0.5))
+    return dict(common, qkv_bias=bool(_get(hf, "attention_bias", False)), head_qk_norm=bool(_get(hf, "use_qk_norm", False)),
+                rotary_dim=int(common["head_dim"] * factor), intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=_dense_first(hf, experts), **_sigmoid_router(hf, experts))
+
+
 # The types of the config.json keys the readers use (a string "4" or a "false" would compute silently wrong:
 # bool("false") is True). Keys that may be null are checked only when set.
 _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -284,10 +362,11 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                   "decoder_sparse_step", "n_routed_experts", "first_k_dense_replace", "moe_layer_freq",
                   "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group",
-                  "topk_group", "n_shared_experts", "sliding_window", "bos_token_id", "pad_token_id")
-_JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv")
+                  "topk_group", "n_shared_experts", "sliding_window", "bos_token_id", "pad_token_id",
+                  "num_nextn_predict_layers")
+_JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
-               "use_sliding_window")
+               "use_sliding_window", "use_qk_norm", "rope_interleave")
 
 
 def _check_json_types(hf: dict) -> None:
@@ -311,10 +390,13 @@ def _check_json_types(hf: dict) -> None:
 
 
 _READERS: dict[str, Callable[[dict], dict]] = {
-    "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2}
+    "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2,
+    "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe}
 SUPPORTED_MODEL_TYPES = frozenset(_READERS)
 SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
-                           "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2"}
+                           "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
+                           "Glm4MoeForCausalLM": "glm4_moe"}
 
 
 def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
@@ -349,8 +431,8 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
 def to_hf_config(config: ModelConfig, dtype="float32") -> dict:
     """The Hugging Face config.json dict of `config`; fails naming the field its family cannot express."""
     c = config
-    if c.architecture == "deepseek_v2":
-        raise ValueError("export to deepseek_v2 is not supported yet; supported: mixtral, olmoe, qwen2_moe")
+    if c.architecture not in ("mixtral", "olmoe", "qwen2_moe"):
+        raise ValueError(f"export to {c.architecture} is not supported yet; supported: mixtral, olmoe, qwen2_moe")
     hf = {
         "model_type": c.architecture,
         "architectures": [next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == c.architecture)],
@@ -374,6 +456,9 @@ def to_hf_config(config: ModelConfig, dtype="float32") -> dict:
 
     need(not c.is_mla, "kv_lora_rank", c.kv_lora_rank)
     need(c.topk_method == "greedy", "topk_method", c.topk_method)
+    need(c.scoring_func == "softmax", "scoring_func", c.scoring_func)
+    need(not c.head_qk_norm, "head_qk_norm", c.head_qk_norm)
+    need(c.rotary_dim in (0, c.head_dim), "rotary_dim", c.rotary_dim)
     need(c.routed_scaling_factor == 1.0, "routed_scaling_factor", c.routed_scaling_factor)
     if c.architecture in ("mixtral", "olmoe"):
         need(all(c.moe_layers), "moe_layers", c.moe_layers)

@@ -1,4 +1,24 @@
-"""Route: router logits -> Routing(scores, experts, weights). Pure functions of arrays, jit-able."""
+"""Route: router logits -> Routing(scores, experts, weights). Pure functions of arrays, jit-able.
+
+Router flavours, and the score capacity-aware drop ranks by
+-----------------------------------------------------------
+Every flavour fills `Routing.scores` [T, E] with the score its combine weights are made of, and the
+capacity policies (moejax.capacity: token drop "score", expanded drop, the "kept" renormalisation) rank
+pairs by `scores` and nothing else, so the policy code is one path for every family:
+
+- softmax (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2): the softmax probability over all experts.
+  Greedy picks the top-k of it; DeepSeek-V2's group_limited_greedy first keeps the topk_group groups with
+  the highest best probability. The weights are the chosen probabilities (renormalised by norm_topk_prob).
+- sigmoid with noaux_tc (DeepSeek-V3 / Kimi-K2 / Moonlight, GLM-4.5): the *unbiased* sigmoid score
+  sigmoid(logit). The choice adds the learned `e_score_correction_bias` (groups ranked by the sum of their
+  top-2 biased scores, then the top-k biased scores of the topk_group best groups), but the weights are the
+  unbiased scores of the chosen experts. Capacity-aware drop ranks by the unbiased score because that is
+  what a pair contributes to the output: the bias is a load-balancing offset, trained to even out expert
+  loads, and says nothing about how much a token needs an expert; ranking by it would keep the pairs the
+  balancer favours over those that weigh most. It also keeps "kept" renormalisation exact: the weights
+  recomputed from the kept experts' scores, s / sum(s) * routed_scaling_factor, are the very weights
+  the router gives a token that lost nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +27,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moejax.config import TOPK_METHODS
+
 
 class Routing(NamedTuple):
     """Which experts each token goes to, and with what weight.
 
-    scores:  float32 [T, E]  the router's probability of every expert (what capacity policies rank by)
-    experts: int32   [T, k]  the chosen experts, highest score first
+    scores:  float32 [T, E]  the router's score of every expert, the one the weights are made of (what
+                             capacity policies rank by; see the module docstring)
+    experts: int32   [T, k]  the chosen experts, highest choice score first
     weights: float32 [T, k]  the combine weight of each chosen expert
     keep:    bool    [T, k]  whether the (token, expert) pair is computed; a policy clears it to drop a pair
     logits:  float32 [T, E]  the router's logits (the router z-loss needs them), or None
@@ -25,29 +48,66 @@ class Routing(NamedTuple):
     logits: jax.Array | None = None
 
 
-def route(logits: jax.Array, top_k: int, *, norm_topk_prob: bool = False, topk_method: str = "greedy",
-          n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0,
-          token_mask: jax.Array | None = None) -> Routing:
-    """Softmax router followed by top-k, as Mixtral / OLMoE / Qwen2-MoE / DeepSeek-V2 compute it.
+def router_scores(logits: jax.Array, scoring_func: str = "softmax") -> jax.Array:
+    """[T, E] float32 scores of the logits: softmax over the experts, or each expert's sigmoid."""
+    logits = logits.astype(jnp.float32)
+    if scoring_func == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    if scoring_func == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    raise ValueError(f"unknown scoring_func {scoring_func!r}; supported: 'softmax', 'sigmoid'")
 
-    logits: [T, E]. `group_limited_greedy` (DeepSeek-V2) first keeps the `topk_group` groups of experts whose
-    best score is highest, then takes the top-k among their experts. `token_mask` [T] marks real tokens;
-    padding tokens get keep=False so they take no expert slot.
+
+def group_scores(scores: jax.Array, topk_method: str, n_group: int, score_bias: jax.Array | None = None) -> jax.Array:
+    """[T, n_group] what groups are ranked by: the best score of each group (group_limited_greedy) or the
+    sum of its top-2 biased scores (noaux_tc)."""
+    grouped = _choice(scores, topk_method, score_bias).reshape(scores.shape[0], n_group, -1)
+    if topk_method == "noaux_tc":
+        return jax.lax.top_k(grouped, 2)[0].sum(axis=-1)
+    return grouped.max(axis=-1)
+
+
+def choice_scores(scores: jax.Array, topk_method: str = "greedy", n_group: int = 1, topk_group: int = 1,
+                  score_bias: jax.Array | None = None) -> jax.Array:
+    """[T, E] the values top-k picks experts by: the scores (greedy), limited to the topk_group best groups
+    (group_limited_greedy: others 0), or the scores plus the correction bias, limited likewise (noaux_tc:
+    others -inf). The weights are always taken from `scores`."""
+    if topk_method == "greedy":
+        return scores
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"unknown topk_method {topk_method!r}; supported: {TOPK_METHODS}")
+    t, e = scores.shape
+    _, best = jax.lax.top_k(group_scores(scores, topk_method, n_group, score_bias), topk_group)
+    in_best = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], best].set(True)
+    masked = -jnp.inf if topk_method == "noaux_tc" else 0.0
+    return jnp.where(jnp.repeat(in_best, e // n_group, axis=-1), _choice(scores, topk_method, score_bias), masked)
+
+
+def _choice(scores: jax.Array, topk_method: str, score_bias: jax.Array | None) -> jax.Array:
+    if topk_method != "noaux_tc":
+        return scores
+    if score_bias is None:
+        raise ValueError("topk_method='noaux_tc' needs the router's score_bias (e_score_correction_bias) [E]")
+    return scores + score_bias.astype(jnp.float32)
+
+
+def route(logits: jax.Array, top_k: int, *, norm_topk_prob: bool = False, topk_method: str = "greedy",
+          n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0, scoring_func: str = "softmax",
+          score_bias: jax.Array | None = None, token_mask: jax.Array | None = None) -> Routing:
+    """The router as Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE / DeepSeek-V2 / DeepSeek-V3 / GLM-4.5 compute it.
+
+    logits: [T, E]. Scores by `scoring_func`; experts by `choice_scores` (topk_method, groups, score_bias
+    [E] for noaux_tc); weights: the chosen experts' scores, renormalised to sum to 1 by norm_topk_prob, times
+    routed_scaling_factor. `token_mask` [T] marks real tokens; padding tokens get keep=False so they take no
+    expert slot.
     """
     logits = logits.astype(jnp.float32)
     num_experts = logits.shape[-1]
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-    scores = jax.nn.softmax(logits, axis=-1)
-    candidates = scores
-    if topk_method == "group_limited_greedy":
-        grouped = scores.reshape(scores.shape[0], n_group, num_experts // n_group)
-        _, best_groups = jax.lax.top_k(grouped.max(axis=-1), topk_group)
-        group_mask = jnp.zeros(grouped.shape[:2], bool).at[jnp.arange(scores.shape[0])[:, None], best_groups].set(True)
-        candidates = jnp.where(jnp.repeat(group_mask, num_experts // n_group, axis=-1), scores, 0.0)
-    elif topk_method != "greedy":
-        raise ValueError(f"unknown topk_method {topk_method!r}; supported: 'greedy', 'group_limited_greedy'")
-    weights, experts = jax.lax.top_k(candidates, top_k)
+    scores = router_scores(logits, scoring_func)
+    _, experts = jax.lax.top_k(choice_scores(scores, topk_method, n_group, topk_group, score_bias), top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     weights = weights * routed_scaling_factor

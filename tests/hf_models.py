@@ -34,13 +34,46 @@ VARIANTS = {
         routed_scaling_factor=2.5, rope_parameters=dict(
             rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, mscale=0.707,
             mscale_all_dim=0.707, beta_fast=32, beta_slow=1))),
+    "qwen3_moe-e8k2-head_dim": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=12)),
+    "qwen3_moe-e6k3-norm-sparse-bias-window": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True, decoder_sparse_step=2,
+        mlp_only_layers=[3], num_hidden_layers=4, attention_bias=True, use_sliding_window=True, sliding_window=6,
+        num_key_value_heads=1, tie_word_embeddings=True)),
+    "deepseek_v3-e8k2-groups-dense-first": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16,
+        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=None,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_key_value_heads=4, norm_topk_prob=True,
+        routed_scaling_factor=2.5)),
+    "deepseek_v3-e6k3-one-group-nonorm-qlora-yarn-halfsplit": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=6, num_experts_per_tok=3, n_group=1, topk_group=1, moe_intermediate_size=16,
+        n_shared_experts=2, first_k_dense_replace=0, kv_lora_rank=12, q_lora_rank=20, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4, norm_topk_prob=False, routed_scaling_factor=1.5,
+        rope_interleave=False, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, mscale=1.0,
+            mscale_all_dim=1.0, beta_fast=32, beta_slow=1))),
+    "glm4_moe-e8k2-groups-partial-qknorm-bias-dense-first": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16,
+        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, use_qk_norm=True, attention_bias=True,
+        head_dim=16, partial_rotary_factor=0.5, routed_scaling_factor=2.5)),
+    "glm4_moe-e6k3-nonorm-quarter-rotary": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+        first_k_dense_replace=0, norm_topk_prob=False, routed_scaling_factor=1.8, num_key_value_heads=1,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))),
 }
 
+# Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
+# modestly, and their e_score_correction_bias is set to random values so that it moves the choice.
+_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig")
 
-def build(name: str, seed: int = 0, router_scale: float = 8.0):
+
+def build(name: str, seed: int = 0, router_scale: float | None = None):
     """A random transformers model of variant `name`, with its routers' weights scaled so that top-k
-    choices have wide margins (float rounding cannot flip them)."""
+    choices have wide margins (float rounding cannot flip them): 8x for softmax routers, 2x for sigmoid ones."""
     config_cls, model_cls, kwargs = VARIANTS[name]
+    sigmoid = config_cls in _SIGMOID_ROUTERS
+    if router_scale is None:
+        router_scale = 2.0 if sigmoid else 8.0
     config = getattr(transformers, config_cls)(**{**_BASE, **kwargs})
     config.eos_token_id = None  # generate exactly max_new_tokens
     config.pad_token_id = 0
@@ -50,6 +83,9 @@ def build(name: str, seed: int = 0, router_scale: float = 8.0):
         for module_name, param in model.named_parameters():
             if module_name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
                 param.mul_(router_scale)
+        for module_name, buffer in model.named_buffers():
+            if module_name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.rand(buffer.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.2)
     return model
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moejax
+from moejax import routing
 from moejax.generate import pad_prompts
 from tests import hf_models
 
@@ -42,26 +43,30 @@ def test_logits_match(pair):
 
 
 def test_router_margins_are_wide(pair):
-    """Precondition for exact generation parity: no top-k choice is within float noise of a tie."""
+    """Precondition for exact generation parity: no top-k choice (of groups, then of experts) is within
+    float noise of a tie. Softmax scores: relative gaps (rounding moves a score by about 1e-7 of itself);
+    sigmoid choice scores (biased, in about [0, 1.2]): absolute gaps."""
     _, model = pair
     c = model.config
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, VOCAB, size=(2, 17)))
     out = model.forward(tokens)
+    blocks = iter(model.moe_blocks())
     for r in out.routings:
         if r is None:
             continue
-        scores = np.asarray(r.scores)
-        if c.topk_method == "group_limited_greedy":
-            groups = np.sort(scores.reshape(len(scores), c.n_group, -1).max(-1), axis=-1)[:, ::-1]
-            assert (1 - groups[:, c.topk_group] / groups[:, c.topk_group - 1]).min() > 1e-4
-            chosen_groups = np.argsort(-scores.reshape(len(scores), c.n_group, -1).max(-1), axis=-1)[:, :c.topk_group]
-            in_group = np.zeros((len(scores), c.n_group), bool)
-            np.put_along_axis(in_group, chosen_groups, True, axis=-1)
-            scores = np.where(np.repeat(in_group, c.num_experts // c.n_group, axis=-1), scores, 0.0)
-        k = r.experts.shape[-1]
-        sorted_scores = np.sort(scores, axis=-1)[:, ::-1]
-        # relative gaps: float32 rounding moves a score by about 1e-7 of itself
-        assert (1 - sorted_scores[:, k] / sorted_scores[:, k - 1]).min() > 1e-4
+        block = next(blocks)
+        bias = None if block.score_bias is None else block.score_bias[...]
+
+        def gap(values, k):
+            top = np.sort(np.asarray(values), axis=-1)[:, ::-1]
+            if c.scoring_func == "sigmoid":
+                return (top[:, k - 1] - top[:, k]).min() > 1e-5
+            return (1 - top[:, k] / top[:, k - 1]).min() > 1e-4
+
+        if c.topk_method != "greedy" and c.topk_group < c.n_group:
+            assert gap(routing.group_scores(r.scores, c.topk_method, c.n_group, bias), c.topk_group)
+        choice = routing.choice_scores(r.scores, c.topk_method, c.n_group, c.topk_group, bias)
+        assert gap(jnp.where(jnp.isinf(choice), -1.0, choice), r.experts.shape[-1])
 
 
 def test_left_padded_batch_matches_each_prompt_alone(pair):

@@ -85,37 +85,98 @@ def attention_context(token_mask: jax.Array, positions: jax.Array | None, cache:
     return AttentionContext(cos, sin, allowed, token_mask, index, key_mask, key_positions)
 
 
-_QUERY_CHUNK = 128  # prefill attention runs over query chunks of this size (see attend)
+_BLOCK = 128  # prefill attention's query and key block (see tiled_attention)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
            query_offset: int | None = None) -> jax.Array:
     """Grouped-query attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], allowed bool [B,T,S] -> [B,T,H*Dv].
 
-    When the slot of the first query is known statically (`query_offset`: prefill), queries run in chunks
-    and each chunk reads only the key slots up to its last query, since later slots are never allowed
-    (causal by slot). That skips about half the work of a long prefill and keeps each chunk's scores small
-    enough to stay in cache, which on the CPU matters more than the FLOPs.
+    The one place that picks how: where the slot of the first query is known statically (`query_offset`:
+    prefill) and T spans more than a block, `jax.nn.dot_product_attention`'s fused kernel on a GPU
+    (cuDNN, 2-byte floats, equal q and v head dims) and a TPU, `tiled_attention` elsewhere (the CPU); a
+    decode step (one query) or a short call, `reference_attention`.
     """
+    b, t, h, _ = q.shape
+    how = attention_implementation(jax.default_backend(), q.dtype, q.shape[-1] == v.shape[-1],
+                                   query_offset is not None and t > _BLOCK)
+    if how == "tiled":
+        out = tiled_attention(q, k, v, allowed, scale, query_offset)
+    elif how == "reference":
+        out = reference_attention(q, k, v, allowed, scale)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale,
+                                           implementation=None if how == "xla" else how)
+    return out.reshape(b, t, h * v.shape[-1]).astype(v.dtype)
+
+
+def attention_implementation(platform: str, dtype, equal_head_dims: bool, long_prefill: bool) -> str:
+    """"cudnn", "xla" (jax.nn.dot_product_attention), "tiled" or "reference": see attend."""
+    if not long_prefill:
+        return "reference"
+    if platform == "gpu" and equal_head_dims and jnp.dtype(dtype).itemsize == 2:
+        return "cudnn"
+    if platform == "tpu":
+        return "xla"
+    return "tiled"
+
+
+def _grouped(q, k, v, scale):
+    """q [B,T,H,D] -> [B,Hkv,G,T,D] scaled; k, v [B,S,Hkv,D] -> [B,Hkv,S,D]."""
     b, t, h, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    q = (q * scale).reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
-    bounds = [(0, t, s)]
-    if query_offset is not None and t > _QUERY_CHUNK:
-        bounds = [(c, min(t, c + _QUERY_CHUNK), min(s, query_offset + c + _QUERY_CHUNK))
-                  for c in range(0, t, _QUERY_CHUNK)]
+    hkv = k.shape[2]
+    q = (q * scale).reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _ungrouped(out):
+    """[B,Hkv,G,T,Dv] -> [B,T,H,Dv]."""
+    b, hkv, g, t, dv = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, dv)
+
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def reference_attention(q, k, v, allowed, scale):
+    """Softmax attention over every key slot: q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv] f32.
+    A query allowed no key gets the mean of every value (all its logits are equal)."""
+    q, k, v = _grouped(q, k, v, scale)
+    logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(allowed[:, None, None], logits, _MASKED)
+    probs = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return _ungrouped(out / probs.sum(axis=-1, keepdims=True))  # normalise [T, Dv], not [T, S]
+
+
+def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BLOCK):
+    """reference_attention in blocks of `block` queries x `block` keys (flash-attention style): each query
+    block visits only the key blocks at or before its last slot (query i sits at slot query_offset + i;
+    later slots are never allowed, causal by slot), with an online softmax (running max and sum), so no
+    work is done on blocks the causal mask removes and each block's scores stay in cache. `allowed` still
+    masks inside every visited block (padding, sliding windows). -> [B,T,H,Dv] f32."""
+    q, k, v = _grouped(q, k, v, scale)
+    t, s = q.shape[3], k.shape[2]
     outs = []
-    for start, end, keys in bounds:
-        logits = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, start:end], k[:, :, :keys],
-                            preferred_element_type=jnp.float32)
-        logits = jnp.where(allowed[:, None, None, start:end, :keys], logits, jnp.finfo(jnp.float32).min)
-        probs = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v[:, :, :keys],
-                         preferred_element_type=jnp.float32)
-        outs.append(out / probs.sum(axis=-1, keepdims=True))  # normalise [T, Dv], not [T, S]
-    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * v.shape[-1]).astype(v.dtype)
+    for q0 in range(0, t, block):
+        q1 = min(t, q0 + block)
+        qb = q[:, :, :, q0:q1]
+        top = (*qb.shape[:-1], 1)
+        peak, total = jnp.full(top, _MASKED, jnp.float32), jnp.zeros(top, jnp.float32)
+        acc = jnp.zeros((*qb.shape[:-1], v.shape[-1]), jnp.float32)
+        for k0 in range(0, min(s, query_offset + q1), block):
+            k1 = min(s, k0 + block, query_offset + q1)
+            logits = jnp.einsum("bkgtd,bksd->bkgts", qb, k[:, :, k0:k1], preferred_element_type=jnp.float32)
+            logits = jnp.where(allowed[:, None, None, q0:q1, k0:k1], logits, _MASKED)
+            new_peak = jnp.maximum(peak, logits.max(axis=-1, keepdims=True))
+            probs = jnp.exp(logits - new_peak)
+            rescale = jnp.exp(peak - new_peak)
+            total = total * rescale + probs.sum(axis=-1, keepdims=True)
+            acc = acc * rescale + jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v[:, :, k0:k1],
+                                             preferred_element_type=jnp.float32)
+            peak = new_peak
+        outs.append(acc / total)
+    return _ungrouped(jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0])
 
 
 def _static(index) -> int | None:
@@ -128,7 +189,8 @@ def _write(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with GQA; OLMoE's q/k norm and qkv clipping; Qwen's qkv biases."""
+    """Multi-head attention with GQA; OLMoE's q/k norm and qkv clipping; Qwen's qkv biases; Qwen3's and
+    GLM-4.5's per-head q/k norm; GLM-4.5's partial rotary."""
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         c = config
@@ -137,8 +199,10 @@ class Attention(nnx.Module):
         self.k_proj = Dense(d, hkv * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Dense(d, hkv * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Dense(h * hd, d, bias=c.o_bias, dtype=dtype, rngs=rngs)
-        self.q_norm = RMSNorm(h * hd, c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
-        self.k_norm = RMSNorm(hkv * hd, c.rms_norm_eps, dtype=dtype) if c.qk_norm else None
+        # q/k norm over the whole projection (OLMoE) or over each head (Qwen3, GLM-4.5): same names, other shapes
+        q_dim, k_dim = (hd, hd) if c.head_qk_norm else (h * hd, hkv * hd)
+        self.q_norm = RMSNorm(q_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm or c.head_qk_norm else None
+        self.k_norm = RMSNorm(k_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm or c.head_qk_norm else None
         self.config = config
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, layer_cache):
@@ -146,17 +210,27 @@ class Attention(nnx.Module):
         c, cos, sin, index = self.config, ctx.cos, ctx.sin, ctx.index
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.q_norm is not None:
+        if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if c.clip_qkv is not None:
             q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
-        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin, c.rope.interleaved)
-        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin, c.rope.interleaved)
+        q, k = q.reshape(b, t, c.num_heads, c.head_dim), k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.head_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope_heads(q, cos, sin, c), _rope_heads(k, cos, sin, c)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if layer_cache is not None:
             k, v = _write(layer_cache[0], k, index), _write(layer_cache[1], v, index)
             layer_cache = (k, v)
         return self.o_proj(attend(q, k, v, ctx.allowed, c.attention_scale, _static(index))), layer_cache
+
+
+def _rope_heads(x: jax.Array, cos: jax.Array, sin: jax.Array, c: ModelConfig) -> jax.Array:
+    """Rope on each head's first rope_dim dims (all of them unless the family's rotary is partial)."""
+    if c.rope_dim == x.shape[-1]:
+        return apply_rope(x, cos, sin, c.rope.interleaved)
+    return jnp.concatenate([apply_rope(x[..., :c.rope_dim], cos, sin, c.rope.interleaved), x[..., c.rope_dim:]],
+                           axis=-1)
 
 
 class LatentAttention(nnx.Module):

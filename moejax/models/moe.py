@@ -30,6 +30,9 @@ class MoEBlock(nnx.Module):
         self.shared = (MLP(d, c.shared_expert_intermediate_size, c.hidden_act, dtype=dtype, rngs=rngs)
                        if c.shared_expert_intermediate_size else None)
         self.shared_gate = param(rngs, (d, 1), dtype) if c.shared_expert_gate else None
+        # noaux_tc (DeepSeek-V3, GLM-4.5): the learned e_score_correction_bias the choice adds to the scores;
+        # float32 whatever the model's dtype, as transformers keeps it (bf16 would move the choice)
+        self.score_bias = nnx.Param(jnp.zeros((e,), jnp.float32)) if c.topk_method == "noaux_tc" else None
         self.config = config
         self.layer = layer
         runtime.layout_for(e)  # fails here, not at the first call, if the layout cannot serve this block
@@ -53,7 +56,9 @@ class MoEBlock(nnx.Module):
         logits = h.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
         return routing.route(logits, c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob,
                              topk_method=c.topk_method, n_group=c.n_group, topk_group=c.topk_group,
-                             routed_scaling_factor=c.routed_scaling_factor, token_mask=token_mask)
+                             routed_scaling_factor=c.routed_scaling_factor, scoring_func=c.scoring_func,
+                             score_bias=None if self.score_bias is None else self.score_bias[...],
+                             token_mask=token_mask)
 
     def apply_policy(self, r: routing.Routing, token_mask: jax.Array, decode: bool = False) -> routing.Routing:
         """The runtime's capacity policy over the runtime's layout (decode: a decode step), renormalising the
