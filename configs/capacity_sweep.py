@@ -25,6 +25,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.tasks = ("experiments/results/default_model/next_word.jsonl",
                     "experiments/results/default_model/next_line.jsonl")
     config.task_examples = 100 if quick else 250  # the first N examples of each task (0: all)
+    # lm-eval tasks scored in every cell too, through moejax's lm-eval backend (pip install moejax[eval]):
+    # names of local YAML tasks in include_path (experiments/lm_eval_tasks has the default model's), or of
+    # lm-eval's built-in ones (piqa, ...: include_defaults=True and their datasets reachable); limit: the
+    # first N documents of each (0: all)
+    config.lm_eval = ml_collections.ConfigDict(dict(tasks=(), include_path="experiments/lm_eval_tasks",
+                                                    include_defaults=False, limit=0))
     # capacity factors gamma (> 0); the dropless reference always runs first
     config.factors = (1.0, 1.5, 2.0) if quick else (0.5, 1.0, 1.25, 1.5, 2.0)
     config.strategies = STRATEGIES[:5] if quick else STRATEGIES

@@ -163,7 +163,7 @@ def busiest_device_seconds(block, loads: dict[str, np.ndarray], device_of_expert
 
 
 def run_cell(model, sequences, tasks, tokenizer, factor: str, strategy: str, *, num_devices: int, batch_size: int,
-             repeats: int, authors: bool = False) -> dict:
+             repeats: int, authors: bool = False, lm_eval: dict | None = None) -> dict:
     start = time.perf_counter()
     policy = policy_for(factor, strategy, num_devices, authors)
     m = moejax.with_policy(model, policy)
@@ -180,10 +180,20 @@ def run_cell(model, sequences, tasks, tokenizer, factor: str, strategy: str, *, 
     kept_of_routed = sum(c[2].sum() for c in counts.values())
     scores = {name: evaluation.score_multiple_choice(m, tokenizer, examples, batch_size=batch_size)
               for name, examples in tasks.items()}
+    lm_eval_record = None
+    if lm_eval:  # lm-eval's own tasks through the moejax backend: its metrics, and what the policy enforced
+        from moejax.lm_eval_model import evaluate_tasks
+
+        run = evaluate_tasks(m, tokenizer, lm_eval["tasks"], include_path=lm_eval["include_path"] or None,
+                             include_defaults=lm_eval["include_defaults"], batch_size=batch_size,
+                             limit=lm_eval["limit"] or None)
+        lm_eval_record = {"tasks": run["tasks"], "enforced": run["moejax"]}
+        scores.update({f"lm_eval/{name}": metrics for name, metrics in run["tasks"].items() if "acc" in metrics})
     return {
         "factor": factor, "strategy": strategy, "policy": repr(policy),
         "perplexity": evaluation.perplexity(m, sequences, batch_size=batch_size),
         "tasks": {name: {"acc": s["acc"], "acc_norm": s["acc_norm"]} for name, s in scores.items()},
+        **({"lm_eval": lm_eval_record} if lm_eval_record else {}),
         "mc_accuracy": float(np.mean([s["acc"] for s in scores.values()])) if scores else None,
         "drop_rate": float(1 - kept_of_routed / routed),
         "added_pairs": float((sum(c[1].sum() for c in counts.values()) - kept_of_routed) / routed),
@@ -218,18 +228,19 @@ def sweep_cells(factors, strategies) -> list[tuple[str, str]]:
 
 def run_sweep(model, sequences, tasks, tokenizer, workdir: str, *, factors, strategies, settings: dict,
               num_devices: int = 8, batch_size: int = 8, repeats: int = 5, extra: dict | None = None,
-              progress: bool = True, authors: bool = False) -> dict:
+              progress: bool = True, authors: bool = False, lm_eval: dict | None = None) -> dict:
     """Run every cell not yet in workdir/results.json, writing the file after each. `settings` are what the
     numbers depend on: a results.json made with other settings is refused, never mixed in. `authors`: the
-    cells' policies are MoEPolicy.authors (say so in `settings`)."""
-    if tasks and tokenizer is None:
+    cells' policies are MoEPolicy.authors (say so in `settings`). lm_eval: {"tasks", "include_path",
+    "include_defaults", "limit"} to score lm-eval tasks in every cell as well (moejax.lm_eval_model)."""
+    if (tasks or lm_eval) and tokenizer is None:
         raise ValueError("multiple-choice tasks need the checkpoint's tokenizer; this model has none")
     results = Results(workdir, settings)
     results.data.update(extra or {})
     keys = [{"factor": f, "strategy": s} for f, s in sweep_cells(factors, strategies)]
     harness.sweep(results, keys, lambda key: run_cell(model, sequences, tasks, tokenizer, key["factor"], key["strategy"],
                                                       num_devices=num_devices, batch_size=batch_size, repeats=repeats,
-                                                      authors=authors),
+                                                      authors=authors, lm_eval=lm_eval),
                   describe_cell, desc="capacity cells", progress=progress)
     results.save()
     return results.data
@@ -456,6 +467,10 @@ def main(config, workdir):
                 "repeats": config.repeats, "tasks": list(config.tasks), "task_examples": config.task_examples}
     if config.authors_semantics:  # only when set, so that results.json files from before the option resume
         settings["authors_semantics"] = True
+    lm_eval = None
+    if config.lm_eval.tasks:  # likewise
+        lm_eval = {k: (list(v) if k == "tasks" else v) for k, v in config.lm_eval.to_dict().items()}
+        settings["lm_eval"] = lm_eval
     if config.checkpoint:
         model = moejax.load_pretrained(config.checkpoint)
         tokenizer = moejax.load_tokenizer(config.checkpoint)
@@ -466,9 +481,9 @@ def main(config, workdir):
         settings.update(corpus=corpus["corpus"], split="validation",
                         validation_fraction=config.corpus.validation_fraction, test_fraction=config.corpus.test_fraction)
     else:
-        if tasks:
+        if tasks or config.lm_eval.tasks:
             raise app.UsageError("the random built-in model (checkpoint empty) has no tokenizer: pass "
-                                 "--config.tasks='()'")
+                                 "--config.tasks='()' and no --config.lm_eval.tasks")
         model, tokenizer, corpus = harness.random_model(RANDOM_MODEL), None, {}
         rng = np.random.default_rng(0)
         sequences = list(rng.integers(0, model.config.vocab_size, size=(config.sequences, config.length)))
@@ -479,7 +494,7 @@ def main(config, workdir):
     results = run_sweep(model, sequences, tasks, tokenizer, workdir, factors=factors, strategies=strategies,
                         settings=settings, num_devices=config.num_devices, batch_size=config.batch_size,
                         repeats=config.repeats, extra={**harness.header(), "corpus": corpus},
-                        authors=config.authors_semantics)
+                        authors=config.authors_semantics, lm_eval=lm_eval)
     plot(results["cells"], os.path.join(workdir, "plot.png"))
     write_readme(workdir, results)
     print(markdown_tables(results))

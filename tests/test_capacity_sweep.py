@@ -140,3 +140,26 @@ def test_authors_semantics_runs_every_cell_with_the_authors_preset(inputs, tmp_p
                      strategies=strategies, settings=dict(SETTINGS, authors_semantics=True), num_devices=4,
                      batch_size=4, repeats=1, progress=False, authors=True)
 
+
+
+def test_a_cell_scores_lm_eval_tasks_and_records_what_the_policy_enforced():
+    """config.lm_eval: every cell also runs lm-eval tasks through the moejax backend; the dropless cell's
+    numbers equal the backend's own run, and a dropping cell's record shows its drops."""
+    pytest.importorskip("lm_eval")
+    from moejax.lm_eval_model import evaluate_tasks
+
+    model = moejax.load_pretrained("experiments/default_model")
+    tokenizer = moejax.load_tokenizer("experiments/default_model")
+    lm_eval = dict(tasks=("moejax_next_word",), include_path="experiments/lm_eval_tasks", include_defaults=False,
+                   limit=8)
+    sequences = [list(range(1, 33))] * 8
+    cells = {factor: cs.run_cell(model, sequences, {}, tokenizer, factor, strategy, num_devices=8, batch_size=8,
+                                 repeats=1, lm_eval=lm_eval)
+             for factor, strategy in (("none", "dropless"), ("0.5", "score"))}
+    direct = evaluate_tasks(model, tokenizer, lm_eval["tasks"], include_path=lm_eval["include_path"],
+                            include_defaults=False, batch_size=8, limit=8)
+    assert cells["none"]["tasks"]["lm_eval/moejax_next_word"]["acc"] == direct["tasks"]["moejax_next_word"]["acc"]
+    assert cells["none"]["mc_accuracy"] == direct["tasks"]["moejax_next_word"]["acc"]
+    drop = {c: max(r["drop_rate"] for r in cells[c]["lm_eval"]["enforced"]["loads"]["moejax_next_word"].values())
+            for c in cells}
+    assert drop["none"] == 0 < drop["0.5"]
