@@ -32,7 +32,8 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 # Tensors a checkpoint may carry that moejax recomputes instead of reading.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ORBAX_CONFIG = "moejax_config.json"
-_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe")  # ...mlp.shared_experts.*, not shared_expert
+_GRANITE = ("granitemoe", "granitemoeshared")
+_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")  # ...mlp.shared_experts.*, not shared_expert
 _INDEX = "model.safetensors.index.json"
 # The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight,
 # and moejax reads no quantization format.
@@ -167,14 +168,32 @@ class _Plan:
                                    lambda *ws: np.stack([w.T for w in ws]), lambda w: [we.T for we in w]))
 
 
+def _fused_experts(plan: _Plan, moe: MoEBlock, gate_up: str, down: str):
+    """Experts stored whole (read only): gate_up [E, 2f, d] (gate rows first), down [E, d, f]."""
+    e, d, f = moe.w_gate.shape
+    plan.items.append(PlanItem(moe.w_gate, [(gate_up, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, :f], 1, 2), None))
+    plan.items.append(PlanItem(moe.w_up, [(gate_up, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, f:], 1, 2), None))
+    plan.items.append(PlanItem(moe.w_down, [(down, (e, d, f))], lambda w: np.swapaxes(w, 1, 2), None))
+
+
+def _granite_moe(plan: _Plan, layer, p: str):
+    """Granite's parallel-experts layout: block_sparse_moe.{router.layer, input_linear, output_linear} and the
+    layer's shared_mlp.{input_linear [2s, d] (gate rows first), output_linear} (read only)."""
+    moe = layer.mlp
+    plan.copy(moe.router, f"{p}.block_sparse_moe.router.layer.weight", transpose=True)
+    _fused_experts(plan, moe, f"{p}.block_sparse_moe.input_linear.weight", f"{p}.block_sparse_moe.output_linear.weight")
+    if moe.shared is not None:
+        d, s = moe.shared.gate_proj.kernel.shape
+        fused = [(f"{p}.shared_mlp.input_linear.weight", (2 * s, d))]
+        plan.items.append(PlanItem(moe.shared.gate_proj.kernel, fused, lambda w: w[:s].T, None))
+        plan.items.append(PlanItem(moe.shared.up_proj.kernel, fused, lambda w: w[s:].T, None))
+        plan.linear(moe.shared.down_proj, f"{p}.shared_mlp.output_linear")
+
+
 def _experts(plan: _Plan, moe: MoEBlock, prefix: str, names: set[str], mixtral: bool):
     e, d, f = moe.w_gate.shape
-    fused = f"{prefix}.experts.gate_up_proj"
-    if fused in names:  # transformers v5 in-memory layout (read only): gate_up [E, 2f, d], down [E, d, f]
-        plan.items.append(PlanItem(moe.w_gate, [(fused, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, :f], 1, 2), None))
-        plan.items.append(PlanItem(moe.w_up, [(fused, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, f:], 1, 2), None))
-        plan.items.append(PlanItem(moe.w_down, [(f"{prefix}.experts.down_proj", (e, d, f))],
-                                   lambda w: np.swapaxes(w, 1, 2), None))
+    if f"{prefix}.experts.gate_up_proj" in names:  # transformers v5 in-memory layout
+        _fused_experts(plan, moe, f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj")
         return
     gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     plan.stacked(moe.w_gate, [f"{prefix}.experts.{i}.{gate}.weight" for i in range(e)], (f, d))
@@ -216,12 +235,17 @@ def _plan(model: CausalLM, names: set[str]) -> _Plan:
                 plan.copy(attn.q_norm.weight, f"{p}.self_attn.q_norm.weight")
                 plan.copy(attn.k_norm.weight, f"{p}.self_attn.k_norm.weight")
         plan.linear(attn.o_proj, f"{p}.self_attn.o_proj")
-        if isinstance(layer.mlp, MoEBlock):
+        if isinstance(layer.mlp, MoEBlock) and c.architecture in _GRANITE:
+            _granite_moe(plan, layer, p)
+        elif isinstance(layer.mlp, MoEBlock):
             moe = layer.mlp
             mixtral = c.architecture == "mixtral"
             prefix = f"{p}.block_sparse_moe" if mixtral and f"{p}.block_sparse_moe.gate.weight" in names else f"{p}.mlp"
             plan.copy(moe.router, f"{prefix}.gate.weight", transpose=True)
-            if moe.score_bias is not None:
+            if moe.score_bias is not None and c.architecture == "ernie4_5_moe":  # [1, E], beside the gate
+                bias = [(f"{prefix}.moe_statics.e_score_correction_bias", (1, c.num_experts))]
+                plan.items.append(PlanItem(moe.score_bias, bias, lambda b: b.reshape(-1), lambda b: [b.reshape(1, -1)]))
+            elif moe.score_bias is not None:
                 plan.copy(moe.score_bias, f"{prefix}.gate.e_score_correction_bias")
             _experts(plan, moe, prefix, names, mixtral)
             if moe.shared is not None:

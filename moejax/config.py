@@ -79,6 +79,13 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ g)
+    # Granite's multipliers: the embeddings times embedding_multiplier, each sublayer's output times
+    # residual_multiplier as it joins the residual stream, attention_multiplier as the softmax scale (None:
+    # 1/sqrt(qk head dim)), the logits divided by logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     # multi-token-prediction layers (DeepSeek-V3, GLM-4.5) the checkpoint holds after the decoder's, as
     # model.layers.{num_layers + j}.*: transformers does not run them in a forward, nor does moejax (skipped at load)
     mtp_layers: int = 0
@@ -92,7 +99,10 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        """Softmax scale: 1/sqrt(qk head dim), times yarn's mscale^2 where DeepSeek's config asks for it."""
+        """Softmax scale: 1/sqrt(qk head dim), times yarn's mscale^2 where DeepSeek's config asks for it;
+        Granite's attention_multiplier where the config gives one."""
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
         scale = qk_dim**-0.5
         if self.rope.kind == "yarn" and self.rope.mscale_all_dim:
@@ -307,6 +317,43 @@ def _qwen3_moe(hf: dict) -> dict:
                 norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
 
 
+def _granitemoe(hf: dict) -> dict:
+    bias = bool(_get(hf, "attention_bias", False))
+    shared = _get(hf, "shared_intermediate_size", 0) if hf.get("model_type") == "granitemoeshared" else 0
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=(True,) * _get(hf, "num_hidden_layers"), num_experts=_get(hf, "num_local_experts"),
+                num_experts_per_tok=_get(hf, "num_experts_per_tok"), moe_intermediate_size=_get(hf, "intermediate_size"),
+                norm_topk_prob=True,  # softmax over the top-k logits: the top-k probabilities renormalised
+                shared_expert_intermediate_size=shared,
+                embedding_multiplier=float(_get(hf, "embedding_multiplier", 1.0)),
+                residual_multiplier=float(_get(hf, "residual_multiplier", 1.0)),
+                attention_multiplier=float(_get(hf, "attention_multiplier", 1.0)),
+                logits_scaling=float(_get(hf, "logits_scaling", 1.0)))
+
+
+def _ernie4_5_moe(hf: dict) -> dict:
+    hf = {"tie_word_embeddings": True, "rope_theta": 500000.0, **hf}  # Ernie4_5_MoeConfig's defaults
+    if _get(hf, "use_bias", False):
+        raise ValueError("config.json: use_bias=True (ERNIE-4.5 biases on every linear layer and the LM head) is "
+                         "not supported; supported: false")
+    n, experts, k = _get(hf, "num_hidden_layers"), _get(hf, "moe_num_experts"), _get(hf, "moe_k")
+    end = _get(hf, "moe_layer_end_index", -1)
+    end = n - 1 if end == -1 else end
+    start, interval = _get(hf, "moe_layer_start_index", 1), _get(hf, "moe_layer_interval", 1)
+    # the top-k weights are divided by max(their sum, moe_norm_min); the top-k softmax probabilities sum to
+    # at least k / E, so that is plain renormalisation unless moe_norm_min exceeds k / E
+    if _get(hf, "moe_norm_min", 1e-12) > k / experts:
+        raise ValueError(f"config.json: moe_norm_min={hf['moe_norm_min']!r} is not supported: above moe_k / "
+                         f"moe_num_experts = {k / experts} it clamps the renormalisation")
+    common = _common(hf)
+    common["rope"] = _rope(hf, interleaved=True)
+    return dict(common, intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=tuple((i + 1) % interval == 0 and start <= i <= end for i in range(n)),
+                num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=_get(hf, "moe_intermediate_size"),
+                norm_topk_prob=True, topk_method="noaux_tc",  # softmax scores, the choice biased; one group
+                shared_expert_intermediate_size=_get(hf, "moe_num_shared_experts", 0) * _get(hf, "moe_intermediate_size"))
+
+
 def _sigmoid_router(hf: dict, experts: int) -> dict:
     """DeepSeek-V3's router as transformers computes it for deepseek_v3 and glm4_moe (noaux_tc, sigmoid
     scores); a config.json naming another topk_method or scoring_func is refused, not silently recomputed."""
@@ -363,10 +410,12 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "decoder_sparse_step", "n_routed_experts", "first_k_dense_replace", "moe_layer_freq",
                   "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group",
                   "topk_group", "n_shared_experts", "sliding_window", "bos_token_id", "pad_token_id",
-                  "num_nextn_predict_layers")
-_JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor")
+                  "num_nextn_predict_layers", "shared_intermediate_size", "moe_num_experts", "moe_k",
+                  "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts")
+_JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
+                 "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
-               "use_sliding_window", "use_qk_norm", "rope_interleave")
+               "use_sliding_window", "use_qk_norm", "rope_interleave", "use_bias")
 
 
 def _check_json_types(hf: dict) -> None:
@@ -391,12 +440,14 @@ def _check_json_types(hf: dict) -> None:
 
 _READERS: dict[str, Callable[[dict], dict]] = {
     "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2,
-    "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe}
+    "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "granitemoe": _granitemoe,
+    "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe}
 SUPPORTED_MODEL_TYPES = frozenset(_READERS)
 SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
                            "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
-                           "Glm4MoeForCausalLM": "glm4_moe"}
+                           "Glm4MoeForCausalLM": "glm4_moe", "GraniteMoeForCausalLM": "granitemoe",
+                           "GraniteMoeSharedForCausalLM": "granitemoeshared", "Ernie4_5_MoeForCausalLM": "ernie4_5_moe"}
 
 
 def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
@@ -459,6 +510,9 @@ def to_hf_config(config: ModelConfig, dtype="float32") -> dict:
     need(c.scoring_func == "softmax", "scoring_func", c.scoring_func)
     need(not c.head_qk_norm, "head_qk_norm", c.head_qk_norm)
     need(c.rotary_dim in (0, c.head_dim), "rotary_dim", c.rotary_dim)
+    need((c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling) == (1.0, 1.0, None, 1.0),
+         "embedding/residual/attention multipliers, logits_scaling",
+         (c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling))
     need(c.routed_scaling_factor == 1.0, "routed_scaling_factor", c.routed_scaling_factor)
     if c.architecture in ("mixtral", "olmoe"):
         need(all(c.moe_layers), "moe_layers", c.moe_layers)

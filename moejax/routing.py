@@ -6,9 +6,14 @@ Every flavour fills `Routing.scores` [T, E] with the score its combine weights a
 capacity policies (moejax.capacity: token drop "score", expanded drop, the "kept" renormalisation) rank
 pairs by `scores` and nothing else, so the policy code is one path for every family:
 
-- softmax (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2): the softmax probability over all experts.
-  Greedy picks the top-k of it; DeepSeek-V2's group_limited_greedy first keeps the topk_group groups with
-  the highest best probability. The weights are the chosen probabilities (renormalised by norm_topk_prob).
+- softmax (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2, Granite): the softmax probability over all
+  experts. Greedy picks the top-k of it; DeepSeek-V2's group_limited_greedy first keeps the topk_group
+  groups with the highest best probability. The weights are the chosen probabilities (renormalised by
+  norm_topk_prob). Granite's softmax over the top-k logits is exactly that renormalisation, so it ranks by
+  the same all-expert probability (the order of the top-k logits and of the probabilities is the same).
+- softmax with a correction bias (ERNIE-4.5, noaux_tc with one group): the choice adds
+  e_score_correction_bias to the probabilities, the weights are the unbiased probabilities renormalised;
+  capacity-aware drop ranks by the unbiased probability, for the reasons below.
 - sigmoid with noaux_tc (DeepSeek-V3 / Kimi-K2 / Moonlight, GLM-4.5): the *unbiased* sigmoid score
   sigmoid(logit). The choice adds the learned `e_score_correction_bias` (groups ranked by the sum of their
   top-2 biased scores, then the top-k biased scores of the topk_group best groups), but the weights are the
@@ -94,7 +99,7 @@ def _choice(scores: jax.Array, topk_method: str, score_bias: jax.Array | None) -
 def route(logits: jax.Array, top_k: int, *, norm_topk_prob: bool = False, topk_method: str = "greedy",
           n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0, scoring_func: str = "softmax",
           score_bias: jax.Array | None = None, token_mask: jax.Array | None = None) -> Routing:
-    """The router as Mixtral / OLMoE / Qwen2-MoE / Qwen3-MoE / DeepSeek-V2 / DeepSeek-V3 / GLM-4.5 compute it.
+    """The router as every supported family computes it (see the module docstring).
 
     logits: [T, E]. Scores by `scoring_func`; experts by `choice_scores` (topk_method, groups, score_bias
     [E] for noaux_tc); weights: the chosen experts' scores, renormalised to sum to 1 by norm_topk_prob, times

@@ -60,10 +60,24 @@ VARIANTS = {
         n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
         first_k_dense_replace=0, norm_topk_prob=False, routed_scaling_factor=1.8, num_key_value_heads=1,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))),
+    "granitemoe-e4k2-multipliers-tied": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, embedding_multiplier=12.0,
+        residual_multiplier=0.22, attention_multiplier=0.3, logits_scaling=6.0, tie_word_embeddings=True)),
+    "granitemoeshared-e8k3-shared-bias": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=3, intermediate_size=16, shared_intermediate_size=24,
+        attention_bias=True, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.25,
+        logits_scaling=4.0, num_hidden_layers=3)),
+    "ernie4_5_moe-e8k2-shared-start1": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1,
+        num_hidden_layers=3)),
+    "ernie4_5_moe-e6k3-interval2-noshared-untied": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        moe_num_experts=6, moe_k=3, moe_intermediate_size=16, moe_num_shared_experts=0, moe_layer_start_index=0,
+        moe_layer_interval=2, moe_layer_end_index=2, num_hidden_layers=4, tie_word_embeddings=False)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
-# modestly, and their e_score_correction_bias is set to random values so that it moves the choice.
+# modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
+# it moves the choice.
 _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig")
 
 
@@ -81,9 +95,9 @@ def build(name: str, seed: int = 0, router_scale: float | None = None):
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for module_name, param in model.named_parameters():
-            if module_name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            if module_name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "block_sparse_moe.router.weight")):
                 param.mul_(router_scale)
-        for module_name, buffer in model.named_buffers():
+        for module_name, buffer in [*model.named_buffers(), *model.named_parameters()]:  # ERNIE: a parameter
             if module_name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.rand(buffer.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.2)
     return model

@@ -41,6 +41,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = MoEBlock(c, layer, runtime, dtype=dtype, rngs=rngs)
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, dtype=dtype, rngs=rngs)
+        self.residual_multiplier = c.residual_multiplier
 
     @property
     def is_moe(self) -> bool:
@@ -49,7 +50,11 @@ class DecoderLayer(nnx.Module):
     def attention_phase(self, x: jax.Array, ctx: AttentionContext, layer_cache=None):
         """x [B, T, d] -> (x + attention, the layer's updated cache)."""
         attn_out, layer_cache = self.self_attn(self.input_layernorm(x), ctx, layer_cache)
-        return x + attn_out, layer_cache
+        return x + self._residual(attn_out), layer_cache
+
+    def _residual(self, out: jax.Array) -> jax.Array:
+        """A sublayer's output as it joins the residual stream (Granite scales it by residual_multiplier)."""
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
     def ffn_input(self, x: jax.Array) -> jax.Array:
         """The feed-forward's input: x [B, T, d] normed and flattened to [B * T, d]."""
@@ -59,9 +64,9 @@ class DecoderLayer(nnx.Module):
         """x [B, T, d] -> (x + feed-forward, Routing of the pairs computed or None, needed bucket)."""
         h = self.ffn_input(x)
         if not self.is_moe:
-            return x + self.mlp(h).reshape(x.shape), None, jnp.zeros((), jnp.int32)
+            return x + self._residual(self.mlp(h).reshape(x.shape)), None, jnp.zeros((), jnp.int32)
         out, r, needed = self.mlp(h, ctx.token_mask.reshape(-1), decode)
-        return x + out.reshape(x.shape), r, needed
+        return x + self._residual(out.reshape(x.shape)), r, needed
 
 
 class ForwardOutput(NamedTuple):
@@ -115,14 +120,18 @@ class CausalLM(nnx.Module):
         return attention_context(token_mask, positions, cache, self.rope, self.config.sliding_window)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        return self.embed_tokens[...][tokens]
+        x = self.embed_tokens[...][tokens]
+        m = self.config.embedding_multiplier  # Granite
+        return x if m == 1.0 else x * jnp.asarray(m, x.dtype)
 
     def head_weight(self) -> jax.Array:
         """[d, vocab]: the LM head (the embedding's transpose when tied)."""
         return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
 
     def head(self, x: jax.Array) -> jax.Array:
-        return output_logits(self.norm, self.head_weight(), x)
+        logits = output_logits(self.norm, self.head_weight(), x)
+        scaling = self.config.logits_scaling  # Granite divides the logits by it
+        return logits if scaling == 1.0 else logits / scaling
 
     def forward(self, tokens: jax.Array, *, token_mask: jax.Array | None = None,
                 positions: jax.Array | None = None, cache: KVCache | None = None,
