@@ -93,9 +93,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: 
     """Grouped-query attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], allowed bool [B,T,S] -> [B,T,H*Dv].
 
     The one place that picks how: where the slot of the first query is known statically (`query_offset`:
-    prefill) and T spans more than a block, `jax.nn.dot_product_attention`'s fused kernel on a GPU
-    (cuDNN, 2-byte floats, equal q and v head dims) and a TPU, `tiled_attention` elsewhere (the CPU); a
-    decode step (one query) or a short call, `reference_attention`.
+    prefill) and T spans more than a block: `jax.nn.dot_product_attention` on a GPU (cuDNN; 2-byte floats)
+    and a TPU (XLA's), both with q and v heads of one size, `tiled_attention` elsewhere (the CPU, latent
+    attention); a decode step (one query) or a short call: `reference_attention`.
     """
     b, t, h, _ = q.shape
     how = attention_implementation(jax.default_backend(), q.dtype, q.shape[-1] == v.shape[-1],
@@ -105,9 +105,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: 
     elif how == "reference":
         out = reference_attention(q, k, v, allowed, scale)
     else:
-        out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale,
-                                           implementation=None if how == "xla" else how)
+        out = fused_attention(q, k, v, allowed, scale, how)
     return out.reshape(b, t, h * v.shape[-1]).astype(v.dtype)
+
+
+def fused_attention(q, k, v, allowed, scale, implementation: str):
+    """jax.nn.dot_product_attention with `implementation` "cudnn" or "xla" (XLA's own, fused on a TPU):
+    reference_attention's semantics for every query allowed at least one key. -> [B,T,H,Dv]."""
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale,
+                                        implementation=None if implementation == "xla" else implementation)
 
 
 def attention_implementation(platform: str, dtype, equal_head_dims: bool, long_prefill: bool) -> str:
@@ -116,7 +122,7 @@ def attention_implementation(platform: str, dtype, equal_head_dims: bool, long_p
         return "reference"
     if platform == "gpu" and equal_head_dims and jnp.dtype(dtype).itemsize == 2:
         return "cudnn"
-    if platform == "tpu":
+    if platform == "tpu" and equal_head_dims:  # dot_product_attention takes value heads of q's size only
         return "xla"
     return "tiled"
 
