@@ -33,7 +33,7 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ORBAX_CONFIG = "moejax_config.json"
 _GRANITE = ("granitemoe", "granitemoeshared")
-_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")  # ...mlp.shared_experts.*, not shared_expert
+_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1")  # ...mlp.shared_experts.*, not shared_expert
 _INDEX = "model.safetensors.index.json"
 # The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight,
 # and moejax reads no quantization format.

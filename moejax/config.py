@@ -1,17 +1,19 @@
 """Model configuration, read from a Hugging Face `config.json`.
 
 Every architectural detail the model needs is a field of `ModelConfig`, filled from the checkpoint's
-config by the family's reader below: nothing is assumed from the family name alone, so variants within a
-family (numbers of experts, k, sizes, flags) work because they are read.
+config by the family's reader (moejax.families): nothing is assumed from the family name alone, so variants
+within a family (numbers of experts, k, sizes, flags) work because they are read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from moejax.families import READERS, SUPPORTED_ARCHITECTURES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,213 +197,7 @@ def is_integer(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading Hugging Face config.json, one reader per family.
-
-
-def _get(hf: dict, key: str, default: Any = dataclasses.MISSING) -> Any:
-    if key in hf and hf[key] is not None:
-        return hf[key]
-    if default is dataclasses.MISSING:
-        raise ValueError(f"config.json: required key {key!r} is missing (model_type={hf.get('model_type')!r})")
-    return default
-
-
-def _rope(hf: dict, interleaved: bool = False) -> RopeConfig:
-    # transformers v5 writes `rope_parameters` (theta inside); v4 and the Hub write rope_theta + rope_scaling.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    factor = float(params.get("factor") or 1.0)
-    return RopeConfig(
-        theta=float(theta), kind=kind, factor=factor,
-        original_max_position=params.get("original_max_position_embeddings"),
-        beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
-        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
-        interleaved=interleaved)
-
-
-def _common(hf: dict) -> dict:
-    heads = _get(hf, "num_attention_heads")
-    hidden = _get(hf, "hidden_size")
-    return dict(
-        vocab_size=_get(hf, "vocab_size"), hidden_size=hidden, num_layers=_get(hf, "num_hidden_layers"),
-        num_heads=heads, num_kv_heads=_get(hf, "num_key_value_heads", heads),
-        head_dim=_get(hf, "head_dim", hidden // heads), rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-        rope=_rope(hf), max_position_embeddings=_get(hf, "max_position_embeddings", 4096),
-        hidden_act=_get(hf, "hidden_act", "silu"), tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=_token_ids(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"))
-
-
-def _token_ids(v):
-    return tuple(v) if isinstance(v, list) else v
-
-
-def _mixtral(hf: dict) -> dict:
-    n = _get(hf, "num_hidden_layers")
-    return dict(_common(hf), sliding_window=hf.get("sliding_window"),
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=(True,) * n,
-                num_experts=_get(hf, "num_local_experts"), num_experts_per_tok=_get(hf, "num_experts_per_tok"),
-                moe_intermediate_size=_get(hf, "intermediate_size"), norm_topk_prob=True)
-
-
-def _olmoe(hf: dict) -> dict:
-    n = _get(hf, "num_hidden_layers")
-    bias = bool(_get(hf, "attention_bias", False))
-    return dict(_common(hf), qkv_bias=bias, o_bias=bias, qk_norm=True, clip_qkv=hf.get("clip_qkv"),
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=(True,) * n,
-                num_experts=_get(hf, "num_experts"), num_experts_per_tok=_get(hf, "num_experts_per_tok"),
-                moe_intermediate_size=_get(hf, "intermediate_size"),
-                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
-
-
-def _qwen_sparse_layers(hf: dict, experts: int) -> tuple[bool, ...]:
-    """Qwen's MoE layers: every decoder_sparse_step-th layer, except those of mlp_only_layers."""
-    step = _get(hf, "decoder_sparse_step", 1)
-    mlp_only = set(_get(hf, "mlp_only_layers", []))
-    return tuple(i not in mlp_only and experts > 0 and (i + 1) % step == 0 for i in range(_get(hf, "num_hidden_layers")))
-
-
-def _qwen2_moe(hf: dict) -> dict:
-    if hf.get("use_sliding_window"):
-        raise ValueError("config.json: use_sliding_window=True (Qwen2-MoE per-layer sliding windows) is not "
-                         "supported yet; set it to false")
-    experts = _get(hf, "num_experts")
-    sparse = _qwen_sparse_layers(hf, experts)
-    return dict(_common(hf), qkv_bias=bool(_get(hf, "qkv_bias", True)),
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=sparse, num_experts=experts,
-                num_experts_per_tok=_get(hf, "num_experts_per_tok"),
-                moe_intermediate_size=_get(hf, "moe_intermediate_size"),
-                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)),
-                shared_expert_intermediate_size=_get(hf, "shared_expert_intermediate_size", 0),
-                shared_expert_gate=_get(hf, "shared_expert_intermediate_size", 0) > 0)
-
-
-def _deepseek_v2(hf: dict) -> dict:
-    n = _get(hf, "num_hidden_layers")
-    if _get(hf, "mlp_bias", False):
-        raise ValueError("config.json: mlp_bias=True is not supported for deepseek_v2")
-    experts = _get(hf, "n_routed_experts", 0) or 0
-    first_dense = _get(hf, "first_k_dense_replace", 0)
-    freq = _get(hf, "moe_layer_freq", 1)
-    sparse = tuple(experts > 0 and i >= first_dense and i % freq == 0 for i in range(n))
-    common = _common(hf)
-    common["rope"] = _rope(hf, interleaved=True)
-    bias = bool(_get(hf, "attention_bias", False))
-    return dict(common, qkv_bias=bias, o_bias=bias, q_lora_rank=hf.get("q_lora_rank"),
-                kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=_get(hf, "qk_nope_head_dim"),
-                qk_rope_head_dim=_get(hf, "qk_rope_head_dim"), v_head_dim=_get(hf, "v_head_dim"),
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=sparse, num_experts=experts,
-                num_experts_per_tok=_get(hf, "num_experts_per_tok", 0) or 0,
-                moe_intermediate_size=_get(hf, "moe_intermediate_size", 0),
-                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)),
-                topk_method=_get(hf, "topk_method", "greedy"), n_group=_get(hf, "n_group", 1),
-                topk_group=_get(hf, "topk_group", 1),
-                routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)),
-                shared_expert_intermediate_size=(_get(hf, "n_shared_experts", 0) or 0)
-                * _get(hf, "moe_intermediate_size", 0))
-
-
-def _qwen3_moe(hf: dict) -> dict:
-    # the Hub's configs say num_experts; transformers v5 writes the attribute it maps to, num_local_experts
-    experts = _get(hf, "num_experts") if hf.get("num_experts") is not None else _get(hf, "num_local_experts")
-    bias = bool(_get(hf, "attention_bias", False))
-    return dict(_common(hf), qkv_bias=bias, o_bias=bias, head_qk_norm=True,
-                sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=_qwen_sparse_layers(hf, experts),
-                num_experts=experts, num_experts_per_tok=_get(hf, "num_experts_per_tok"),
-                moe_intermediate_size=_get(hf, "moe_intermediate_size"),
-                norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)))
-
-
-def _granitemoe(hf: dict) -> dict:
-    bias = bool(_get(hf, "attention_bias", False))
-    shared = _get(hf, "shared_intermediate_size", 0) if hf.get("model_type") == "granitemoeshared" else 0
-    return dict(_common(hf), qkv_bias=bias, o_bias=bias, intermediate_size=_get(hf, "intermediate_size"),
-                moe_layers=(True,) * _get(hf, "num_hidden_layers"), num_experts=_get(hf, "num_local_experts"),
-                num_experts_per_tok=_get(hf, "num_experts_per_tok"), moe_intermediate_size=_get(hf, "intermediate_size"),
-                norm_topk_prob=True,  # softmax over the top-k logits: the top-k probabilities renormalised
-                shared_expert_intermediate_size=shared,
-                embedding_multiplier=float(_get(hf, "embedding_multiplier", 1.0)),
-                residual_multiplier=float(_get(hf, "residual_multiplier", 1.0)),
-                attention_multiplier=float(_get(hf, "attention_multiplier", 1.0)),
-                logits_scaling=float(_get(hf, "logits_scaling", 1.0)))
-
-
-def _ernie4_5_moe(hf: dict) -> dict:
-    hf = {"tie_word_embeddings": True, "rope_theta": 500000.0, **hf}  # Ernie4_5_MoeConfig's defaults
-    if _get(hf, "use_bias", False):
-        raise ValueError("config.json: use_bias=True (ERNIE-4.5 biases on every linear layer and the LM head) is "
-                         "not supported; supported: false")
-    n, experts, k = _get(hf, "num_hidden_layers"), _get(hf, "moe_num_experts"), _get(hf, "moe_k")
-    end = _get(hf, "moe_layer_end_index", -1)
-    end = n - 1 if end == -1 else end
-    start, interval = _get(hf, "moe_layer_start_index", 1), _get(hf, "moe_layer_interval", 1)
-    # the top-k weights are divided by max(their sum, moe_norm_min); the top-k softmax probabilities sum to
-    # at least k / E, so that is plain renormalisation unless moe_norm_min exceeds k / E
-    if _get(hf, "moe_norm_min", 1e-12) > k / experts:
-        raise ValueError(f"config.json: moe_norm_min={hf['moe_norm_min']!r} is not supported: above moe_k / "
-                         f"moe_num_experts = {k / experts} it clamps the renormalisation")
-    common = _common(hf)
-    common["rope"] = _rope(hf, interleaved=True)
-    return dict(common, intermediate_size=_get(hf, "intermediate_size"),
-                moe_layers=tuple((i + 1) % interval == 0 and start <= i <= end for i in range(n)),
-                num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=_get(hf, "moe_intermediate_size"),
-                norm_topk_prob=True, topk_method="noaux_tc",  # softmax scores, the choice biased; one group
-                shared_expert_intermediate_size=_get(hf, "moe_num_shared_experts", 0) * _get(hf, "moe_intermediate_size"))
-
-
-def _sigmoid_router(hf: dict, experts: int) -> dict:
-    """DeepSeek-V3's router as transformers computes it for deepseek_v3 and glm4_moe (noaux_tc, sigmoid
-    scores); a config.json naming another topk_method or scoring_func is refused, not silently recomputed."""
-    for key, value in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
-        if _get(hf, key, value) != value:
-            raise ValueError(f"config.json: {key}={hf[key]!r} is not supported for {hf.get('model_type')}; "
-                             f"supported: {value!r}")
-    shared = _get(hf, "n_shared_experts", 0) * _get(hf, "moe_intermediate_size", 0)
-    return dict(num_experts=experts, num_experts_per_tok=_get(hf, "num_experts_per_tok", 0) or 0,
-                moe_intermediate_size=_get(hf, "moe_intermediate_size", 0),
-                norm_topk_prob=bool(_get(hf, "norm_topk_prob", True)), scoring_func="sigmoid", topk_method="noaux_tc",
-                n_group=_get(hf, "n_group", 1), topk_group=_get(hf, "topk_group", 1),
-                routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)),
-                shared_expert_intermediate_size=shared, mtp_layers=_get(hf, "num_nextn_predict_layers", 0))
-
-
-def _dense_first(hf: dict, experts: int) -> tuple[bool, ...]:
-    """MoE layers from first_k_dense_replace on (DeepSeek-V3, GLM-4.5)."""
-    if _get(hf, "moe_layer_freq", 1) != 1:
-        raise ValueError(f"config.json: moe_layer_freq={hf['moe_layer_freq']!r} is not supported for "
-                         f"{hf.get('model_type')} (transformers makes every layer from first_k_dense_replace MoE); "
-                         "supported: 1")
-    first_dense = _get(hf, "first_k_dense_replace", 0)
-    return tuple(experts > 0 and i >= first_dense for i in range(_get(hf, "num_hidden_layers")))
-
-
-def _deepseek_v3(hf: dict) -> dict:
-    experts = _get(hf, "n_routed_experts", 0) or 0
-    common = _common(hf)
-    common["rope"] = _rope(hf, interleaved=bool(_get(hf, "rope_interleave", True)))
-    bias = bool(_get(hf, "attention_bias", False))
-    return dict(common, qkv_bias=bias, o_bias=bias, q_lora_rank=hf.get("q_lora_rank"),
-                kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=_get(hf, "qk_nope_head_dim"),
-                qk_rope_head_dim=_get(hf, "qk_rope_head_dim"), v_head_dim=_get(hf, "v_head_dim"),
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=_dense_first(hf, experts),
-                **_sigmoid_router(hf, experts))
-
-
-def _glm4_moe(hf: dict) -> dict:
-    experts = _get(hf, "n_routed_experts", 0) or 0
-    common = _common(hf)
-    # transformers v5 keeps partial_rotary_factor in rope_parameters; the Hub's configs at the top level
-    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", _get(hf, "partial_rotary_factor", 0.5))
-    return dict(common, qkv_bias=bool(_get(hf, "attention_bias", False)), head_qk_norm=bool(_get(hf, "use_qk_norm", False)),
-                rotary_dim=int(common["head_dim"] * factor), intermediate_size=_get(hf, "intermediate_size"),
-                moe_layers=_dense_first(hf, experts), **_sigmoid_router(hf, experts))
-
-
+# Reading Hugging Face config.json: the types of its keys here, one reader per family in moejax.families.
 # The types of the config.json keys the readers use (a string "4" or a "false" would compute silently wrong:
 # bool("false") is True). Keys that may be null are checked only when set.
 _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -411,7 +207,8 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group",
                   "topk_group", "n_shared_experts", "sliding_window", "bos_token_id", "pad_token_id",
                   "num_nextn_predict_layers", "shared_intermediate_size", "moe_num_experts", "moe_k",
-                  "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts")
+                  "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts",
+                  "max_window_layers")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
                  "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
@@ -438,16 +235,7 @@ def _check_json_types(hf: dict) -> None:
         bad("mlp_only_layers", "a list of layer indices")
 
 
-_READERS: dict[str, Callable[[dict], dict]] = {
-    "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2,
-    "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "granitemoe": _granitemoe,
-    "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe}
-SUPPORTED_MODEL_TYPES = frozenset(_READERS)
-SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
-                           "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
-                           "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
-                           "Glm4MoeForCausalLM": "glm4_moe", "GraniteMoeForCausalLM": "granitemoe",
-                           "GraniteMoeSharedForCausalLM": "granitemoeshared", "Ernie4_5_MoeForCausalLM": "ernie4_5_moe"}
+SUPPORTED_MODEL_TYPES = frozenset(READERS)
 
 
 def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
@@ -465,14 +253,15 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
         hf = {**hf, **{k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}}
     _check_json_types(hf)
     model_type = hf.get("model_type")
-    if model_type not in _READERS:
+    if model_type not in READERS:
         raise ValueError(f"config.json: unknown model_type {model_type!r}; supported model types: "
-                         f"{sorted(_READERS)}")
+                         f"{sorted(READERS)}")
     for arch in hf.get("architectures") or []:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"config.json: unsupported architecture {arch!r}; supported architectures: "
                              f"{sorted(SUPPORTED_ARCHITECTURES)}")
-    return ModelConfig(architecture=model_type, **_READERS[model_type](hf))
+    fields = READERS[model_type](hf)
+    return ModelConfig(architecture=model_type, **dict(fields, rope=RopeConfig(**fields["rope"])))
 
 
 # ---------------------------------------------------------------------------------------------------------

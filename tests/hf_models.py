@@ -73,12 +73,18 @@ VARIANTS = {
     "ernie4_5_moe-e6k3-interval2-noshared-untied": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
         moe_num_experts=6, moe_k=3, moe_intermediate_size=16, moe_num_shared_experts=0, moe_layer_start_index=0,
         moe_layer_interval=2, moe_layer_end_index=2, num_hidden_layers=4, tie_word_embeddings=False)),
+    "dots1-e8k2-groups-norm-dense-first-head_dim": ("Dots1Config", "Dots1ForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, moe_intermediate_size=16,
+        first_k_dense_replace=1, num_hidden_layers=3, norm_topk_prob=True, routed_scaling_factor=2.0, head_dim=12)),
+    "dots1-e6k3-nonorm-window-bias": ("Dots1Config", "Dots1ForCausalLM", dict(
+        n_routed_experts=6, num_experts_per_tok=3, n_shared_experts=2, moe_intermediate_size=16,
+        first_k_dense_replace=0, sliding_window=6, max_window_layers=0, attention_bias=True)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
 # modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
 # it moves the choice.
-_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig")
+_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config")
 
 
 def build(name: str, seed: int = 0, router_scale: float | None = None):
