@@ -8,23 +8,19 @@ from flax import nnx
 
 import moejax
 from moejax import parallel, placement
-from tests.tiny import tiny_config
+from tests.tiny import decisive_model, expert_mesh
 
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(3, 10)))  # 30 tokens: padded to 32
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2), seed=0)
-    for block in m.moe_blocks():
-        block.router[...] = block.router[...] * 10  # decisive, uneven routing
-    return m
+    return decisive_model()
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    assert len(jax.devices()) == 8
-    return parallel.make_mesh()
+    return expert_mesh()
 
 
 forward = nnx.jit(lambda m, t: m.forward(t))

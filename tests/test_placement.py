@@ -3,7 +3,6 @@ for real on the 8-device expert-parallel CPU mesh."""
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from flax import nnx
 import moejax
 from moejax import parallel, stats
 from moejax import placement as pl
-from tests.tiny import tiny_config
+from tests.tiny import decisive_model, expert_mesh
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,16 +197,12 @@ TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(3, 10)))  # 3
 
 @pytest.fixture(scope="module")
 def model():
-    m = moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2), seed=0)
-    for block in m.moe_blocks():
-        block.router[...] = block.router[...] * 10  # decisive, uneven routing
-    return m
+    return decisive_model()
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    assert len(jax.devices()) == 8
-    return parallel.make_mesh()
+    return expert_mesh()
 
 
 forward = nnx.jit(lambda m, t: m.forward(t))
