@@ -239,14 +239,15 @@ def _plan(model: CausalLM, names: set[str]) -> _Plan:
             _granite_moe(plan, layer, p)
         elif isinstance(layer.mlp, MoEBlock):
             moe = layer.mlp
-            mixtral = c.architecture == "mixtral"
+            mixtral = c.architecture in ("mixtral", "minimax_m2")  # block_sparse_moe, experts' w1 / w3 / w2
             prefix = f"{p}.block_sparse_moe" if mixtral and f"{p}.block_sparse_moe.gate.weight" in names else f"{p}.mlp"
             plan.copy(moe.router, f"{prefix}.gate.weight", transpose=True)
             if moe.score_bias is not None and c.architecture == "ernie4_5_moe":  # [1, E], beside the gate
                 bias = [(f"{prefix}.moe_statics.e_score_correction_bias", (1, c.num_experts))]
                 plan.items.append(PlanItem(moe.score_bias, bias, lambda b: b.reshape(-1), lambda b: [b.reshape(1, -1)]))
-            elif moe.score_bias is not None:
-                plan.copy(moe.score_bias, f"{prefix}.gate.e_score_correction_bias")
+            elif moe.score_bias is not None:  # on the gate, or on the block (MiniMax-M2)
+                on_block = c.architecture == "minimax_m2"
+                plan.copy(moe.score_bias, f"{prefix}.{'' if on_block else 'gate.'}e_score_correction_bias")
             _experts(plan, moe, prefix, names, mixtral)
             if moe.shared is not None:
                 shared = "shared_experts" if c.architecture in _SHARED_EXPERTS_PLURAL else "shared_expert"

@@ -208,7 +208,7 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "topk_group", "n_shared_experts", "sliding_window", "bos_token_id", "pad_token_id",
                   "num_nextn_predict_layers", "shared_intermediate_size", "moe_num_experts", "moe_k",
                   "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts",
-                  "max_window_layers")
+                  "max_window_layers", "rotary_dim")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
                  "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",

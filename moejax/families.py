@@ -231,13 +231,32 @@ def _dots1(hf: dict) -> dict:
                 **_sigmoid_router(hf, experts, norm_topk_prob=False))
 
 
+def _minimax_m2(hf: dict) -> dict:
+    """MiniMax-M2: q/k RMSNorm over the whole projection (as OLMoE), partial rotary, every layer MoE with a
+    sigmoid router whose choice adds e_score_correction_bias (one group), weights renormalised."""
+    hf = {"rope_theta": 5000000.0, "head_dim": 128, **hf}  # MiniMaxM2Config's defaults
+    if _get(hf, "qk_norm_type", "per_layer") != "per_layer":
+        raise ValueError(f"config.json: qk_norm_type={hf['qk_norm_type']!r} is not supported for minimax_m2; "
+                         "supported: 'per_layer'")
+    common = _common(hf)
+    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+    rotary_dim = int(common["head_dim"] * factor) if factor is not None else _get(hf, "rotary_dim", common["head_dim"])
+    experts = _get(hf, "num_local_experts") if hf.get("num_local_experts") is not None else _get(hf, "num_experts")
+    return dict(common, qk_norm=True, rotary_dim=rotary_dim, intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=(True,) * _get(hf, "num_hidden_layers"),
+                **_sigmoid_router({**hf, "moe_intermediate_size": _get(hf, "intermediate_size"), "n_shared_experts": 0,
+                                   "norm_topk_prob": True, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0},
+                                  experts))
+
+
 READERS: dict[str, Callable[[dict], dict]] = {
     "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2,
     "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "granitemoe": _granitemoe,
-    "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1}
+    "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1,
+    "minimax_m2": _minimax_m2}
 SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
                            "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                            "Glm4MoeForCausalLM": "glm4_moe", "GraniteMoeForCausalLM": "granitemoe",
                            "GraniteMoeSharedForCausalLM": "granitemoeshared", "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
-                           "Dots1ForCausalLM": "dots1"}
+                           "Dots1ForCausalLM": "dots1", "MiniMaxM2ForCausalLM": "minimax_m2"}

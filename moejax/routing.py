@@ -14,8 +14,8 @@ pairs by `scores` and nothing else, so the policy code is one path for every fam
 - softmax with a correction bias (ERNIE-4.5, noaux_tc with one group): the choice adds
   e_score_correction_bias to the probabilities, the weights are the unbiased probabilities renormalised;
   capacity-aware drop ranks by the unbiased probability, for the reasons below.
-- sigmoid with noaux_tc (DeepSeek-V3 / Moonlight, GLM-4.5, dots.llm1): the *unbiased* sigmoid score
-  sigmoid(logit). The choice adds the learned `e_score_correction_bias` (groups ranked by the sum of their
+- sigmoid with noaux_tc (DeepSeek-V3 / Moonlight, GLM-4.5, dots.llm1, MiniMax-M2 with one group): the
+  *unbiased* sigmoid score sigmoid(logit). The choice adds the learned `e_score_correction_bias` (groups ranked by the sum of their
   top-2 biased scores, then the top-k biased scores of the topk_group best groups), but the weights are the
   unbiased scores of the chosen experts. Capacity-aware drop ranks by the unbiased score because that is
   what a pair contributes to the output: the bias is a load-balancing offset, trained to even out expert

@@ -79,12 +79,17 @@ VARIANTS = {
     "dots1-e6k3-nonorm-window-bias": ("Dots1Config", "Dots1ForCausalLM", dict(
         n_routed_experts=6, num_experts_per_tok=3, n_shared_experts=2, moe_intermediate_size=16,
         first_k_dense_replace=0, sliding_window=6, max_window_layers=0, attention_bias=True)),
+    "minimax_m2-e8k2-partial-head_dim": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=2, head_dim=16, rotary_dim=8)),
+    "minimax_m2-e6k3-full-rotary-mqa-tied": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(
+        num_local_experts=6, num_experts_per_tok=3, head_dim=8, num_key_value_heads=1, tie_word_embeddings=True,
+        num_hidden_layers=3)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
 # modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
 # it moves the choice.
-_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config")
+_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config")
 
 
 def build(name: str, seed: int = 0, router_scale: float | None = None):

@@ -20,7 +20,8 @@ PROMPTS = [[5, 17, 3], [9, 41, 2, 77, 60, 11, 8]]
 # one variant per family, each with 8 experts (one per CPU device)
 FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "glm4_moe-e8k2-groups-partial-qknorm-bias-dense-first", "granitemoeshared-e8k3-shared-bias",
-            "ernie4_5_moe-e8k2-shared-start1", "dots1-e8k2-groups-norm-dense-first-head_dim"]
+            "ernie4_5_moe-e8k2-shared-start1", "dots1-e8k2-groups-norm-dense-first-head_dim",
+            "minimax_m2-e8k2-partial-head_dim"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
