@@ -1,0 +1,203 @@
+"""Greedy decode speed of moejax against transformers, and batch-1 decode against the memory roofline.
+
+Per model family and batch, measured side by side in one run (harness.interleaved_seconds times every call
+round robin, so a slow spell of this shared machine hits both sides alike):
+  * moejax.generate and transformers' generate (torch, eager, its default KV cache; in a helper process, see
+    TransformersSide) on the same checkpoint and
+    prompts, greedy, exactly `new_tokens` new tokens each (min_new_tokens on the transformers side, no stop
+    tokens on ours), and each again with one new token (the prefill and its token alone). A decode step's time
+    is the difference over new_tokens - 1 steps, so decode tokens/s = batch / step time; ratio = moejax step
+    time / transformers step time (target <= 0.8). End-to-end tokens/s (prefill included) are recorded too;
+  * the tokens-equal check: the fraction of new tokens on which the two agree (1.0 expected);
+  * the memory roofline at batch 1: the bytes one decode step must read (every weight but the embedding
+    table and the experts not chosen: top_k experts per MoE layer; one embedding row; the KV cache's filled
+    slots, on average over the steps), over the memory bandwidth measured in the same rounds (the faster of a
+    jitted copy, counting bytes read and written as STREAM does, and a jitted sum, counting bytes read, each of
+    an array of one token's bytes and of a larger one; this machine's L3 may hold a small model whole):
+    roofline tokens/s = bandwidth / bytes; fraction = decode tokens/s / roofline tokens/s (target >= 0.5), from
+    the medians of the rounds and, stricter on a shared machine, from the fastest round of each call.
+
+Needs the test extras (torch, transformers). Settings: configs/bench_decode.py; writes WORKDIR/results.json
+(one cell per model and batch; an interrupted run resumes).
+
+  python experiments/bench_decode.py --workdir=workdir/bench_decode
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import harness
+import moejax
+from bench_forward import hf_checkpoint, require_test_extras
+from moejax.models.attention import init_cache
+from moejax.results import Results
+
+
+def step_bytes(model, prompt_tokens: int, new_tokens: int) -> dict:
+    """The bytes one batch-1 decode step must read: {"weights", "kv_cache", "total"}."""
+    c = model.config
+    params = nnx.state(model, nnx.Param)
+    weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    for block in model.moe_blocks():  # only the chosen experts' weights
+        expert = sum(w.size * w.dtype.itemsize for w in block.expert_weights())
+        weights -= expert * (1 - c.num_experts_per_tok / c.num_experts)
+    table = model.embed_tokens[...]
+    if model.lm_head is not None:  # the table is read as the head when tied; else one row of it
+        weights -= table.size * table.dtype.itemsize * (1 - 1 / table.shape[0])
+    # a step after the prompt and s earlier new tokens attends to prompt + s + 1 slots; mean over the steps
+    mean_slots = prompt_tokens + new_tokens / 2
+    cache = init_cache(c, 1, 1, model.dtype)
+    per_slot = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache.layers))
+    kv = per_slot * mean_slots
+    return {"weights": int(weights), "kv_cache": int(kv), "total": int(weights + kv)}
+
+
+def bandwidth_calls(sizes: dict[str, int]) -> tuple[dict, dict]:
+    """({name: call}, {name: bytes moved per call}) of the bandwidth probes: a copy and a sum of a float32
+    array of each size in bytes."""
+    copy, total = jax.jit(lambda a: a + 1.0), jax.jit(jnp.sum)
+    calls, moved = {}, {}
+    for label, size in sizes.items():
+        x = jnp.arange(size // 4, dtype=jnp.float32)
+        calls[f"copy_{label}"], moved[f"copy_{label}"] = (lambda x=x: copy(x)), 2 * x.nbytes
+        calls[f"sum_{label}"], moved[f"sum_{label}"] = (lambda x=x: total(x)), x.nbytes
+    return calls, moved
+
+
+class TransformersSide:
+    """transformers' generate in a helper process, driven over a pipe: in one process, XLA:CPU's and torch's
+    thread pools spin while the other works and slow both several-fold on a 2-core machine (transformers
+    most). Each call blocks until the helper's generate is done, so round-robin timing works as in-process."""
+
+    def __init__(self, directory: str, threads: int = 0):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_transformers_helper, args=(directory, threads, child),
+                                       daemon=True)
+        self.process.start()
+        self.info = self.connection.recv()  # loaded: torch threads, experts implementation
+
+    def generate(self, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+        self.connection.send((prompt, new_tokens))
+        return self.connection.recv()
+
+    def close(self):
+        self.connection.send(None)
+        self.process.join()
+
+
+def _transformers_helper(directory: str, threads: int, connection) -> None:
+    import torch
+    import transformers
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    connection.send({"torch_threads": torch.get_num_threads(),
+                     "hf_experts_implementation": getattr(model.config, "_experts_implementation", None)})
+    while (request := connection.recv()) is not None:
+        prompt, new = request
+        prompt = torch.from_numpy(prompt.astype(np.int64))
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        connection.send(out[:, prompt.shape[1]:].numpy())
+
+
+def bench_cell(config, name: str, batch: int) -> dict:
+    shape = config.models[name]
+    p, n = config.prompt_tokens, config.new_tokens
+    prompt = np.random.default_rng(batch).integers(1, shape.vocab, size=(batch, p)).astype(np.int32)
+    with tempfile.TemporaryDirectory() as directory:
+        hf_checkpoint(directory, shape.family, vocab=shape.vocab, hidden=shape.hidden, ffn=shape.ffn,
+                      layers=shape.layers, experts=shape.experts, top_k=shape.top_k, heads=shape.heads,
+                      kv_heads=shape.kv_heads, max_positions=1024, router_scale=config.router_scale,
+                      eos_token_id=None, pad_token_id=0)
+        model = moejax.load_pretrained(directory)
+        hf = TransformersSide(directory, config.torch_threads)
+    try:
+        return timed_cell(config, name, batch, model, hf, prompt)
+    finally:
+        hf.close()
+
+
+def timed_cell(config, name: str, batch: int, model, hf: TransformersSide, prompt: np.ndarray) -> dict:
+    shape = config.models[name]
+    p, n = config.prompt_tokens, config.new_tokens
+
+    def ours(new):
+        return lambda: moejax.generate(model, prompt, new, stop_tokens=(), cache_size=p + n)
+
+    def theirs(new):
+        return lambda: hf.generate(prompt, new)
+
+    equal = float(np.mean(np.asarray(ours(n)()) == theirs(n)()))
+    need = step_bytes(model, p, n)  # the probes read an array of a token's bytes (as cached as the weights are)
+    probes, moved = bandwidth_calls({"token": need["total"], "large": config.copy_mib * 2**20})
+    calls = {"moejax": ours(n), "moejax_prefill": ours(1), "transformers": theirs(n), "transformers_prefill": theirs(1),
+             **probes}
+    rounds = harness.interleaved_seconds(calls, config.repeats)
+    times = {k: float(np.median(t)) for k, t in rounds.items()}
+    cell = {"model": name, "batch": batch, "shape": shape.to_dict(), "tokens_equal": equal,
+            **hf.info, "transformers_in": "a helper process (see TransformersSide)",
+            "seconds": times, "min_seconds": {k: float(np.min(t)) for k, t in rounds.items()}}
+    best = cell["min_seconds"]
+    step = {(side, of): max(t[side] - t[f"{side}_prefill"], 1e-9) / (n - 1)
+            for side in ("moejax", "transformers") for of, t in (("median", times), ("best", best))}
+    for side in ("moejax", "transformers"):
+        cell[side] = {"step_ms": step[side, "median"] * 1e3, "decode_tokens_per_s": batch / step[side, "median"],
+                      "end_to_end_tokens_per_s": batch * n / times[side],
+                      "best_step_ms": step[side, "best"] * 1e3}
+    cell["ratio_moejax_over_transformers"] = cell["moejax"]["step_ms"] / cell["transformers"]["step_ms"]
+    cell["bandwidth_gb_s"] = {k: moved[k] / times[k] / 1e9 for k in probes}
+    cell["best_bandwidth_gb_s"] = {k: moved[k] / best[k] / 1e9 for k in probes}
+    if batch == 1:
+        # "fraction": medians of the decode and the probes; "best_fraction": the fastest round of each, the
+        # machine at its least loaded (the stricter roofline on a shared machine)
+        roofline = max(cell["bandwidth_gb_s"].values()) * 1e9 / need["total"]
+        best_roofline = max(cell["best_bandwidth_gb_s"].values()) * 1e9 / need["total"]
+        cell["roofline"] = {"bytes_per_token": need, "tokens_per_s": roofline,
+                            "fraction": cell["moejax"]["decode_tokens_per_s"] / roofline,
+                            "best_tokens_per_s": best_roofline,
+                            "best_fraction": 1e3 / cell["moejax"]["best_step_ms"] / best_roofline}
+    return cell
+
+
+def describe(cell: dict) -> str:
+    ours, theirs = cell["moejax"], cell["transformers"]
+    line = (f"{cell['model']:>8} batch {cell['batch']:>2}: moejax {ours['decode_tokens_per_s']:7.1f} tok/s "
+            f"({ours['step_ms']:.2f} ms/step)  transformers {theirs['decode_tokens_per_s']:7.1f} tok/s "
+            f"({theirs['step_ms']:.2f} ms/step)  ratio {cell['ratio_moejax_over_transformers']:.2f} (target <= 0.8)  "
+            f"tokens equal {cell['tokens_equal']:.3f}")
+    if "roofline" in cell:
+        r = cell["roofline"]
+        line += (f"\n{'':>8}          roofline: {r['bytes_per_token']['total'] / 1e6:.1f} MB/token at "
+                 f"{max(cell['bandwidth_gb_s'].values()):.1f} GB/s -> {r['tokens_per_s']:.0f} tok/s; moejax at "
+                 f"{r['fraction']:.2f} of it (target >= 0.5); best rounds: {r['best_fraction']:.2f} of "
+                 f"{r['best_tokens_per_s']:.0f} tok/s")
+    return line
+
+
+def main(config, workdir):
+    require_test_extras("bench_decode")
+    results = Results(workdir, settings=config.to_dict())
+    results.data.update(harness.header())
+    print(f"machine: {harness.describe(results.data['machine'])}")
+    print(f"{config.prompt_tokens} prompt tokens, {config.new_tokens} new tokens, greedy")
+    keys = [{"model": name, "batch": b} for name in config.models for b in config.batches]
+    harness.sweep(results, keys, lambda key: bench_cell(config, key["model"], key["batch"]), describe, "decode cells")
+    for cell in results.cells:
+        print(describe(cell))
+    print(f"Wrote {results.path}")
+
+
+if __name__ == "__main__":
+    harness.run(main, workdir="workdir/bench_decode")
