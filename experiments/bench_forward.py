@@ -2,7 +2,8 @@
 
 Measured side by side in one run (these machines are noisy, so only the ratios mean much; harness.interleaved_
 seconds times the two sides of each ratio round robin):
-  * prefill: moejax (jitted) and transformers (torch, eager) on the same Mixtral-family checkpoint and tokens;
+  * prefill: moejax (jitted) and transformers (torch, eager) on the same checkpoint (Mixtral or OLMoE family,
+    configs/bench_forward.py's variants) and tokens;
     ratio = moejax time / transformers time (target <= 1.0);
   * MoE-layer efficiency: time of a dense SwiGLU FFN doing the same useful FLOPs (T*k rows through one
     expert-sized FFN) / time of moejax's whole MoE block (route, dispatch, experts, combine), for balanced
@@ -36,25 +37,56 @@ def timed(calls: dict, repeats: int) -> dict[str, dict]:
             for name, t in times.items()}
 
 
-def mixtral_checkpoint(directory: str, c):
+def hf_checkpoint(directory: str, family: str, *, vocab: int, hidden: int, ffn: int, layers: int, experts: int,
+                  top_k: int, max_positions: int, heads: int = 8, kv_heads: int = 4, router_scale: float = 1.0,
+                  **config):
+    """A random transformers model of `family` ("mixtral", "olmoe") and shape, its routers' weights times
+    router_scale (a scaled-up router chooses by wide margins, which float rounding cannot flip), saved to
+    `directory`. `config`: further fields of the transformers config."""
     import torch
     import transformers
 
-    config = transformers.MixtralConfig(
-        vocab_size=c.vocab, hidden_size=c.hidden, intermediate_size=c.ffn, num_hidden_layers=c.layers,
-        num_attention_heads=8, num_key_value_heads=4, num_local_experts=c.experts, num_experts_per_tok=c.top_k,
-        max_position_embeddings=4 * c.tokens)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts_per_tok=top_k,
+                  max_position_embeddings=max_positions, **config)
+    if family == "mixtral":
+        config, model_class = transformers.MixtralConfig(num_local_experts=experts, **common), "MixtralForCausalLM"
+    elif family == "olmoe":
+        config, model_class = transformers.OlmoeConfig(num_experts=experts, **common), "OlmoeForCausalLM"
+    else:
+        raise ValueError(f"unknown model family {family!r} (mixtral, olmoe)")
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = getattr(transformers, model_class)(config).eval()
+    if router_scale != 1.0:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                    p.mul_(router_scale)
     model.save_pretrained(directory)
     return model
+
+
+def require_test_extras(script: str) -> None:
+    """A UsageError naming what to install where torch or transformers (the comparisons' other side) is missing."""
+    from absl import app
+
+    try:
+        import torch  # noqa: F401  (harness.machine records its version)
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise app.UsageError(f"{script} compares against transformers and needs the test extras ({e}): "
+                             "pip install -e '.[test]' (./launch.sh test and ./launch.sh bench_forward install "
+                             "them)") from None
 
 
 def bench_prefill(c) -> dict:
     import torch
 
+    if c.torch_threads > 0:
+        torch.set_num_threads(c.torch_threads)
     with tempfile.TemporaryDirectory() as directory:
-        hf = mixtral_checkpoint(directory, c)
+        hf = hf_checkpoint(directory, c.family, vocab=c.vocab, hidden=c.hidden, ffn=c.ffn, layers=c.layers,
+                           experts=c.experts, top_k=c.top_k, max_positions=4 * c.tokens)
         model = moejax.load_pretrained(directory)
     tokens = np.random.default_rng(0).integers(0, c.vocab, size=(1, c.tokens))
 
@@ -122,18 +154,11 @@ def bench_moe_layer(c) -> dict:
 
 
 def main(config, workdir):
-    from absl import app
-
-    try:
-        import torch  # noqa: F401  (the comparison's other side; harness.machine records its version)
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise app.UsageError(f"bench_forward compares against transformers and needs the test extras ({e}): run it "
-                             "as ./launch.sh bench_forward, or pip install -e '.[test]'") from None
+    require_test_extras("bench_forward")
     results = Results(workdir)
     results.data.update(harness.header(), config=config.to_dict())
     print(f"machine: {harness.describe(results.data['machine'])}")
-    print(f"shape: {config.tokens} tokens, hidden {config.hidden}, ffn {config.ffn}, {config.experts} experts, "
+    print(f"shape: {config.family} family, {config.tokens} tokens, hidden {config.hidden}, ffn {config.ffn}, {config.experts} experts, "
           f"top-{config.top_k}, {config.layers} layers, vocab {config.vocab}")
     prefill = results.data["prefill"] = bench_prefill(config)
     results.save()
