@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import placement as placement_lib
 from moejax.layout import Layout
 from moejax.routing import Routing
 
@@ -88,10 +89,17 @@ class MoEPolicy:
             raise ValueError(f"MoEPolicy: unknown expanded mode {self.expanded!r}; supported: {EXPANDED}")
         if self.scope not in SCOPES:
             raise ValueError(f"MoEPolicy: unknown capacity scope {self.scope!r}; supported: {SCOPES}")
+        if self.num_devices is not None and (isinstance(self.num_devices, bool) or not isinstance(
+                self.num_devices, (int, np.integer)) or self.num_devices < 1):
+            raise ValueError(f"MoEPolicy: num_devices={self.num_devices!r} must be an integer >= 1 (or None)")
         if self.placement is not None:
-            object.__setattr__(self, "placement", tuple(int(d) for d in self.placement))
-            if self.num_devices is None:
-                object.__setattr__(self, "num_devices", max(self.placement) + 1)
+            ids = np.asarray(self.placement)
+            if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":  # device ids as given, never rounded
+                raise ValueError(f"MoEPolicy: placement must be a non-empty sequence of int device ids; got "
+                                 f"{self.placement!r}")
+            num_devices = self.num_devices if self.num_devices is not None else int(ids.max()) + 1
+            object.__setattr__(self, "placement", tuple(int(d) for d in placement_lib.check(ids, num_devices)))
+            object.__setattr__(self, "num_devices", num_devices)
         if (self.expanded is not None or self.scope == "device") and self.capacity_factor is None:
             raise ValueError(f"MoEPolicy: expanded={self.expanded!r}, scope={self.scope!r} needs a capacity_factor")
 

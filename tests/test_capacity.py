@@ -287,6 +287,8 @@ def test_capacity_applies_in_decode_unless_switched_off(model):
     (dict(capacity_factor=1.0, scope="node"), "unknown capacity scope 'node'"),
     (dict(capacity_factor=1.0, expanded="nearby"), "unknown expanded mode 'nearby'"),
     (dict(expanded="global"), "needs a capacity_factor"),
+    (dict(capacity_factor=1.0, expanded="local", placement=(0.0, 1.0, 0.0, 1.0)), r"placement must be .*int device ids"),
+    (dict(capacity_factor=1.0, expanded="local", num_devices=2.5), "num_devices=2.5 must be an integer"),
 ])
 def test_bad_policies(kwargs, match):
     with pytest.raises(ValueError, match=match):
