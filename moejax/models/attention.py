@@ -85,7 +85,9 @@ def attention_context(token_mask: jax.Array, positions: jax.Array | None, cache:
     return AttentionContext(cos, sin, allowed, token_mask, index, key_mask, key_positions)
 
 
-_BLOCK = 128  # prefill attention's query and key block (see tiled_attention)
+# prefill attention's query and key block (see tiled_attention): 128, 256 and 128 x 512 were level within this
+# 2-core CPU's noise in a whole prefill (experiments/results/bench_forward_cpu.md); 256 had the best rounds
+_BLOCK = 256
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
