@@ -41,7 +41,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV=${MOEJAX_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 # experiments that import torch / transformers (a comparison against the reference implementation)
-TEST_EXTRA_EXPERIMENTS=(bench_forward)
+TEST_EXTRA_EXPERIMENTS=(bench_forward bench_decode)
 
 # setup [EXTRA]: install moejax (with pyproject.toml's optional dependencies EXTRA, e.g. "test") into $VENV
 # unless the stamp says this pyproject.toml is installed there with at least that extra. The stamp is one line,
