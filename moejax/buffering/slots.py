@@ -238,17 +238,24 @@ class Buffered:
             tick = book.tick + 1
             book = book._replace(tick=tick, stats=_bump(book.stats, "requests"))
             hit = book.slot_of[e] >= 0
-            # both outcomes' bookkeeping (small arrays), then one chosen: no branch carries the slots, which
-            # a conditional would copy whole on every request
-            hit_slot = jnp.maximum(book.slot_of[e], 0)
-            on_hit = book._replace(stats=_bump(_bump(book.stats, "hits"), "prefetch_hits",
-                                               book.unused_prefetch[hit_slot]),
-                                   unused_prefetch=book.unused_prefetch.at[hit_slot].set(False))
-            protected = jnp.zeros((num_experts,), bool).at[e].set(True)
-            on_miss, miss_slot = self._place(book._replace(stats=_bump(book.stats, "misses")), e, protected, active)
-            on_miss = on_miss._replace(uses=on_miss.uses.at[miss_slot].set(0))
-            book = jax.tree.map(lambda a, b: jnp.where(hit, a, b), on_hit, on_miss)
-            slot = jnp.where(hit, hit_slot, miss_slot)
+            # the outcome's bookkeeping in a conditional over the small arrays only (a branch carrying the
+            # slots would copy them whole on every request); the belady tables stay outside it
+            tables = (book.future_at, book.future_next)
+            light = book._replace(future_at=(), future_next=())
+
+            def on_hit(light):
+                slot = light.slot_of[e]
+                stats = _bump(_bump(light.stats, "hits"), "prefetch_hits", light.unused_prefetch[slot])
+                return light._replace(stats=stats, unused_prefetch=light.unused_prefetch.at[slot].set(False)), slot
+
+            def on_miss(light):
+                full = light._replace(stats=_bump(light.stats, "misses"), future_at=tables[0], future_next=tables[1])
+                protected = jnp.zeros((num_experts,), bool).at[e].set(True)
+                full, slot = self._place(full, e, protected, active)
+                return full._replace(uses=full.uses.at[slot].set(0), future_at=(), future_next=()), slot
+
+            light, slot = jax.lax.cond(hit, on_hit, on_miss, light)
+            book = light._replace(future_at=tables[0], future_next=tables[1])
             book = book._replace(last_used=book.last_used.at[slot].set(tick), uses=book.uses.at[slot].add(1),
                                  position=book.position + 1)
             # the copy happens on a miss only; the slot write is one expert's rows in place
