@@ -11,11 +11,13 @@ name, so adding or removing files elsewhere never moves a document between train
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
 import os
 import sysconfig
+import textwrap
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -114,13 +116,62 @@ def split_of(name: str, validation_fraction: float, test_fraction: float) -> str
 def split_documents(documents: Iterable[Document], validation_fraction: float = 0.05,
                     test_fraction: float = 0.05) -> dict[str, list[Document]]:
     """{"train", "validation", "test"} -> documents, split by document name (see split_of)."""
+    return _split(documents, lambda d: d.name, validation_fraction, test_fraction)
+
+
+def _split(items, document_name, validation_fraction: float, test_fraction: float) -> dict[str, list]:
     if not (0 <= validation_fraction and 0 <= test_fraction and validation_fraction + test_fraction < 1):
         raise ValueError(f"validation_fraction={validation_fraction} and test_fraction={test_fraction} must be "
                          "non-negative and sum to less than 1")
     splits = {s: [] for s in SPLITS}
-    for d in documents:
-        splits[split_of(d.name, validation_fraction, test_fraction)].append(d)
+    for item in items:
+        splits[split_of(document_name(item), validation_fraction, test_fraction)].append(item)
     return splits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A sequence-to-sequence task from the same text: code -> its docstring's summary (code summarisation, the
+# encoder-decoder workload moejax trains its default MT model on). Pairs keep their document's name, so the
+# same split_of puts a whole file's functions in one split: held-out pairs come from held-out files.
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    name: str  # "document:line" of the function
+    source: str  # the function's code, its docstring removed
+    target: str  # the docstring's first paragraph, whitespace collapsed
+
+
+def function_pairs(documents: Iterable[Document], min_target_chars: int = 10) -> list[Pair]:
+    """(code, summary) for every function or method with a docstring and a body besides it, in document
+    order. A document that does not parse as Python contributes nothing (the stdlib has a few such files)."""
+    pairs = []
+    for d in documents:
+        try:
+            tree = ast.parse(d.text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = d.text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+                continue
+            doc = ast.get_docstring(node)
+            summary = " ".join(doc.strip().split("\n\n")[0].split()) if doc else ""
+            if len(summary) < min_target_chars:
+                continue
+            # the signature (decorators excluded) and the body after the docstring, each dedented on its own
+            head = "".join(lines[node.lineno - 1:node.body[0].lineno - 1])
+            body = "".join(lines[node.body[1].lineno - 1:node.end_lineno])
+            code = textwrap.dedent(head) + textwrap.indent(textwrap.dedent(body), "    ")
+            pairs.append(Pair(f"{d.name}:{node.lineno}", code.rstrip() + "\n", summary))
+    return pairs
+
+
+def split_pairs(pairs: Iterable[Pair], validation_fraction: float = 0.05,
+                test_fraction: float = 0.05) -> dict[str, list[Pair]]:
+    """{"train", "validation", "test"} -> pairs, by their document (split_of of the name before ':'), so
+    a pair lands where split_documents puts its document."""
+    return _split(pairs, lambda p: p.name.rsplit(":", 1)[0], validation_fraction, test_fraction)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import math
+import textwrap
 
 import numpy as np
 import pytest
@@ -108,3 +109,40 @@ def test_unigram_perplexity_against_brute_force():
     sequences = [[1, 2, 4], [3, 1]]
     expected = math.exp(-(math.log(3 / 11) + math.log(1 / 11) + math.log(4 / 11)) / 3)
     assert math.isclose(data.unigram_perplexity(log_probs, sequences), expected, rel_tol=1e-12)
+
+
+def test_function_pairs_take_code_without_docstring_and_the_summary():
+    source = textwrap.dedent('''
+        import os
+
+        class Path:
+            @property
+            def absolute(self, strict=False):
+                """Return the path made
+                absolute.
+
+                Details that are not the summary.
+                """
+                return os.path.abspath(self.name)
+
+        def short():
+            """Too short."""
+            return 1
+
+        def only_docstring():
+            """Has no body besides its docstring."""
+        ''')
+    pairs = data.function_pairs([data.Document("pkg/path.py", source),
+                                 data.Document("broken.py", "def f(:\n")], min_target_chars=12)
+    assert pairs == [data.Pair("pkg/path.py:6", "def absolute(self, strict=False):\n"
+                               "    return os.path.abspath(self.name)\n", "Return the path made absolute.")]
+
+
+def test_pairs_split_with_their_document():
+    documents = data.load_documents("stdlib")
+    pairs = data.function_pairs(documents)
+    assert len(pairs) > 1000
+    by_document = {d.name: s for s, ds in data.split_documents(documents).items() for d in ds}
+    for split, members in data.split_pairs(pairs).items():
+        assert members, split
+        assert all(by_document[p.name.rsplit(":", 1)[0]] == split for p in members)
