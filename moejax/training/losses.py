@@ -64,6 +64,13 @@ def router_z_loss(router_logits: jax.Array, token_mask: jax.Array) -> jax.Array:
     return (z * z * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
+def lm_loss(model: CausalLM, batch: tuple, weights: LossWeights) -> LossTerms:
+    """The Trainer's loss of a language model: batch = (tokens [B, T+1],) or (tokens, token_mask)."""
+    tokens = batch[0].astype(jnp.int32)
+    mask = batch[1].astype(bool) if len(batch) > 1 else jnp.ones(tokens.shape, bool)
+    return loss_terms(model, tokens, mask, weights)
+
+
 def loss_terms(model: CausalLM, tokens: jax.Array, token_mask: jax.Array, weights: LossWeights) -> LossTerms:
     """Next-token cross-entropy of tokens [B, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:]) plus the
     weighted router auxiliaries; positions whose input or target is padding are excluded. The experts step

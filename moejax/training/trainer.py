@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax.experts import Resident
 from moejax.models import with_experts
-from moejax.models.transformer import CausalLM
-from moejax.training.losses import LossTerms, LossWeights, for_training, loss_terms
+from moejax.training.losses import LossTerms, LossWeights, for_training, lm_loss
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.1,
@@ -50,8 +49,9 @@ class Trainer:
     step (module docstring).
     """
 
-    def __init__(self, model: CausalLM, optimizer: optax.GradientTransformation, weights: LossWeights,
-                 mesh: jax.sharding.Mesh, compute_dtype: str = "float32", capacity_factor: float = 2.0):
+    def __init__(self, model, optimizer: optax.GradientTransformation, weights: LossWeights,
+                 mesh: jax.sharding.Mesh, compute_dtype: str = "float32", capacity_factor: float = 2.0,
+                 loss: Callable = lm_loss):
         self.graphdef, params = nnx.split(for_training(model, capacity_factor))
         self.optimizer = optimizer
         self.mesh = mesh
@@ -60,19 +60,19 @@ class Trainer:
         compute = jnp.dtype(compute_dtype)
         graphdef = self.graphdef
 
-        def loss_fn(params, tokens, mask):
+        def loss_fn(params, batch):
             cast = jax.tree.map(lambda p: p.astype(compute) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-            terms = loss_terms(nnx.merge(graphdef, cast), tokens, mask, weights)
+            terms = loss(nnx.merge(graphdef, cast), batch, weights)
             return terms.total, terms
 
-        def step(state: TrainState, tokens, mask):
-            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens, mask)
+        def step(state: TrainState, batch):
+            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             return TrainState(params, opt_state, state.step + 1), terms
 
-        def evaluate(params, tokens, mask):
-            return loss_fn(params, tokens, mask)[1]
+        def evaluate(params, batch):
+            return loss_fn(params, batch)[1]
 
         self._step = jax.jit(step, donate_argnums=0)
         self._evaluate = jax.jit(evaluate)
@@ -84,22 +84,23 @@ class Trainer:
         opt_state = jax.device_put(self.optimizer.init(params), self.replicated)
         return TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), self.replicated))
 
-    def _shard(self, tokens: np.ndarray, mask: np.ndarray | None):
-        tokens = np.asarray(tokens, np.int32)
-        if tokens.shape[0] % self.mesh.size:
-            raise ValueError(f"batch size {tokens.shape[0]} must be a multiple of the {self.mesh.size} devices "
-                             "of the data axis")
-        mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
-        return jax.device_put(tokens, self.batch_sharding), jax.device_put(mask, self.batch_sharding)
+    def _shard(self, batch: tuple) -> tuple:
+        batch = tuple(np.asarray(a) for a in batch)
+        for a in batch:
+            if a.shape[0] % self.mesh.size:
+                raise ValueError(f"batch size {a.shape[0]} must be a multiple of the {self.mesh.size} devices "
+                                 "of the data axis")
+        return tuple(jax.device_put(a, self.batch_sharding) for a in batch)
 
-    def step(self, state: TrainState, tokens: np.ndarray, mask: np.ndarray | None = None):
-        """One optimizer step on tokens int [B, T+1] -> (new state, LossTerms of the step's input state)."""
-        return self._step(state, *self._shard(tokens, mask))
+    def step(self, state: TrainState, *batch: np.ndarray):
+        """One optimizer step on the loss's batch (the language model's: tokens int [B, T+1] and optionally
+        their mask) -> (new state, LossTerms of the step's input state)."""
+        return self._step(state, self._shard(batch))
 
-    def evaluate(self, state: TrainState, tokens: np.ndarray, mask: np.ndarray | None = None) -> LossTerms:
-        return self._evaluate(state.params, *self._shard(tokens, mask))
+    def evaluate(self, state: TrainState, *batch: np.ndarray) -> LossTerms:
+        return self._evaluate(state.params, self._shard(batch))
 
-    def model(self, state: TrainState) -> CausalLM:
+    def model(self, state: TrainState):
         """The trained model for inference (default experts implementation again), on the host."""
         return with_experts(nnx.merge(self.graphdef, jax.device_get(state.params)), Resident())
 
