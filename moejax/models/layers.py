@@ -1,4 +1,4 @@
-"""The small parameter-holding modules every layer uses: Dense, RMSNorm, the gated MLP."""
+"""The small parameter-holding modules every layer uses: Dense, RMSNorm, LayerNorm, the gated MLP."""
 
 from __future__ import annotations
 
@@ -37,6 +37,25 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return self.weight[...] * xf.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * weight (+ bias), computed in
+    float32 (NLLB-MoE, Phi-3.5-MoE)."""
+
+    def __init__(self, dim: int, eps: float, *, bias: bool = True, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if bias else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        y = y * self.weight[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
 
 
 class MLP(nnx.Module):
