@@ -24,3 +24,40 @@ def test_layer_norm_equals_torch_layer_norm(bias):
     else:
         assert norm.bias is None
     np.testing.assert_allclose(np.asarray(norm(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def _biased_case(seed, b=2, t=21, s=21, h=4, hkv=2, d=8):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k = rng.normal(size=(b, s, hkv, d)).astype(np.float32)
+    v = rng.normal(size=(b, s, hkv, d)).astype(np.float32)
+    bias = rng.normal(size=(1, h, t, s)).astype(np.float32) * 3
+    allowed = np.tril(np.ones((t, s), bool))[None].repeat(b, 0)
+    allowed[1, :, :4] = False  # row 1's first keys are padding
+    allowed[1, :4] = False
+    return q, k, v, bias, allowed
+
+
+def _numpy_attention(q, k, v, bias, allowed, scale):
+    """softmax(q k^T * scale + bias, masked) v, head by head (kv head = head // group)."""
+    b, t, h, _ = q.shape
+    group = h // k.shape[2]
+    out = np.zeros(q.shape[:3] + (v.shape[-1],), np.float64)
+    for head in range(h):
+        logits = np.einsum("btd,bsd->bts", q[:, :, head], k[:, :, head // group]) * scale + bias[:, head]
+        logits = np.where(allowed, logits, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        out[:, :, head] = np.einsum("bts,bsd->btd", probs / probs.sum(-1, keepdims=True), v[:, :, head // group])
+    return out
+
+
+def test_attention_bias_is_added_to_the_scaled_logits_in_every_implementation():
+    from moejax.models import attention
+
+    q, k, v, bias, allowed = _biased_case(0)
+    expected = _numpy_attention(q, k, v, bias, allowed, 0.5)
+    seen = allowed.any(-1)
+    for out in (attention.reference_attention(q, k, v, allowed, 0.5, bias),
+                attention.tiled_attention(q, k, v, allowed, 0.5, 0, 8, bias=bias),
+                attention.fused_attention(q, k, v, allowed, 0.5, "xla", bias)):
+        np.testing.assert_allclose(np.asarray(out)[seen], expected[seen], rtol=1e-5, atol=1e-5)

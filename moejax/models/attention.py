@@ -91,8 +91,9 @@ _BLOCK = 256
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
-           query_offset: int | None = None) -> jax.Array:
+           query_offset: int | None = None, bias: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], allowed bool [B,T,S] -> [B,T,H*Dv].
+    bias: float32 [B or 1, H, T, S] added to the scaled logits (T5's relative positions), or None.
 
     The one place that picks how: where the slot of the first query is known statically (`query_offset`:
     prefill) and T spans more than a block: `jax.nn.dot_product_attention` on a GPU (cuDNN; 2-byte floats)
@@ -103,18 +104,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: 
     how = attention_implementation(jax.default_backend(), q.dtype, q.shape[-1] == v.shape[-1],
                                    query_offset is not None and t > _BLOCK)
     if how == "tiled":
-        out = tiled_attention(q, k, v, allowed, scale, query_offset)
+        out = tiled_attention(q, k, v, allowed, scale, query_offset, bias=bias)
     elif how == "reference":
-        out = reference_attention(q, k, v, allowed, scale)
+        out = reference_attention(q, k, v, allowed, scale, bias)
     else:
-        out = fused_attention(q, k, v, allowed, scale, how)
+        out = fused_attention(q, k, v, allowed, scale, how, bias)
     return out.reshape(b, t, h * v.shape[-1]).astype(v.dtype)
 
 
-def fused_attention(q, k, v, allowed, scale, implementation: str):
+def fused_attention(q, k, v, allowed, scale, implementation: str, bias=None):
     """jax.nn.dot_product_attention with `implementation` "cudnn" or "xla" (XLA's own, fused on a TPU):
     reference_attention's semantics for every query allowed at least one key. -> [B,T,H,Dv]."""
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale,
+    bias = None if bias is None else bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed[:, None], scale=scale,
                                         implementation=None if implementation == "xla" else implementation)
 
 
@@ -137,6 +139,12 @@ def _grouped(q, k, v, scale):
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
+def _grouped_bias(bias, hkv: int):
+    """[B or 1, H, T, S] -> [B or 1, Hkv, G, T, S], the layout of _grouped's logits."""
+    b, h, t, s = bias.shape
+    return bias.astype(jnp.float32).reshape(b, hkv, h // hkv, t, s)
+
+
 def _ungrouped(out):
     """[B,Hkv,G,T,Dv] -> [B,T,H,Dv]."""
     b, hkv, g, t, dv = out.shape
@@ -146,18 +154,20 @@ def _ungrouped(out):
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def reference_attention(q, k, v, allowed, scale):
+def reference_attention(q, k, v, allowed, scale, bias=None):
     """Softmax attention over every key slot: q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv] f32.
     A query allowed no key gets the mean of every value (all its logits are equal)."""
     q, k, v = _grouped(q, k, v, scale)
     logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + _grouped_bias(bias, k.shape[1])
     logits = jnp.where(allowed[:, None, None], logits, _MASKED)
     probs = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
     out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return _ungrouped(out / probs.sum(axis=-1, keepdims=True))  # normalise [T, Dv], not [T, S]
 
 
-def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BLOCK):
+def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BLOCK, bias=None):
     """reference_attention in blocks of `block` queries x `block` keys (flash-attention style): each query
     block visits only the key blocks at or before its last slot (query i sits at slot query_offset + i;
     later slots are never allowed, causal by slot), with an online softmax (running max and sum), so no
@@ -165,6 +175,7 @@ def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BL
     masks inside every visited block (padding, sliding windows). -> [B,T,H,Dv] f32."""
     q, k, v = _grouped(q, k, v, scale)
     t, s = q.shape[3], k.shape[2]
+    bias = None if bias is None else _grouped_bias(bias, k.shape[1])
     outs = []
     for q0 in range(0, t, block):
         q1 = min(t, q0 + block)
@@ -175,6 +186,8 @@ def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BL
         for k0 in range(0, min(s, query_offset + q1), block):
             k1 = min(s, k0 + block, query_offset + q1)
             logits = jnp.einsum("bkgtd,bksd->bkgts", qb, k[:, :, k0:k1], preferred_element_type=jnp.float32)
+            if bias is not None:
+                logits = logits + bias[..., q0:q1, k0:k1]
             logits = jnp.where(allowed[:, None, None, q0:q1, k0:k1], logits, _MASKED)
             new_peak = jnp.maximum(peak, logits.max(axis=-1, keepdims=True))
             probs = jnp.exp(logits - new_peak)
