@@ -45,7 +45,7 @@ def step_bytes(model, prompt_tokens: int, new_tokens: int) -> dict:
     params = nnx.state(model, nnx.Param)
     weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
     for block in model.moe_blocks():  # only the chosen experts' weights
-        expert = sum(w.size * w.dtype.itemsize for w in block.expert_weights())
+        expert = sum(w.size * w.dtype.itemsize for w in jax.tree.leaves(block.expert_weights()))
         weights -= expert * (1 - c.num_experts_per_tok / c.num_experts)
     table = model.embed_tokens[...]
     if model.lm_head is not None:  # the table is read as the head when tied; else one row of it

@@ -3,7 +3,10 @@
 from moejax.kernels.grouped_matmul import (
     ACTIVATIONS,
     IMPLEMENTATIONS,
+    Activation,
     CapacityBuffers,
+    ClampedSwiGLU,
+    ExpertWeights,
     Implementation,
     ImplementationLike,
     MosaicGpu,

@@ -1,5 +1,6 @@
-"""What every grouped-matmul backend shares: the activations, the input checks, the row bookkeeping of the
-sorted layout, and the Implementation base class the API dispatches over.
+"""What every grouped-matmul backend shares: the experts' weights (ExpertWeights) and activations, the FFN
+math, the input checks, the row bookkeeping of the sorted layout, and the Implementation base class the API
+dispatches over.
 
 Layout: x [N, d] holds the rows of group 0, then group 1, ...; group_sizes int [E]; rows past
 sum(group_sizes) are padding. `capacity` (optional) means only the first min(count, capacity) rows of each
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +24,114 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
+@dataclasses.dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's gated activation of (gate, up): the gate clamped above at `limit`, up clamped to
+    [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate). Frozen and hashable, so an activation
+    stays a static part of the compiled program like a name of ACTIVATIONS."""
+    limit: float
+    alpha: float = 1.702
+
+    def __call__(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        gate = jnp.minimum(gate, self.limit)
+        up = jnp.clip(up, -self.limit, self.limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
 
 
-def ffn_weight_shapes(w_gate, w_up, w_down, e: int, d: int) -> tuple[tuple[str, jax.Array, tuple], ...]:
-    """(name, weight, expected shape) of an FFN's weights over e experts of width d."""
-    f = w_gate.shape[-1]
-    return ("w_gate", w_gate, (e, d, f)), ("w_up", w_up, (e, d, f)), ("w_down", w_down, (e, f, d))
+Activation = Union[str, ClampedSwiGLU]
+
+
+class ExpertWeights(NamedTuple):
+    """A MoE block's routed experts, each present leaf with a leading expert axis E (physical order under a
+    layout with a mesh): gate, up [E, d, f], down [E, f, d], gate_bias, up_bias [E, f], down_bias [E, d].
+
+    Per row x of expert e: act(x @ gate[e] + gate_bias[e]) * (x @ up[e] + up_bias[e]) @ down[e] + down_bias[e]
+    (a gated FFN; a ClampedSwiGLU takes the gate and up pre-activations together), or with gate None a plain
+    one, act(x @ up[e] + up_bias[e]) @ down[e] + down_bias[e] (NLLB-MoE, Switch). An absent bias is 0.
+    Code that moves or slices experts maps over the present leaves (jax.tree.map skips the Nones), never
+    names them. The field order is grouped_ffn's positional order: grouped_ffn(x, group_sizes, *weights)."""
+
+    gate: jax.Array | None
+    up: jax.Array
+    down: jax.Array
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def num_experts(self) -> int:
+        return self.up.shape[0]
+
+    def expected_shapes(self, e: int, d: int) -> dict[str, tuple[int, ...]]:
+        """The shape each field must have over e experts of width d (f: the first matrix's width)."""
+        f = (self.up if self.gate is None else self.gate).shape[-1]
+        return {"gate": (e, d, f), "up": (e, d, f), "down": (e, f, d), "gate_bias": (e, f), "up_bias": (e, f),
+                "down_bias": (e, d)}
+
+
+def as_expert_weights(weights: tuple) -> ExpertWeights:
+    """An entry point's positional weights (one ExpertWeights, or its fields in order) as an ExpertWeights."""
+    if len(weights) == 1 and isinstance(weights[0], ExpertWeights):
+        return weights[0]
+    if not 3 <= len(weights) <= len(ExpertWeights._fields):
+        raise ValueError(f"expected the expert weights (gate, up, down[, gate_bias, up_bias, down_bias]) or one "
+                         f"ExpertWeights; got {len(weights)} arrays")
+    return ExpertWeights(*weights)
+
+
+# the names errors give the fields (w_*: the matrices' names since the first grouped_ffn)
+_FIELD_NAMES = {"gate": "w_gate", "up": "w_up", "down": "w_down", "gate_bias": "gate_bias", "up_bias": "up_bias",
+                "down_bias": "down_bias"}
+
+
+def expert_hidden(activation: Activation, gate: jax.Array | None, up: jax.Array) -> jax.Array:
+    """The FFN's hidden from the (bias-added, f32) pre-activations: act(gate) * up, a ClampedSwiGLU of both,
+    or act(up) where there is no gate. The one place every implementation applies its activation."""
+    if gate is None:
+        return ACTIVATIONS[activation](up)
+    if isinstance(activation, ClampedSwiGLU):
+        return activation(gate, up)
+    return ACTIVATIONS[activation](gate) * up
+
+
+def ffn(x: jax.Array, weights: ExpertWeights, activation: Activation, project: Callable) -> jax.Array:
+    """The FFN math of `weights` on x, through the layout's `project(inputs, weight, bias) -> f32 inputs @ weight
+    (+ bias where not None)`: one expert's matmul, a batched one, a ragged one. The hidden goes to the down
+    projection in x.dtype. -> f32."""
+    gate = None if weights.gate is None else project(x, weights.gate, weights.gate_bias)
+    hidden = expert_hidden(activation, gate, project(x, weights.up, weights.up_bias))
+    return project(hidden.astype(x.dtype), weights.down, weights.down_bias)
+
+
+def with_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """f32 y plus a bias broadcast over its rows (None: y)."""
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+def has_bias(weights: ExpertWeights) -> bool:
+    return any(b is not None for b in (weights.gate_bias, weights.up_bias, weights.down_bias))
+
+
+def check_activation(activation: Activation, gated: bool = True) -> None:
+    if isinstance(activation, ClampedSwiGLU):
+        if not gated:
+            raise ValueError(f"activation {activation!r} is a gated activation; the experts have no gate weights")
+        return
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)} or a ClampedSwiGLU")
+
+
+def check_expert_weights(weights: ExpertWeights, e: int, d: int, context: str) -> None:
+    """Every present field of `weights` has its shape over e experts of width d; a gate bias needs a gate."""
+    if weights.gate is None and weights.gate_bias is not None:
+        raise ValueError("gate_bias is given but gate is None (a non-gated FFN has no gate bias)")
+    expected = weights.expected_shapes(e, d)
+    check_weights(tuple((_FIELD_NAMES[name], w, expected[name]) for name, w in zip(weights._fields, weights)
+                        if w is not None), context)
 
 
 def check_weights(named: tuple[tuple[str, jax.Array, tuple], ...], context: str) -> None:
@@ -40,19 +140,22 @@ def check_weights(named: tuple[tuple[str, jax.Array, tuple], ...], context: str)
             raise ValueError(f"{name} has shape {w.shape}; expected {expected} for {context}")
 
 
-def check_inputs(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array | None = None,
-                 w_down: jax.Array | None = None, activation: str | None = None) -> None:
-    """Shapes of a grouped matmul (w_gate alone, named "w") or a grouped FFN; errors name the bad value."""
+def check_inputs(x: jax.Array, group_sizes: jax.Array, weights: ExpertWeights | jax.Array,
+                 activation: Activation | None = None) -> None:
+    """Shapes of a grouped matmul (one weight `w` [E, d, f]) or a grouped FFN (ExpertWeights); errors name
+    the bad value."""
     if x.ndim != 2:
         raise ValueError(f"x must be [rows, d]; got shape {x.shape}")
     if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be an int vector [E]; got {group_sizes.dtype}{list(group_sizes.shape)}")
     e, d = group_sizes.shape[0], x.shape[1]
-    named = (("w", w_gate, (e, d, w_gate.shape[-1])),) if w_up is None else ffn_weight_shapes(
-        w_gate, w_up, w_down, e, d)
-    check_weights(named, f"x {x.shape} and {e} groups")
-    if activation is not None:
-        check_activation(activation)
+    context = f"x {x.shape} and {e} groups"
+    if isinstance(weights, ExpertWeights):
+        check_expert_weights(weights, e, d, context)
+        if activation is not None:
+            check_activation(activation, weights.gated)
+    else:
+        check_weights((("w", weights, (e, d, weights.shape[-1])),), context)
 
 
 def group_of_rows(group_sizes: jax.Array, n: int) -> jax.Array:
@@ -92,9 +195,11 @@ class Implementation:
     name: ClassVar[str] = ""
     config: Any = None
 
-    def supported(self, x: jax.Array, weights: tuple[jax.Array, ...], *, capacity: int | None) -> str | None:
+    def supported(self, x: jax.Array, weights: tuple[jax.Array] | ExpertWeights, *,
+                  capacity: int | None) -> str | None:
         """None when this implementation can take these inputs on this backend, else why not. `weights` is
-        (w,) for a grouped matmul, (w_gate, w_up, w_down) for a grouped FFN."""
+        (w,) for a grouped matmul, an ExpertWeights for a grouped FFN. (An activation it cannot apply: its
+        _ffn raises NotImplementedError.)"""
         del x, weights, capacity
         return None
 
@@ -102,11 +207,12 @@ class Implementation:
         """The configs `autotune` times; by default only this implementation's own."""
         return (self.config,)
 
-    def ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation: str, capacity: int | None) -> jax.Array:
-        """Per row r of group e: (act(x[r] @ w_gate[e]) * (x[r] @ w_up[e])) @ w_down[e]; f32 accumulation,
-        output dtype = x.dtype; rows not computed -> 0."""
-        self._require(x, (w_gate, w_up, w_down), capacity)
-        return self._ffn(x, group_sizes, w_gate, w_up, w_down, activation=activation, capacity=capacity)
+    def ffn(self, x, group_sizes, weights: ExpertWeights, *, activation: Activation,
+            capacity: int | None) -> jax.Array:
+        """Per row r of group e: the ExpertWeights FFN of expert e on x[r]; f32 accumulation, the hidden
+        taken to the down projection in x.dtype, output dtype = x.dtype; rows not computed -> 0."""
+        self._require(x, weights, capacity)
+        return self._ffn(x, group_sizes, weights, activation=activation, capacity=capacity)
 
     def matmul(self, x, group_sizes, w, *, capacity: int | None) -> jax.Array:
         """ragged_dot semantics: row r of group e -> x[r] @ w[e]; rows not computed -> 0."""
@@ -118,7 +224,7 @@ class Implementation:
         if why_not:
             raise NotImplementedError(why_not)
 
-    def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity) -> jax.Array:
+    def _ffn(self, x, group_sizes, weights, *, activation, capacity) -> jax.Array:
         raise NotImplementedError(f"{self.name} has no grouped FFN")
 
     def _matmul(self, x, group_sizes, w, *, capacity) -> jax.Array:

@@ -11,27 +11,28 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.base import (ACTIVATIONS, Implementation, check_activation, check_weights, computed_groups,
-                                 ffn_weight_shapes, rank_in_group)
+from moejax.kernels.base import (Activation, Implementation, as_expert_weights, check_activation, check_expert_weights,
+                                 computed_groups, ffn, rank_in_group)
 
 
-def batched_ffn(buffers: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
-                activation: str = "silu") -> jax.Array:
-    """Per expert e: (act(buffers[e] @ w_gate[e]) * (buffers[e] @ w_up[e])) @ w_down[e].
+def batched_ffn(buffers: jax.Array, *weights, activation: Activation = "silu") -> jax.Array:
+    """Per expert e: the FFN of expert e (kernels.ExpertWeights) on every row of buffers[e].
 
-    buffers [E, C, d]; w_gate, w_up [E, d, f]; w_down [E, f, d] -> [E, C, d]. Every slot is computed, empty
-    ones included (static shapes). f32 accumulation; the hidden goes to the down projection in
-    buffers.dtype, as in every grouped_ffn implementation; output dtype = buffers.dtype."""
+    buffers [E, C, d]; weights: ExpertWeights' fields in order (gate, up, down[, biases]) or one ExpertWeights,
+    gate, up [E, d, f], down [E, f, d] -> [E, C, d]. Every slot is computed, empty ones included (static
+    shapes). f32 accumulation; the hidden goes to the down projection in buffers.dtype, as in every
+    grouped_ffn implementation; output dtype = buffers.dtype."""
     if buffers.ndim != 3:
         raise ValueError(f"buffers must be [experts, capacity, d]; got shape {buffers.shape}")
-    check_weights(ffn_weight_shapes(w_gate, w_up, w_down, buffers.shape[0], buffers.shape[2]),
-                  f"buffers {buffers.shape}")
-    check_activation(activation)
-    act = ACTIVATIONS[activation]
-    gate = jnp.einsum("ecd,edf->ecf", buffers, w_gate, preferred_element_type=jnp.float32)
-    up = jnp.einsum("ecd,edf->ecf", buffers, w_up, preferred_element_type=jnp.float32)
-    hidden = (act(gate) * up).astype(buffers.dtype)
-    return jnp.einsum("ecf,efd->ecd", hidden, w_down, preferred_element_type=jnp.float32).astype(buffers.dtype)
+    weights = as_expert_weights(weights)
+    check_expert_weights(weights, buffers.shape[0], buffers.shape[2], f"buffers {buffers.shape}")
+    check_activation(activation, weights.gated)
+
+    def project(a, w, b):
+        y = jnp.einsum("ecd,edf->ecf", a, w, preferred_element_type=jnp.float32)
+        return y if b is None else y + b[:, None, :].astype(jnp.float32)
+
+    return ffn(buffers, weights, activation, project).astype(buffers.dtype)
 
 
 def gather_buffers(rows: jax.Array, group_sizes: jax.Array, capacity: int) -> jax.Array:
@@ -63,11 +64,11 @@ class CapacityBuffers(Implementation):
             return "capacity buffers need capacity= (the rows each group's buffer holds)"
         return None
 
-    def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity):
+    def _ffn(self, x, group_sizes, weights, *, activation, capacity):
         if x.shape[0] == 0 or capacity <= 0:
             return jnp.zeros_like(x)
         buffers = gather_buffers(x, group_sizes, capacity)
-        out = batched_ffn(buffers, w_gate, w_up, w_down, activation=activation)
+        out = batched_ffn(buffers, weights, activation=activation)
         return scatter_rows(out, group_sizes, x.shape[0])
 
     def _matmul(self, x, group_sizes, w, *, capacity):

@@ -31,7 +31,8 @@ from typing import Callable, Sequence, Union
 
 import jax
 
-from moejax.kernels.base import ACTIVATIONS, Implementation, check_inputs
+from moejax.kernels.base import (ACTIVATIONS, Activation, ClampedSwiGLU, ExpertWeights, Implementation,
+                                 as_expert_weights, check_inputs)
 from moejax.kernels.capacity_buffers import CapacityBuffers, batched_ffn
 from moejax.kernels.ragged_dot import RaggedDot
 from moejax.kernels.reference import Reference, grouped_ffn_reference, grouped_matmul_reference
@@ -72,7 +73,8 @@ def default_implementation() -> tuple[str, ...]:
         hopper = MosaicGpu is not None and is_hopper_or_newer()
         order = ("mosaic_gpu", "ragged_dot") if hopper else ("ragged_dot",)
     else:
-        order = {"cpu": ("xla",), "tpu": ("pallas",)}.get(backend, ("ragged_dot",))
+        # the Pallas kernels take no expert biases: ragged_dot serves those calls
+        order = {"cpu": ("xla",), "tpu": ("pallas", "ragged_dot")}.get(backend, ("ragged_dot",))
     return tuple(name for name in order if name in _REGISTRY)
 
 
@@ -109,16 +111,19 @@ def _first_that_serves(implementation: ImplementationLike, call: Callable[[Imple
     raise ValueError(f"no implementation of {implementation!r} can take these inputs: " + "; ".join(reasons))
 
 
-def grouped_ffn(x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
-                activation: str = "silu", implementation: ImplementationLike = "auto",
-                capacity: int | None = None) -> jax.Array:
-    """Per row r of group e: (act(x[r] @ w_gate[e]) * (x[r] @ w_up[e])) @ w_down[e]; rows not computed -> 0.
+def grouped_ffn(x: jax.Array, group_sizes: jax.Array, *weights, activation: Activation = "silu",
+                implementation: ImplementationLike = "auto", capacity: int | None = None) -> jax.Array:
+    """Per row r of group e: expert e's FFN on x[r] (see ExpertWeights), e.g. the gated
+    (act(x[r] @ w_gate[e]) * (x[r] @ w_up[e])) @ w_down[e]; rows not computed -> 0.
 
-    x [N, d]; group_sizes int [E]; w_gate, w_up [E, d, f]; w_down [E, f, d] -> [N, d]. f32 accumulation;
+    x [N, d]; group_sizes int [E]; weights: ExpertWeights' fields in order, w_gate (None: not gated), w_up
+    [E, d, f], w_down [E, f, d], then optional gate_bias, up_bias [E, f], down_bias [E, d] (or one
+    ExpertWeights) -> [N, d]. activation: a name of ACTIVATIONS or a ClampedSwiGLU. f32 accumulation;
     output dtype = x.dtype."""
-    check_inputs(x, group_sizes, w_gate, w_up, w_down, activation)
+    weights = as_expert_weights(weights)
+    check_inputs(x, group_sizes, weights, activation)
     return _first_that_serves(implementation, lambda impl: impl.ffn(
-        x, group_sizes, w_gate, w_up, w_down, activation=activation, capacity=capacity))
+        x, group_sizes, weights, activation=activation, capacity=capacity))
 
 
 def grouped_matmul(x: jax.Array, group_sizes: jax.Array, w: jax.Array, *,
@@ -129,8 +134,8 @@ def grouped_matmul(x: jax.Array, group_sizes: jax.Array, w: jax.Array, *,
     return _first_that_serves(implementation, lambda impl: impl.matmul(x, group_sizes, w, capacity=capacity))
 
 
-def autotune(x, group_sizes, w_gate, w_up, w_down, *, implementation: str | Implementation = "xla", configs=None,
-             activation: str = "silu", capacity: int | None = None, repeats: int = 3) -> Implementation:
+def autotune(x, group_sizes, *weights, implementation: str | Implementation = "xla", configs=None,
+             activation: Activation = "silu", capacity: int | None = None, repeats: int = 3) -> Implementation:
     """The implementation with its fastest config for these shapes and this routing, timed here; pass it as
     implementation=. `configs` defaults to the implementation's autotuning_configs(). For benchmarks and for
     users who run one shape many times; without it, each implementation uses its own heuristic."""
@@ -143,17 +148,17 @@ def autotune(x, group_sizes, w_gate, w_up, w_down, *, implementation: str | Impl
         candidate = dataclasses.replace(base, config=config)
         fn = jax.jit(functools.partial(grouped_ffn, activation=activation, implementation=candidate,
                                        capacity=capacity))
-        jax.block_until_ready(fn(x, group_sizes, w_gate, w_up, w_down))
+        jax.block_until_ready(fn(x, group_sizes, *weights))
         start = time.perf_counter()
         for _ in range(repeats):
-            jax.block_until_ready(fn(x, group_sizes, w_gate, w_up, w_down))
+            jax.block_until_ready(fn(x, group_sizes, *weights))
         elapsed = time.perf_counter() - start
         if elapsed < best_time:
             best, best_time = candidate, elapsed
     return best
 
 
-__all__ = ["ACTIVATIONS", "IMPLEMENTATIONS", "CapacityBuffers", "Implementation", "ImplementationLike",
-           "MosaicGpu", "MosaicGpuConfig", "Pallas", "PallasConfig", "RaggedDot", "Reference", "TileConfig", "Xla",
-           "XlaConfig", "autotune", "batched_ffn", "default_implementation", "grouped_ffn", "grouped_ffn_reference",
+__all__ = ["ACTIVATIONS", "IMPLEMENTATIONS", "Activation", "CapacityBuffers", "ClampedSwiGLU", "ExpertWeights",
+           "Implementation", "ImplementationLike", "MosaicGpu", "MosaicGpuConfig", "Pallas", "PallasConfig", "RaggedDot",
+           "Reference", "TileConfig", "Xla", "XlaConfig", "autotune", "batched_ffn", "default_implementation", "grouped_ffn", "grouped_ffn_reference",
            "grouped_matmul", "grouped_matmul_reference"]

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from moejax.kernels.base import ACTIVATIONS, InterpretableKernels, zero_uncomputed_rows
+from moejax.kernels.base import ExpertWeights, InterpretableKernels, expert_hidden, has_bias, zero_uncomputed_rows
 from moejax.kernels.visits import visit_row_ranges
 
 
@@ -63,12 +63,15 @@ class MosaicGpu(InterpretableKernels):
 
     def supported(self, x, weights, *, capacity):
         del capacity
+        ffn = isinstance(weights, ExpertWeights)
+        if ffn and has_bias(weights):
+            return "the Mosaic GPU kernels take no expert biases"
         if x.dtype not in (jnp.bfloat16, jnp.float16):
             return f"wgmma operands here are bf16/f16; got {x.dtype}"
-        if any(w.dtype != x.dtype for w in weights):
-            return f"weights must have x's dtype {x.dtype}; got {[str(w.dtype) for w in weights]}"
-        config = self.config.gate_up if len(weights) == 3 else self.config.matmul
-        d, f = weights[0].shape[1:]
+        if any(w.dtype != x.dtype for w in jax.tree.leaves(weights)):
+            return f"weights must have x's dtype {x.dtype}; got {[str(w.dtype) for w in jax.tree.leaves(weights)]}"
+        config = self.config.gate_up if ffn else self.config.matmul
+        d, f = (weights.up if ffn else weights[0]).shape[1:]
         if d % config.block_k(x.dtype):
             return f"reduction dimension {d} is not a multiple of {config.block_k(x.dtype)}"
         if f % 64:
@@ -78,14 +81,19 @@ class MosaicGpu(InterpretableKernels):
                     f"{jax.default_backend()} (\"mosaic_gpu_interpret\" runs them in interpret mode)")
         return None
 
-    def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity):
-        act = ACTIVATIONS[activation]
+    def _ffn(self, x, group_sizes, weights, *, activation, capacity):
+        if not isinstance(activation, str):  # a ClampedSwiGLU's clamps are untested in the register epilogue
+            raise NotImplementedError(f"the Mosaic GPU kernels take a named activation only; got {activation!r}")
         n, x = x.shape[0], _rows_to_multiple_of_8(x)
         visits = visit_row_ranges(group_sizes, x.shape[0], self.config.gate_up.block_m, capacity)
         # both kernels compute the same rows, so the rows h leaves unwritten are never read as computed
-        h = _grouped_call(x, visits, (w_gate, w_up), lambda gate, up: act(gate) * up, self.config.gate_up,
-                          self.interpret)
-        out = _grouped_call(h, visits, (w_down,), lambda acc: acc, self.config.matmul, self.interpret)[:n]
+        if weights.gated:
+            h = _grouped_call(x, visits, (weights.gate, weights.up), lambda g, u: expert_hidden(activation, g, u),
+                              self.config.gate_up, self.interpret)
+        else:
+            h = _grouped_call(x, visits, (weights.up,), lambda u: expert_hidden(activation, None, u),
+                              self.config.gate_up, self.interpret)
+        out = _grouped_call(h, visits, (weights.down,), lambda acc: acc, self.config.matmul, self.interpret)[:n]
         return zero_uncomputed_rows(out, group_sizes, capacity)
 
     def _matmul(self, x, group_sizes, w, *, capacity):

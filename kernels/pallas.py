@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.kernels.base import ACTIVATIONS, InterpretableKernels
+from moejax.kernels.base import ExpertWeights, InterpretableKernels, expert_hidden, has_bias
 from moejax.kernels.visits import visit_metadata
 
 Tiles = tuple[int, int, int]  # (tm, tk, tn): rows, reduction and output columns per block
@@ -51,8 +51,11 @@ class Pallas(InterpretableKernels):
 
     def supported(self, x, weights, *, capacity):
         del capacity
-        d, f = weights[0].shape[1:]
-        kernels = [(self.config.tiles, d, f)] + ([(self.config.down_tiles, f, d)] if len(weights) == 3 else [])
+        ffn = isinstance(weights, ExpertWeights)
+        if ffn and has_bias(weights):
+            return "the Pallas kernels take no expert biases"
+        d, f = (weights.up if ffn else weights[0]).shape[1:]
+        kernels = [(self.config.tiles, d, f)] + ([(self.config.down_tiles, f, d)] if ffn else [])
         for tiles, k, out in kernels:
             if tiles is not None and (k % tiles[1] or out % tiles[2]):
                 return f"tiles (tk={tiles[1]}, tn={tiles[2]}) must divide the reduction {k} and the output {out}"
@@ -61,10 +64,10 @@ class Pallas(InterpretableKernels):
                     "(\"pallas_interpret\" runs them in interpret mode)")
         return None
 
-    def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity):
-        h = pallas_grouped_swiglu(x, group_sizes, w_gate, w_up, activation=activation, capacity=capacity,
+    def _ffn(self, x, group_sizes, weights, *, activation, capacity):
+        h = pallas_grouped_hidden(x, group_sizes, weights.gate, weights.up, activation=activation, capacity=capacity,
                                   interpret=self.interpret, tiles=self.config.tiles)
-        return pallas_grouped_matmul(h, group_sizes, w_down, capacity=capacity, interpret=self.interpret,
+        return pallas_grouped_matmul(h, group_sizes, weights.down, capacity=capacity, interpret=self.interpret,
                                      tiles=self.config.down_tiles)
 
     def _matmul(self, x, group_sizes, w, *, capacity):
@@ -146,9 +149,11 @@ def pallas_grouped_matmul(x, group_sizes, w, *, capacity: int | None = None, int
     return _call(lambda acc: acc, x, (w,), group_sizes, w.shape[-1], capacity, interpret, tiles)
 
 
-def pallas_grouped_swiglu(x, group_sizes, w_gate, w_up, *, activation: str = "silu", capacity: int | None = None,
+def pallas_grouped_hidden(x, group_sizes, w_gate, w_up, *, activation="silu", capacity: int | None = None,
                           interpret: bool = False, tiles: Tiles | None = None):
-    """The fused gate/up pass: act(x @ w_gate[e]) * (x @ w_up[e]) in one kernel -> [N, f]."""
-    act = ACTIVATIONS[activation]
-    return _call(lambda gate, up: act(gate) * up, x, (w_gate, w_up), group_sizes, w_gate.shape[-1], capacity,
-                 interpret, tiles)
+    """The FFN's hidden in one kernel -> [N, f]: the fused gate/up pass, activation(x @ w_gate[e], x @ w_up[e]),
+    or with w_gate None act(x @ w_up[e])."""
+    weights = (w_up,) if w_gate is None else (w_gate, w_up)
+    epilogue = (lambda up: expert_hidden(activation, None, up)) if w_gate is None else (
+        lambda gate, up: expert_hidden(activation, gate, up))
+    return _call(epilogue, x, weights, group_sizes, w_up.shape[-1], capacity, interpret, tiles)

@@ -10,7 +10,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.base import ACTIVATIONS, Implementation, zero_uncomputed_rows
+from moejax.kernels.base import Implementation, ffn, group_of_rows, zero_uncomputed_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,12 +18,13 @@ class RaggedDot(Implementation):
     """Computes every row (padding and rows past a capacity included), then zeroes the ones not kept."""
     name: ClassVar[str] = "ragged_dot"
 
-    def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity):
-        act = ACTIVATIONS[activation]
+    def _ffn(self, x, group_sizes, weights, *, activation, capacity):
         dot = functools.partial(jax.lax.ragged_dot, group_sizes=_padding_into_last_group(group_sizes, x.shape[0]),
                                 preferred_element_type=jnp.float32)
-        h = act(dot(x, w_gate)) * dot(x, w_up)
-        out = dot(h.astype(x.dtype), w_down)
+        # each row's bias is its group's (padding rows take the last group's, and are zeroed after)
+        group = jnp.minimum(group_of_rows(group_sizes, x.shape[0]), group_sizes.shape[0] - 1)
+        project = lambda a, w, b: dot(a, w) if b is None else dot(a, w) + b[group].astype(jnp.float32)
+        out = ffn(x, weights, activation, project)
         return zero_uncomputed_rows(out, group_sizes, capacity).astype(x.dtype)
 
     def _matmul(self, x, group_sizes, w, *, capacity):

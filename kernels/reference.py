@@ -9,23 +9,24 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.base import ACTIVATIONS, Implementation, computed_groups
+from moejax.kernels.base import Activation, Implementation, as_expert_weights, computed_groups, ffn, with_bias
 
 
-def grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
+def grouped_ffn_reference(x, group_sizes, *weights, activation: Activation = "silu",
                           capacity: int | None = None) -> jax.Array:
-    """grouped_ffn's semantics in f32 (a scan over experts); rows of no group (padding, past a capacity) -> 0."""
-    act = ACTIVATIONS[activation]
+    """grouped_ffn's semantics in f32 (a scan over experts); rows of no group (padding, past a capacity) -> 0.
+    weights: ExpertWeights' fields in order (gate, up, down, gate_bias, up_bias, down_bias), or one ExpertWeights."""
+    weights = as_expert_weights(weights)
     xf = x.astype(jnp.float32)
+    project = lambda a, w, b: with_bias(a @ w, b)
 
     def expert(out, e_weights):
-        e, wg, wu, wd = e_weights
-        y = (act(xf @ wg) * (xf @ wu)) @ wd
-        return jnp.where((group == e)[:, None], y, out), None
+        e, w = e_weights
+        return jnp.where((group == e)[:, None], ffn(xf, w, activation, project), out), None
 
     group = computed_groups(group_sizes, x.shape[0], capacity)
-    weights = tuple(w.astype(jnp.float32) for w in (w_gate, w_up, w_down))
-    out, _ = jax.lax.scan(expert, jnp.zeros(x.shape, jnp.float32), (jnp.arange(group_sizes.shape[0]), *weights))
+    f32 = jax.tree.map(lambda w: w.astype(jnp.float32), weights)
+    out, _ = jax.lax.scan(expert, jnp.zeros(x.shape, jnp.float32), (jnp.arange(group_sizes.shape[0]), f32))
     return out.astype(x.dtype)
 
 
@@ -41,8 +42,8 @@ def grouped_matmul_reference(x, group_sizes, w, *, capacity: int | None = None) 
 class Reference(Implementation):
     name: ClassVar[str] = "reference"
 
-    def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity):
-        return grouped_ffn_reference(x, group_sizes, w_gate, w_up, w_down, activation=activation, capacity=capacity)
+    def _ffn(self, x, group_sizes, weights, *, activation, capacity):
+        return grouped_ffn_reference(x, group_sizes, weights, activation=activation, capacity=capacity)
 
     def _matmul(self, x, group_sizes, w, *, capacity):
         return grouped_matmul_reference(x, group_sizes, w, capacity=capacity)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.base import ACTIVATIONS, Implementation
+from moejax.kernels.base import Activation, Implementation, ffn, with_bias
 
 
 def default_tile(num_rows: int, num_groups: int) -> tuple[int, int]:
@@ -58,12 +58,11 @@ class Xla(Implementation):
     def autotuning_configs(self) -> tuple[XlaConfig, ...]:
         return tuple(XlaConfig(tile=t) for t in (64, 128, 256, 512))
 
-    def _ffn(self, x, group_sizes, w_gate, w_up, w_down, *, activation, capacity):
-        return self._tiled(x, group_sizes, (w_gate, w_up, w_down), ffn_rows(activation), x.shape[1], capacity)
+    def _ffn(self, x, group_sizes, weights, *, activation, capacity):
+        return self._tiled(x, group_sizes, weights, ffn_rows(activation), x.shape[1], capacity)
 
     def _matmul(self, x, group_sizes, w, *, capacity):
-        return self._tiled(x, group_sizes, (w,), lambda rows, ws: jnp.dot(rows, ws[0],
-                                                                          preferred_element_type=jnp.float32),
+        return self._tiled(x, group_sizes, w, lambda rows, w: jnp.dot(rows, w, preferred_element_type=jnp.float32),
                            w.shape[-1], capacity)
 
     def _tiled(self, x, group_sizes, weights, compute, out_dim: int, capacity: int | None) -> jax.Array:
@@ -83,11 +82,12 @@ class Xla(Implementation):
             group_sizes = jnp.minimum(group_sizes, capacity)
         active = jnp.nonzero(group_sizes > 0, size=min(num_groups, n), fill_value=0)[0]
         x_bits = bits(x)
-        weights_bits = tuple((bits(w), w.dtype) for w in weights)
+        weights_bits = jax.tree.map(bits, weights)
 
         def expert_body(i, out):
             e = active[i]
-            expert_weights = tuple(unbits(w[e], dtype) for w, dtype in weights_bits)  # one copy per expert
+            # one copy per expert, of every leaf (weights: an ExpertWeights, or one matrix)
+            expert_weights = jax.tree.map(lambda w, b: unbits(b[e], w.dtype), weights, weights_bits)
             return group_rows(out, x_bits, x.dtype, starts[e], starts[e] + group_sizes[e], expert_weights, compute,
                               tile, small)
 
@@ -97,17 +97,10 @@ class Xla(Implementation):
         return jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), expert_body, out).astype(x.dtype)
 
 
-def ffn_rows(activation: str):
-    """rows [n, d], (w_gate [d, f], w_up [d, f], w_down [f, d]) -> f32 [n, d]: one expert's gated FFN."""
-    act = ACTIVATIONS[activation]
-
-    def expert(rows, weights):
-        wg, wu, wd = weights
-        h = act(jnp.dot(rows, wg, preferred_element_type=jnp.float32)) * jnp.dot(
-            rows, wu, preferred_element_type=jnp.float32)
-        return jnp.dot(h.astype(rows.dtype), wd, preferred_element_type=jnp.float32)
-
-    return expert
+def ffn_rows(activation: Activation):
+    """rows [n, d], one expert's ExpertWeights (no expert axis) -> f32 [n, d]: the expert's FFN."""
+    project = lambda a, w, b: with_bias(jnp.dot(a, w, preferred_element_type=jnp.float32), b)
+    return lambda rows, weights: ffn(rows, weights, activation, project)
 
 
 def group_rows(out, x_bits, x_dtype, start, end, expert_weights, compute, tile: int, small: int):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from moejax.families import READERS, SUPPORTED_ARCHITECTURES
+from moejax.quantization import read_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,12 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
+    # the routed experts' FFN (moejax.kernels.ExpertWeights): gated act(x @ gate) * (x @ up), or (False) a plain
+    # act(x @ up) (NLLB-MoE, Switch); moe_bias: biases on the experts' projections (GPT-OSS, NLLB-MoE)
+    moe_gated: bool = True
+    moe_bias: bool = False
+    # GPT-OSS's clamped SwiGLU (kernels.ClampedSwiGLU) as the experts' activation, with this limit; None: hidden_act
+    swiglu_limit: float | None = None
     norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
     scoring_func: str = "softmax"  # router scores: "softmax" or "sigmoid" (DeepSeek-V3, GLM-4.5)
     # "greedy", "group_limited_greedy" (DeepSeek-V2) or "noaux_tc" (DeepSeek-V3: the choice adds a learned
@@ -158,6 +165,8 @@ class ModelConfig:
             _check(self.topk_group * (self.num_experts // self.n_group) >= self.num_experts_per_tok,
                    "topk_group", self.topk_group, "the chosen groups hold fewer experts than num_experts_per_tok")
         _check(self.hidden_act in ACTIVATIONS, "hidden_act", self.hidden_act, f"supported: {sorted(ACTIVATIONS)}")
+        _check(self.swiglu_limit is None or (self.moe_gated and self.swiglu_limit > 0), "swiglu_limit",
+               self.swiglu_limit, "must be a positive number, for gated experts (moe_gated)")
         _check(self.rope.kind in ("default", "linear", "yarn"), "rope_type", self.rope.kind,
                "supported: 'default', 'linear', 'yarn'")
 
@@ -244,11 +253,7 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
     config.json's where it names them (transformers generates with them)."""
     if not isinstance(hf, dict):
         raise ValueError(f"config.json must hold a JSON object; got {type(hf).__name__}")
-    quantization = hf.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-        raise ValueError(f"config.json: quantization_config (quant_method={method!r}) is not supported: moejax "
-                         "loads floating-point weights (float32, float16, bfloat16) only")
+    read_format(hf.get("quantization_config"))  # a format moejax dequantizes at load, else refused by name
     if generation:
         hf = {**hf, **{k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}}
     _check_json_types(hf)

@@ -2,6 +2,10 @@
 
     backend(x [N, d], routing, weights, layout, activation) -> ExpertsOutput(out [N, d], kept [N, k], needed)
 
+`weights` is a `moejax.kernels.ExpertWeights` (gated or not, with or without biases: every backend takes
+each kind, mapping over its present leaves); `activation` a hashable value, a name of kernels.ACTIVATIONS or
+a kernels.ClampedSwiGLU (GPT-OSS), part of the compiled program.
+
 `out` is the weighted sum over each token's computed pairs (the combine of routed experts; the block adds
 its shared experts), `kept` the pairs actually computed (a backend may compute fewer than the policy kept:
 capacity buffers, static gating), `needed` a count the caller may act on (dynamic gating's bucket).
@@ -27,17 +31,9 @@ from flax import nnx
 
 from moejax import dispatch, kernels
 from moejax.capacity import expert_capacity
+from moejax.kernels import Activation, ExpertWeights  # noqa: F401 (ExpertWeights: the protocol's weights, re-exported)
 from moejax.layout import Layout
 from moejax.routing import Routing
-
-
-class ExpertWeights(NamedTuple):
-    """One MoE block's routed experts: gate, up [E, d, f], down [E, f, d] (physical order under a layout
-    with a mesh)."""
-
-    gate: jax.Array
-    up: jax.Array
-    down: jax.Array
 
 
 class ExpertsOutput(NamedTuple):
@@ -52,7 +48,7 @@ class ExpertsBackend(Protocol):
     def supported(self, layout: Layout | None) -> str | None: ...
 
     def __call__(self, x: jax.Array, routing: Routing, weights: ExpertWeights, layout: Layout | None,
-                 activation: str) -> ExpertsOutput: ...
+                 activation: Activation) -> ExpertsOutput: ...
 
 
 class ExpertState(nnx.Variable):

@@ -133,19 +133,21 @@ def expert_parallel_ffn(x: jax.Array, r: Routing, weights: experts_lib.ExpertWei
     fn = _dynamic if ep.gating == "dynamic" else _static
     body = lambda *a: fn(*a, ep=ep, num_dev=layout.num_devices, activation=activation,
                          device_of_expert=jnp.asarray(device_of_expert), slot_of_expert=jnp.asarray(slot_of_expert))
+    every_leaf_by_expert = jax.tree.map(lambda _: P(EXPERT), expert_weights)  # the ExpertWeights' present leaves
     out, needed, kept = jax.shard_map(
-        body, mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, P(EXPERT), P(EXPERT), P(EXPERT)),
+        body, mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, every_leaf_by_expert),
         out_specs=(tokens, P(), tokens), check_vma=False,
-    )(x, experts, keep, weights.astype(jnp.float32), *expert_weights)
+    )(x, experts, keep, weights.astype(jnp.float32), expert_weights)
     return experts_lib.ExpertsOutput(out[:n], kept[:n], needed)
 
 
-def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, activation, device_of_expert,
+def _dynamic(x, experts, keep, weights, expert_weights, *, ep, num_dev, activation, device_of_expert,
              slot_of_expert):
-    """Per device: send each kept pair's row to the device of its expert, compute, send results back."""
+    """Per device: send each kept pair's row to the device of its expert, compute, send results back.
+    expert_weights: this device's ExpertWeights."""
     n, k = experts.shape
     d = x.shape[-1]
-    local_experts = w_gate.shape[0]
+    local_experts = expert_weights.num_experts
     pairs = n * k
     dest = jnp.where(keep, device_of_expert[experts], num_dev).reshape(-1)
     slot = slot_of_expert[experts].reshape(-1)
@@ -162,8 +164,8 @@ def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, ac
     if ep.collective == "ragged":
         needed = jax.lax.pmax(jax.lax.pmax(recv_counts.sum(), EXPERT), DATA)
         receive_rows = pairs * num_dev if ep.bucket is None else min(ep.bucket, pairs * num_dev)
-        out_sorted, sent = _ragged_round_trip(x[order // k], slot[order], send_counts, send_starts, w_gate, w_up,
-                                              w_down, activation, local_experts, pairs, receive_rows)
+        out_sorted, sent = _ragged_round_trip(x[order // k], slot[order], send_counts, send_starts, expert_weights,
+                                              activation, pairs, receive_rows)
         per_pair = out_sorted[position]
         arrived = (dest < num_dev) & (offset < sent[dest_clamped])  # rows past a full receiver were not sent
         kept = keep & arrived.reshape(n, k)
@@ -177,7 +179,7 @@ def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, ac
         send_slot = jnp.where(valid, slot[source_pair], local_experts)  # sentinel after the real experts
         recv = jax.lax.all_to_all(send, EXPERT, 0, 0, tiled=True).reshape(num_dev * bucket, d)
         recv_slot = jax.lax.all_to_all(send_slot, EXPERT, 0, 0, tiled=True).reshape(-1)
-        computed = _local_experts(recv, recv_slot, w_gate, w_up, w_down, activation, local_experts)
+        computed = _local_experts(recv, recv_slot, expert_weights, activation)
         back = jax.lax.all_to_all(computed.reshape(num_dev, bucket, d), EXPERT, 0, 0, tiled=True)
         arrived = (dest < num_dev) & (offset < bucket)  # rows past the bucket were not sent
         per_pair = jnp.where(arrived[:, None], back[dest_clamped, jnp.minimum(offset, bucket - 1)], 0)
@@ -186,16 +188,16 @@ def _dynamic(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, ac
     return dispatch.weighted_sum(per_pair, weights, kept).astype(x.dtype), needed, kept
 
 
-def _local_experts(rows, slots, w_gate, w_up, w_down, activation, local_experts):
+def _local_experts(rows, slots, expert_weights, activation):
     """Rows that arrived (any order, sentinel slot = padding) -> this device's expert outputs, same order."""
+    local_experts = expert_weights.num_experts
     order = jnp.argsort(slots, stable=True)
     group_sizes = jnp.bincount(slots, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    out_sorted = kernels.grouped_ffn(rows[order], group_sizes, w_gate, w_up, w_down, activation=activation)
+    out_sorted = kernels.grouped_ffn(rows[order], group_sizes, expert_weights, activation=activation)
     return out_sorted[jnp.argsort(order)]
 
 
-def _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, w_gate, w_up, w_down, activation,
-                       local_experts, pairs, receive_rows):
+def _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, expert_weights, activation, pairs, receive_rows):
     """GPU/TPU: ragged_all_to_all moves exactly the routed rows into a receive buffer of `receive_rows`
     rows per device (all pairs of all sources can never overflow it; a smaller one is a bucket, see
     ExpertParallelRunner). Chunks arrive in source order; what would land past the buffer is not sent.
@@ -210,9 +212,10 @@ def _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, w_gate, w_up
     recv_starts = (jnp.cumsum(recv_counts) - recv_counts).astype(jnp.int32)
     recv = jax.lax.ragged_all_to_all(rows, jnp.zeros((receive_rows, d), rows.dtype), send_starts, sent, offsets,
                                      recv_counts, axis_name=EXPERT)
-    recv_slot = jax.lax.ragged_all_to_all(sorted_slot, jnp.full((receive_rows,), local_experts, jnp.int32),
+    sentinel = expert_weights.num_experts  # the slot after this device's experts: padding
+    recv_slot = jax.lax.ragged_all_to_all(sorted_slot, jnp.full((receive_rows,), sentinel, jnp.int32),
                                           send_starts, sent, offsets, recv_counts, axis_name=EXPERT)
-    computed = _local_experts(recv, recv_slot, w_gate, w_up, w_down, activation, local_experts)
+    computed = _local_experts(recv, recv_slot, expert_weights, activation)
     # the return trip mirrors the first: my received chunk from source s goes back to s at its send offset
     back_offsets = jax.lax.all_to_all(send_starts, EXPERT, 0, 0, tiled=True)
     back = jax.lax.ragged_all_to_all(computed, jnp.zeros((pairs, d), rows.dtype), recv_starts, recv_counts,
@@ -220,12 +223,13 @@ def _ragged_round_trip(rows, sorted_slot, send_counts, send_starts, w_gate, w_up
     return back, sent
 
 
-def _static(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, activation, device_of_expert,
+def _static(x, experts, keep, weights, expert_weights, *, ep, num_dev, activation, device_of_expert,
             slot_of_expert):
-    """Per device: fixed slots per expert (fairseq), one fixed-size all-to-all each way, padded compute."""
+    """Per device: fixed slots per expert (fairseq), one fixed-size all-to-all each way, padded compute.
+    expert_weights: this device's ExpertWeights."""
     n, k = experts.shape
     d = x.shape[-1]
-    local_experts = w_gate.shape[0]
+    local_experts = expert_weights.num_experts
     num_experts = local_experts * num_dev
     capacity = max(1, math.ceil(ep.capacity_fraction * n))
     kept = static_gating_keep(experts, keep, capacity)
@@ -238,7 +242,7 @@ def _static(x, experts, keep, weights, w_gate, w_up, w_down, *, ep, num_dev, act
     send = buffer[:-1].reshape(num_dev, local_experts * capacity, d)
     recv = jax.lax.all_to_all(send, EXPERT, 0, 0, tiled=True)  # [src, local experts * C, d]
     recv = recv.reshape(num_dev, local_experts, capacity, d).transpose(1, 0, 2, 3).reshape(local_experts, -1, d)
-    y = kernels.batched_ffn(recv, w_gate, w_up, w_down, activation=activation)  # every slot, padding too: the static waste
+    y = kernels.batched_ffn(recv, expert_weights, activation=activation)  # every slot, padding too: the static waste
     y = y.reshape(local_experts, num_dev, capacity, d).transpose(1, 0, 2, 3).reshape(num_dev, -1, d)
     back = jax.lax.all_to_all(y, EXPERT, 0, 0, tiled=True).reshape(num_experts * capacity, d)
     back = jnp.concatenate([back, jnp.zeros((1, d), back.dtype)])
@@ -279,9 +283,10 @@ def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placement=Non
     expert_weights = set()
     for block in new.moe_blocks():
         order = np.asarray(block.layout.placement.logical_of_slot)
-        for w in (block.w_gate, block.w_up, block.w_down):
-            w.set_value(global_array(np.asarray(w.get_value())[order], NamedSharding(mesh, P(EXPERT))))
-            expert_weights.add(id(w))
+        for w in block.expert_variables():
+            if w is not None:
+                w.set_value(global_array(np.asarray(w.get_value())[order], NamedSharding(mesh, P(EXPERT))))
+                expert_weights.add(id(w))
     for _, var in nnx.iter_graph(new):
         if isinstance(var, nnx.Variable) and id(var) not in expert_weights:
             var.set_value(global_array(np.asarray(var.get_value()), NamedSharding(mesh, P())))

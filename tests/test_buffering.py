@@ -207,7 +207,7 @@ def _check_slots_hold_their_experts(model, run, cache_size):
         assert np.array_equal(np.asarray(cache.slot_of)[expert_of[expert_of >= 0]], np.flatnonzero(expert_of >= 0))
         for slot, expert in enumerate(expert_of):
             if expert >= 0:
-                for device_slots, host in zip(cache.slots, block.expert_weights()):
+                for device_slots, host in zip(jax.tree.leaves(cache.slots), jax.tree.leaves(block.expert_weights())):
                     np.testing.assert_array_equal(np.asarray(device_slots[slot]), np.asarray(host[expert]))
 
 
@@ -332,13 +332,14 @@ def test_int8_copies_on_a_miss(model):
     assert run.stats[1].prefetch_loads > 0
     # layer 0 has no prediction: every slot a demand (int8) copy; an unused prefetch in layer 1: full precision
     block = model.moe_blocks()[0]
-    dequantized = [np.asarray(q * s) for q, s in map(buffering.slots.quantize_int8, block.expert_weights())]
+    dequantized = [np.asarray(q * s)
+                   for q, s in map(buffering.slots.quantize_int8, jax.tree.leaves(block.expert_weights()))]
     for slot, expert in enumerate(np.asarray(run.caches[0].expert_of)):
-        for got, want in zip(run.caches[0].slots, dequantized):
+        for got, want in zip(jax.tree.leaves(run.caches[0].slots), dequantized):
             np.testing.assert_allclose(np.asarray(got[slot]), want[expert], rtol=1e-6, atol=1e-7)
     cache = run.caches[1]
     for slot in np.flatnonzero(np.asarray(cache.unused_prefetch)):
-        for got, want in zip(cache.slots, model.moe_blocks()[1].expert_weights()):
+        for got, want in zip(jax.tree.leaves(cache.slots), jax.tree.leaves(model.moe_blocks()[1].expert_weights())):
             np.testing.assert_array_equal(np.asarray(got[slot]), np.asarray(want[int(cache.expert_of[slot])]))
 
 

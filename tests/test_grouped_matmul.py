@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from moejax import kernels
-from moejax.kernels import (ACTIVATIONS, IMPLEMENTATIONS, batched_ffn, default_implementation, grouped_ffn,
-                            grouped_ffn_reference, grouped_matmul, grouped_matmul_reference)
+from moejax.kernels import (ACTIVATIONS, IMPLEMENTATIONS, ClampedSwiGLU, ExpertWeights, batched_ffn,
+                            default_implementation, grouped_ffn, grouped_ffn_reference, grouped_matmul,
+                            grouped_matmul_reference)
 
 D, F = 16, 24
 # one jitted reference for the whole file: compiled once per shape and activation
@@ -62,6 +63,70 @@ def _truncated(full, sizes, capacity):
     return expected
 
 
+# The FFN kinds beyond the plain gated one (kernels.ExpertWeights): (gated, biased, activation).
+FFN_KINDS = {
+    "gated-biases": (True, True, "silu"),
+    "non-gated": (False, False, "relu"),  # Switch Transformers
+    "non-gated-biases": (False, True, "gelu"),  # NLLB-MoE
+    "clamped-swiglu-biases": (True, True, ClampedSwiGLU(limit=0.7)),  # GPT-OSS; the limit clamps these values
+    "clamped-swiglu": (True, False, ClampedSwiGLU(limit=0.7)),
+}
+
+
+def _kind_weights(kind, sizes, n, seed=11):
+    """(x, group_sizes, ExpertWeights, activation) of one of FFN_KINDS."""
+    gated, biased, activation = FFN_KINDS[kind]
+    x, gs, (wg, wu, wd) = _inputs(sizes, n, seed=seed)
+    rs = np.random.RandomState(seed + 1)
+    bias = lambda shape: jnp.asarray(rs.randn(*shape) * 0.5, jnp.float32) if biased else None
+    e = len(sizes)
+    weights = ExpertWeights(wg if gated else None, wu, wd, bias((e, F)) if gated else None, bias((e, F)), bias((e, D)))
+    return x, gs, weights, activation
+
+
+def _per_token_ffn(x, group_sizes, weights: ExpertWeights, activation, capacity=None):
+    """numpy, one row at a time: row r of group e (among its group's first `capacity`) through expert e's FFN."""
+    act = lambda a: np.asarray(ACTIVATIONS[activation](jnp.asarray(a))) if isinstance(activation, str) else None
+    w = {name: None if v is None else np.asarray(v, np.float64) for name, v in weights._asdict().items()}
+    plus = lambda y, b, e: y if b is None else y + b[e]
+    out = np.zeros(x.shape)
+    row = 0
+    for e, size in enumerate(np.asarray(group_sizes)):
+        for rank in range(size):
+            if capacity is None or rank < capacity:
+                xr = np.asarray(x[row], np.float64)
+                up = plus(xr @ w["up"][e], w["up_bias"], e)
+                if w["gate"] is None:
+                    hidden = act(up)
+                else:
+                    gate = plus(xr @ w["gate"][e], w["gate_bias"], e)
+                    if isinstance(activation, ClampedSwiGLU):  # GPT-OSS's _apply_gate, written out
+                        g, u = np.minimum(gate, activation.limit), np.clip(up, -activation.limit, activation.limit)
+                        hidden = (u + 1) * g / (1 + np.exp(-activation.alpha * g))
+                    else:
+                        hidden = act(gate) * up
+                out[row] = plus(hidden @ w["down"][e], w["down_bias"], e)
+            row += 1
+    return out
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_the_reference_is_the_per_token_ffn(kind):
+    sizes = SAME_SHAPE["random-with-empty"]
+    x, gs, weights, activation = _kind_weights(kind, sizes, 40)
+    for capacity in (None, 4):
+        ref = np.asarray(_reference(x, gs, *weights, activation=activation, capacity=capacity))
+        np.testing.assert_allclose(ref, _per_token_ffn(x, gs, weights, activation, capacity), rtol=1e-5, atol=1e-5)
+    assert (ref[sum(sizes):] == 0).all() and np.abs(ref).max() > 0.1
+
+
+def test_a_clamped_swiglu_clamps():
+    """The test values reach past the limit, so the clamps are exercised (a larger limit changes the result)."""
+    x, gs, weights, activation = _kind_weights("clamped-swiglu-biases", SAME_SHAPE["random-with-empty"], 40)
+    loose = _reference(x, gs, *weights, activation=ClampedSwiGLU(limit=100.0))
+    assert np.abs(np.asarray(loose) - np.asarray(_reference(x, gs, *weights, activation=activation))).max() > 1e-2
+
+
 class ImplementationTests:
     """What every implementation must do; one subclass per implementation sets `implementation`."""
     implementation = None
@@ -69,6 +134,7 @@ class ImplementationTests:
     # capacity no group here reaches
     no_drop_capacity = None
     differentiable = False
+    takes_biases = True  # else: a call with biases is refused by name (the registry falls through)
 
     def _fn(self, entry=grouped_ffn, **kwargs):
         kwargs.setdefault("capacity", self.no_drop_capacity)
@@ -119,6 +185,21 @@ class ImplementationTests:
             np.testing.assert_allclose(np.asarray(out), _truncated(full, sizes, capacity), rtol=1e-5, atol=1e-5,
                                        err_msg=f"capacity {capacity}")
 
+    def test_biases_non_gated_and_clamped_swiglu_match_the_reference(self):
+        sizes = SAME_SHAPE["random-with-empty"]
+        for kind, (_, biased, _) in FFN_KINDS.items():
+            x, gs, weights, activation = _kind_weights(kind, sizes, 40)
+            fn = jax.jit(self._fn(activation=activation))
+            if biased and not self.takes_biases:
+                with pytest.raises(ValueError, match="cannot take these inputs: .* no expert biases"):
+                    fn(x, gs, *weights)
+                continue
+            for capacity in {self.no_drop_capacity, 4}:
+                out = np.asarray(jax.jit(self._fn(activation=activation, capacity=capacity))(x, gs, *weights))
+                ref = np.asarray(_reference(x, gs, *weights, activation=activation, capacity=capacity))
+                np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=f"{kind}, capacity {capacity}")
+                assert (out[sum(sizes):] == 0).all()
+
     def test_gradients_match_the_reference(self):
         if not self.differentiable:
             pytest.skip(f"{self.implementation} is not reverse-differentiable")
@@ -134,6 +215,14 @@ class ImplementationTests:
             theirs = grad(functools.partial(grouped_ffn_reference, capacity=kwargs.get("capacity")))
             for a, b in zip(ours, theirs):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(kwargs))
+        # every leaf of a biased, non-gated and a clamped FFN (training NLLB-MoE / GPT-OSS experts)
+        for kind in ("non-gated-biases", "clamped-swiglu-biases"):
+            x, gs, weights, activation = _kind_weights(kind, SAME_SHAPE["no-full-tile"], 40)
+            loss = lambda fn: jax.grad(lambda x, w: (jnp.sin(fn(x, gs, w)) ** 2).sum(), argnums=(0, 1))(x, weights)
+            ours = loss(self._fn(activation=activation, capacity=capacity))
+            theirs = loss(functools.partial(grouped_ffn_reference, activation=activation, capacity=capacity))
+            for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=kind)
 
 
 class TestXla(ImplementationTests):
@@ -142,6 +231,7 @@ class TestXla(ImplementationTests):
 
 class TestPallasInterpret(ImplementationTests):
     implementation = "pallas_interpret"
+    takes_biases = False
 
 
 class TestRaggedDot(ImplementationTests):
@@ -281,6 +371,15 @@ def test_bad_input_is_named():
         grouped_matmul(x, gs, w[0][:, :8])
     with pytest.raises(ValueError, match="unknown activation 'swish2'"):
         grouped_ffn(x, gs, *w, activation="swish2")
+    biases = (jnp.zeros((3, F)), jnp.zeros((3, F)), jnp.zeros((3, D)))
+    with pytest.raises(ValueError, match=r"down_bias has shape \(3, 24\); expected \(3, 16\)"):
+        grouped_ffn(x, gs, *w, *biases[:2], biases[0])
+    with pytest.raises(ValueError, match="gate_bias is given but gate is None"):
+        grouped_ffn(x, gs, None, w[1], w[2], *biases)
+    with pytest.raises(ValueError, match="ClampedSwiGLU.* is a gated activation; the experts have no gate weights"):
+        grouped_ffn(x, gs, None, w[1], w[2], activation=ClampedSwiGLU(limit=7.0))
+    with pytest.raises(ValueError, match="expected the expert weights .* got 2 arrays"):
+        grouped_ffn(x, gs, w[0], w[1])
     with pytest.raises(ValueError, match="unknown implementation 'triton'"):
         grouped_ffn(x, gs, *w, implementation="triton")
     with pytest.raises(ValueError, match="unknown implementation 'triton'"):
@@ -319,11 +418,14 @@ def test_mosaic_gpu_kernels_in_interpret_mode():
         "ffn-capacity-30": jax.jit(functools.partial(grouped_ffn, implementation="mosaic_gpu_interpret",
                                                      capacity=30)),
         "matmul": jax.jit(functools.partial(grouped_matmul, implementation="mosaic_gpu_interpret")),
+        "ffn-non-gated": jax.jit(lambda x, gs, *w: grouped_ffn(x, gs, None, *w[1:], activation="relu",
+                                                               implementation="mosaic_gpu_interpret")),
     }
     for seed, (case, sizes) in enumerate(MOSAIC_CASES.items()):
         x, gs, w = _mosaic_inputs(sizes, 200, seed)
         expected = {"ffn": _reference(x, gs, *w), "ffn-capacity-30": _reference(x, gs, *w, capacity=30),
-                    "matmul": grouped_matmul_reference(x, gs, w[0])}
+                    "matmul": grouped_matmul_reference(x, gs, w[0]),
+                    "ffn-non-gated": _reference(x, gs, None, *w[1:], activation="relu")}
         for name, fn in fns.items():
             out = fn(x, gs, w[0]) if name == "matmul" else fn(x, gs, *w)
             out, ref = np.asarray(out, np.float32), np.asarray(expected[name], np.float32)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import moejax
 from moejax import capacity, dispatch, routing
@@ -44,7 +45,6 @@ def _block_brute_force(block, x, token_mask):
     c = block.config
     x = np.asarray(x, np.float64)
     scores = _softmax(x @ np.asarray(block.router[...]))
-    wg, wu, wd = (np.asarray(w[...], np.float64) for w in (block.w_gate, block.w_up, block.w_down))
     experts = np.argsort(-scores, axis=-1, kind="stable")[:, :c.num_experts_per_tok]
     weights = np.take_along_axis(scores, experts, -1)
     weights /= weights.sum(-1, keepdims=True)  # mixtral normalises
@@ -59,11 +59,30 @@ def _block_brute_force(block, x, token_mask):
     out = np.zeros_like(x)
     for t, j in itertools.product(range(x.shape[0]), range(experts.shape[1])):
         if keep[t, j]:
-            e = experts[t, j]
-            g = x[t] @ wg[e]
-            h = (g / (1 + np.exp(-g))) * (x[t] @ wu[e])
-            out[t] += weights[t, j] * (h @ wd[e])
+            out[t] += weights[t, j] * _expert_brute_force(block, experts[t, j], x[t])
     return out, keep
+
+
+def _expert_brute_force(block, e, x):
+    """Expert e of the block on one token x [d], in float64: gated or not, biases or not, SwiGLU, GPT-OSS's
+    clamped SwiGLU (its transformers code written out) or a plain activation."""
+    c = block.config
+    w = {name: None if v is None else np.asarray(v[...], np.float64)[e]
+         for name, v in block.expert_variables()._asdict().items()}
+    plus = lambda y, b: y if b is None else y + b
+    up = plus(x @ w["up"], w["up_bias"])
+    act = {"silu": lambda g: g / (1 + np.exp(-g)), "relu": lambda g: np.maximum(g, 0),
+           "gelu": lambda g: np.asarray(jax.nn.gelu(g, approximate=False))}[c.hidden_act]
+    if w["gate"] is None:
+        hidden = act(up)
+    else:
+        gate = plus(x @ w["gate"], w["gate_bias"])
+        if c.swiglu_limit is not None:
+            gate, up = np.minimum(gate, c.swiglu_limit), np.clip(up, -c.swiglu_limit, c.swiglu_limit)
+            hidden = (up + 1) * gate / (1 + np.exp(-1.702 * gate))
+        else:
+            hidden = act(gate) * up
+    return plus(hidden @ w["down"], w["down_bias"])
 
 
 @pytest.mark.parametrize("policy", [moejax.MoEPolicy(), moejax.MoEPolicy(capacity_factor=1.0),
@@ -82,6 +101,91 @@ def test_moe_block_matches_brute_force(policy):
     # padding tokens take no expert slot and produce nothing
     assert not np.asarray(r.keep)[~np.asarray(token_mask)].any()
     assert np.abs(np.asarray(out)[~np.asarray(token_mask)]).max() == 0
+
+
+# The routed-expert FFNs beyond the gated SwiGLU (ModelConfig.moe_gated / moe_bias / swiglu_limit)
+FFN_KINDS = {"switch-non-gated": dict(moe_gated=False, hidden_act="relu"),
+             "nllb-non-gated-biases": dict(moe_gated=False, moe_bias=True, hidden_act="gelu"),
+             "gpt_oss-clamped-biases": dict(moe_bias=True, swiglu_limit=0.7)}
+
+
+def _kind_model(kind, policy=None):
+    model = moejax.random_model(tiny_config(num_experts=8, num_experts_per_tok=2, **FFN_KINDS[kind]), seed=0,
+                                policy=policy)
+    for block in model.moe_blocks():
+        block.router[...] = block.router[...] * 30  # decisive routing
+        for w in block.expert_variables():
+            if w is not None:
+                w[...] = w[...] * 10  # the experts dominate the residual stream, and pass the clamp's limit
+    return model
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+@pytest.mark.parametrize("policy", [moejax.MoEPolicy(), moejax.MoEPolicy(capacity_factor=0.5, drop="first")])
+def test_every_ffn_kind_of_moe_block_matches_brute_force(kind, policy):
+    block = _kind_model(kind, policy).moe_blocks()[0]
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(24, 32), jnp.float32)
+    token_mask = jnp.asarray(rs.rand(24) > 0.2)
+    out, r, _ = jax.jit(lambda x, m: block(x, m))(x, token_mask)
+    ref, ref_keep = _block_brute_force(block, x, token_mask)
+    np.testing.assert_array_equal(np.sort(np.asarray(r.keep), -1), np.sort(ref_keep, -1))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-5)
+    assert np.abs(ref).max() > 1
+
+
+def _backends():
+    """name -> the model with that experts backend, each computing every pair (no drop) of TOKENS."""
+    from moejax import buffering, parallel
+    from moejax.experts import CapacityBuffers, Resident
+    from moejax.models import with_experts
+
+    mesh = parallel.make_mesh
+    return {
+        "resident-ragged_dot": lambda m: with_experts(m, Resident("ragged_dot")),
+        "resident-reference": lambda m: with_experts(m, Resident("reference")),
+        "resident-pallas-falls-through": lambda m: with_experts(m, Resident(("pallas_interpret", "ragged_dot"))),
+        "capacity_buffers": lambda m: with_experts(m, CapacityBuffers(capacity_factor=8.0)),  # 8 = E / k: room for all
+        "expert_parallel-dynamic": lambda m: parallel.expert_parallel(m, mesh()),
+        "expert_parallel-dynamic-bucket": lambda m: parallel.expert_parallel(m, mesh(), bucket=4),
+        "expert_parallel-static": lambda m: parallel.expert_parallel(m, mesh(), "static", capacity_fraction=1.0),
+        "buffered": lambda m: buffering.buffered(m, cache_size=3),
+    }
+
+
+TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(2, 9)))
+_forward = nnx.jit(lambda m, t: m.forward(t))
+
+
+@pytest.mark.parametrize("backend", list(_backends()))
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_every_ffn_kind_through_every_backend_equals_resident(kind, backend):
+    model = _kind_model(kind)
+    ref = _forward(model, TOKENS)
+    out = _forward(_backends()[backend](model), TOKENS)
+    assert all(bool(r.keep.all()) for r in out.routings)  # every pair computed (dynamic: the bucket fit)
+    assert int(out.needed_bucket) <= 4 or backend != "expert_parallel-dynamic-bucket"
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_int8_buffered_copies_of_every_ffn_kind_compute_with_their_dequantized_weights(kind):
+    """Every demand miss copies the int8 expert (each leaf, biases too): the logits are those of the resident
+    model whose expert weights are the dequantized copies."""
+    from moejax import buffering
+
+    model = _kind_model(kind)
+    dequantized = nnx.clone(model)
+    for block in dequantized.moe_blocks():
+        for w in block.expert_variables():
+            if w is not None:
+                q, scales = buffering.slots.quantize_int8(w[...])
+                w[...] = (q.astype(jnp.float32) * scales).astype(w[...].dtype)
+    out = _forward(buffering.buffered(model, cache_size=3, low_precision="int8"), TOKENS)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(_forward(dequantized, TOKENS).logits),
+                               atol=1e-5, rtol=0)
+    per_expert = sum(w[0].nbytes for w in jax.tree.leaves(model.moe_blocks()[0].expert_weights()))
+    assert buffering.expert_bytes(model) == per_expert  # biases counted
 
 
 def test_dispatch_groups_rows_by_expert():

@@ -32,8 +32,8 @@ def host_memory_kind(device: jax.Device | None = None) -> str | None:
 
 
 def expert_bytes(model: CausalLM) -> int:
-    """Bytes of one routed expert (gate + up + down) of the model's first MoE layer."""
-    return int(sum(w[0].nbytes for w in model.moe_blocks()[0].expert_weights()))
+    """Bytes of one routed expert (every weight and bias of it) of the model's first MoE layer."""
+    return int(sum(w[0].nbytes for w in jax.tree.leaves(model.moe_blocks()[0].expert_weights())))
 
 
 def buffered(model: CausalLM, cache_size: int, policy: str = "lifo", *, future: dict | None = None,
@@ -66,11 +66,14 @@ def buffered(model: CausalLM, cache_size: int, policy: str = "lifo", *, future: 
         weights = block.expert_weights()
         block.expert_state = ExpertState(init_state(weights, cache_size, None if future is None else future[block.layer]))
         if low_precision is not None:
-            quantized = tuple(zip(*(quantize_int8(w) for w in weights)))  # ((q_gate, q_up, q_down), (scales...))
+            leaves, tree = jax.tree.flatten(weights)
+            pairs = [quantize_int8(w) for w in leaves]
+            quantized = (tree.unflatten([q for q, _ in pairs]), tree.unflatten([s for _, s in pairs]))  # (int8, scales)
             block.extra_weights = HostCopies(quantized if host is None else jax.device_put(quantized, host))
         if host is not None:
-            for w in (block.w_gate, block.w_up, block.w_down):
-                w.set_value(jax.device_put(w.get_value(), host))
+            for w in block.expert_variables():
+                if w is not None:
+                    w.set_value(jax.device_put(w.get_value(), host))
     return new
 
 
@@ -81,7 +84,7 @@ def _slot_states(state: nnx.State) -> dict[int, SlotState]:
 
 def device_bytes(model: CausalLM) -> int:
     """Device memory the buffered model's slots hold, all MoE layers."""
-    return int(sum(s.nbytes for b in model.moe_blocks() for s in b.expert_state.get_value().slots))
+    return int(sum(s.nbytes for b in model.moe_blocks() for s in jax.tree.leaves(b.expert_state.get_value().slots)))
 
 
 class BufferedGeneration(NamedTuple):

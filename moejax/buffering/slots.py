@@ -28,7 +28,7 @@ from flax import nnx
 from moejax import dispatch
 from moejax.buffering.cache import CacheStats, check_policy, normalize_trace
 from moejax import experts as experts_lib
-from moejax.experts import ExpertsOutput
+from moejax.experts import ExpertsOutput, ExpertWeights
 from moejax.kernels.xla import Xla, bits, ffn_rows, group_rows, unbits
 
 STATS = tuple(f.name for f in dataclasses.fields(CacheStats) if f.name != "expert_bytes")
@@ -42,7 +42,7 @@ class HostCopies(nnx.Variable):
 
 
 class SlotState(NamedTuple):
-    slots: tuple  # (gate [S, d, f], up [S, d, f], down [S, f, d]) in the model's dtype
+    slots: ExpertWeights  # the experts' leaves over S slots ([S, d, f], ...) in the model's dtype
     slot_of: jax.Array  # int32 [E]: each expert's slot, -1 if not resident
     expert_of: jax.Array  # int32 [S]: each slot's expert, -1 if free
     loaded_at: jax.Array  # int32 [S]: tick of the load
@@ -78,11 +78,11 @@ def future_tables(future, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
     return at, np.ascontiguousarray(following)
 
 
-def init_state(weights, cache_size: int, future=None) -> SlotState:
-    """An empty cache of `cache_size` slots for the host-stored experts `weights` (gate, up, down [E, ...])."""
-    num_experts = weights[0].shape[0]
+def init_state(weights: ExpertWeights, cache_size: int, future=None) -> SlotState:
+    """An empty cache of `cache_size` slots for the host-stored experts `weights` (leaves [E, ...])."""
+    num_experts = weights.num_experts
     size = min(int(cache_size), num_experts)  # more slots than experts would only hold zeros
-    slots = tuple(jnp.zeros((size,) + w.shape[1:], w.dtype) for w in weights)
+    slots = jax.tree.map(lambda w: jnp.zeros((size,) + w.shape[1:], w.dtype), weights)
     at, following = (np.zeros((0, num_experts), np.int32),) * 2 if future is None else future_tables(future, num_experts)
     zeros = jnp.zeros((size,), jnp.int32)
     return SlotState(slots, jnp.full((num_experts,), -1, jnp.int32), jnp.full((size,), -1, jnp.int32), zeros, zeros,
@@ -92,8 +92,9 @@ def init_state(weights, cache_size: int, future=None) -> SlotState:
 
 
 def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[E, din, dout] -> (int8 [E, din, dout], f32 scales [E, 1, dout]): symmetric, per output channel."""
-    scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=1, keepdims=True) / 127.0
+    """[E, din, dout] -> (int8 [E, din, dout], f32 scales [E, 1, dout]): symmetric, per output channel. A bias
+    [E, dout] has no input axis: each of its values is its own channel (kept exactly, up to rounding)."""
+    scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=tuple(range(1, w.ndim - 1)), keepdims=True) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
     return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8), scale
 
@@ -182,14 +183,16 @@ class Buffered:
     # -- the cache's steps
 
     def _fetch(self, weights, e, low: bool):
-        """Expert e's (gate, up, down) from the host store, in device memory, in the slots' dtype."""
+        """Expert e's weights (every leaf of the ExpertWeights) from the host store, in device memory, in the
+        slots' dtype."""
         full, quantized = weights
         if low:
-            rows = tuple((q[e].astype(jnp.float32) * s[e]).astype(w.dtype) for q, s, w in zip(*quantized, full))
+            q, scales = quantized
+            rows = jax.tree.map(lambda q, s, w: (q[e].astype(jnp.float32) * s[e]).astype(w.dtype), q, scales, full)
         else:
-            rows = tuple(w[e] for w in full)
+            rows = jax.tree.map(lambda w: w[e], full)
         if self.host_memory is not None:  # pinned_host store (GPU/TPU): the slice moves to device memory in-graph
-            rows = tuple(jax.device_put(r, jax.memory.Space.Device) for r in rows)
+            rows = jax.tree.map(lambda r: jax.device_put(r, jax.memory.Space.Device), rows)
         return rows
 
     def _place(self, book: SlotState, e, protected, active) -> tuple[SlotState, jax.Array]:
@@ -210,7 +213,7 @@ class Buffered:
 
     def __call__(self, x, routing, weights, layout, activation, state: SlotState):
         """x [N, d] -> (ExpertsOutput, state): one step of requests, each expert computed right after its
-        request. weights: ((gate, up, down) as the host store holds them, their int8 copies or None)."""
+        request. weights: (the ExpertWeights as the host store holds them, (int8 copies, scales) or None)."""
         num_experts = routing.scores.shape[-1]
         sent = dispatch.dispatch(x, routing)
         counts = sent.group_sizes
@@ -259,17 +262,17 @@ class Buffered:
             book = book._replace(last_used=book.last_used.at[slot].set(tick), uses=book.uses.at[slot].add(1),
                                  position=book.position + 1)
             # the copy happens on a miss only; the slot write is one expert's rows in place
-            rows = jax.lax.cond(hit, lambda e: tuple(jnp.zeros(s.shape[1:], s.dtype) for s in slots),
+            rows = jax.lax.cond(hit, lambda e: jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), slots),
                                 lambda e: self._fetch(weights, e, low), e)
-            slots = tuple(s.at[slot].set(jnp.where(hit, s[slot], r)) for s, r in zip(slots, rows))
-            expert_weights = tuple(unbits(bits(s)[slot], s.dtype) for s in slots)
+            slots = jax.tree.map(lambda s, r: s.at[slot].set(jnp.where(hit, s[slot], r)), slots, rows)
+            expert_weights = jax.tree.map(lambda s: unbits(bits(s)[slot], s.dtype), slots)
             out = group_rows(out, rows_bits, sent.rows.dtype, starts[e], starts[e] + counts[e], expert_weights,
                              compute, tile, small)
             return slots, book, out
 
         def resident(i, out):  # a step whose experts are all resident: compute only, in the same order
             e = order[i]
-            expert_weights = tuple(unbits(bits(s)[book.slot_of[e]], s.dtype) for s in state.slots)
+            expert_weights = jax.tree.map(lambda s: unbits(bits(s)[book.slot_of[e]], s.dtype), state.slots)
             return group_rows(out, rows_bits, sent.rows.dtype, starts[e], starts[e] + counts[e], expert_weights,
                               compute, tile, small)
 
@@ -310,7 +313,7 @@ class Buffered:
                                  unused_prefetch=book.unused_prefetch.at[slot].set(True),
                                  stats=_bump(book.stats, "prefetch_loads"))
             rows = self._fetch(weights, e, low=False)
-            return i + 1, book._replace(slots=tuple(s.at[slot].set(r) for s, r in zip(state.slots, rows)))
+            return i + 1, book._replace(slots=jax.tree.map(lambda s, r: s.at[slot].set(r), state.slots, rows))
 
         _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
         return state._replace(prediction=predicted, has_prediction=jnp.ones((), bool))

@@ -15,6 +15,7 @@ from moejax import capacity, routing
 from moejax import stats as stats_lib
 from moejax.config import ACTIVATIONS, ModelConfig
 from moejax.experts import ExpertsOutput, ExpertWeights
+from moejax.kernels import ClampedSwiGLU
 from moejax.models.layers import MLP, param
 from moejax.runtime import MoERuntime
 
@@ -24,9 +25,13 @@ class MoEBlock(nnx.Module):
         c = config
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
         self.router = param(rngs, (d, e), dtype)
-        self.w_gate = param(rngs, (e, d, f), dtype)
+        # the routed experts as kernels.ExpertWeights describes them: gated or not, biases or not
+        self.w_gate = param(rngs, (e, d, f), dtype) if c.moe_gated else None
         self.w_up = param(rngs, (e, d, f), dtype)
         self.w_down = param(rngs, (e, f, d), dtype)
+        self.gate_bias = param(rngs, (e, f), dtype) if c.moe_bias and c.moe_gated else None
+        self.up_bias = param(rngs, (e, f), dtype) if c.moe_bias else None
+        self.down_bias = param(rngs, (e, d), dtype) if c.moe_bias else None
         self.shared = (MLP(d, c.shared_expert_intermediate_size, c.hidden_act, dtype=dtype, rngs=rngs)
                        if c.shared_expert_intermediate_size else None)
         self.shared_gate = param(rngs, (d, 1), dtype) if c.shared_expert_gate else None
@@ -69,8 +74,20 @@ class MoEBlock(nnx.Module):
                                      layout=self.layout, norm_topk_prob=c.norm_topk_prob,
                                      routed_scaling_factor=c.routed_scaling_factor)
 
+    def expert_variables(self) -> ExpertWeights:
+        """The routed experts' parameters (nnx.Param, None where the FFN has no such weight), for code that
+        moves or replaces them (expert parallelism, buffering): iterate the fields that are not None."""
+        return ExpertWeights(self.w_gate, self.w_up, self.w_down, self.gate_bias, self.up_bias, self.down_bias)
+
     def expert_weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w_gate[...], self.w_up[...], self.w_down[...])
+        return ExpertWeights(*(None if v is None else v[...] for v in self.expert_variables()))
+
+    @property
+    def activation(self):
+        """The experts' activation, hashable (part of the compiled program): GPT-OSS's clamped SwiGLU, or the
+        kernels' name of hidden_act."""
+        c = self.config
+        return ACTIVATIONS[c.hidden_act] if c.swiglu_limit is None else ClampedSwiGLU(c.swiglu_limit)
 
     @property
     def stateful(self) -> bool:
@@ -83,7 +100,7 @@ class MoEBlock(nnx.Module):
 
     def experts(self, h: jax.Array, r: routing.Routing) -> ExpertsOutput:
         """The routed experts through the runtime's backend (a stateful one updates self.expert_state)."""
-        activation = ACTIVATIONS[self.config.hidden_act]
+        activation = self.activation
         if not self.stateful:
             return self.runtime.experts(h, r, self.expert_weights(), self.layout, activation)
         out, state = self.runtime.experts(h, r, self._backend_weights(), self.layout, activation,
