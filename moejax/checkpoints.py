@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from moejax import quantization
 from moejax.capacity import MoEPolicy
 from moejax.config import ModelConfig, from_hf_config, to_hf_config
 from moejax.models.transformer import CausalLM, Dense, MoEBlock
@@ -35,8 +36,8 @@ _ORBAX_CONFIG = "moejax_config.json"
 _GRANITE = ("granitemoe", "granitemoeshared")
 _SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1")  # ...mlp.shared_experts.*, not shared_expert
 _INDEX = "model.safetensors.index.json"
-# The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight,
-# and moejax reads no quantization format.
+# The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight:
+# quantized formats are dequantized before the plan sees them (moejax.quantization).
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
@@ -53,6 +54,11 @@ def _read_json(file: str):
 def read_config(path: str) -> ModelConfig:
     """The ModelConfig of a Hugging Face checkpoint directory: config.json, with the token ids of
     generation_config.json where it has one (what transformers generates with)."""
+    return _read_configs(path)[0]
+
+
+def _read_configs(path: str) -> tuple[ModelConfig, dict]:
+    """read_config's ModelConfig and config.json's own object (its quantization_config is read at load)."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
@@ -62,7 +68,7 @@ def read_config(path: str) -> ModelConfig:
     if generation is not None and not isinstance(generation, dict):
         raise ValueError(f"{generation_file} must hold a JSON object; got {type(generation).__name__}")
     try:
-        return from_hf_config(hf, generation)
+        return from_hf_config(hf, generation), hf
     except ValueError as e:
         raise ValueError(f"{e} (in {config_file})") from None
 
@@ -334,9 +340,12 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
                          "its params directory) elsewhere")
     if kind == "converted":
         return restore_converted(path, policy=policy, dtype=dtype)
-    config = read_config(path)
+    config, hf_config = _read_configs(path)
     model = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
     tensors = _Tensors(path)
+    quantized = quantization.read_format(hf_config.get("quantization_config"))
+    if quantized is not None:  # the plan sees float tensors under the unquantized names, each dequantized on read
+        tensors = quantization.DequantizedTensors(tensors, quantized, dtype)
     names = tensors.names()
     plan = _plan(model, names)
 
@@ -353,8 +362,8 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
             problems.append(f"tensor {name!r} has shape {tensors.shape(name)}, expected {shape}")
         if tensors.dtype(name) not in _FLOAT_DTYPES:
             problems.append(f"tensor {name!r} in {os.path.basename(tensors.file_of[name])} has dtype "
-                            f"{tensors.dtype(name)}; weights must be floating point {_FLOAT_DTYPES} (moejax reads no "
-                            "quantized format)")
+                            f"{tensors.dtype(name)}; weights must be floating point {_FLOAT_DTYPES} or in a quantized "
+                            f"format config.json's quantization_config names ({', '.join(quantization.SUPPORTED_METHODS)})")
     tied_head = config.tie_word_embeddings and "lm_head.weight" in names
     mtp = tuple(f"model.layers.{config.num_layers + j}." for j in range(config.mtp_layers))  # not run: skipped
     for name in sorted(names - set(expected)):
