@@ -7,12 +7,12 @@
   ./launch.sh reproduce --quick --config.capacity.tasks='()' --config.placement.devices='(4, 8)'
 
 The argument after the colon names a model preset (default, olmoe, qwen_moe, deepseek_v2, mixtral, qwen3_moe,
-deepseek_v3, glm4_moe) and/or
-"quick". Each stage's settings are the config of its script (configs/<script>.py, its "quick" variant under
-quick), nested here as config.<stage>: override any of them with --config.<stage>.FIELD=VALUE. checkpoint and
-num_devices are set once at the top and shared by every stage that has them. A real checkpoint needs its own
-directory (config.json, safetensors, tokenizer.json); the evaluation text is the Python standard library corpus
-of moejax.data, tokenised with the checkpoint's tokenizer.
+deepseek_v3, glm4_moe, granitemoe, ernie4_5_moe, dots1, minimax_m2) and/or "quick". Each stage's settings are the
+config of its script (configs/<script>.py, its "quick" variant under quick), nested here as config.<stage>:
+override any of them with --config.<stage>.FIELD=VALUE. checkpoint and num_devices are set once at the top and
+shared by every stage that has them. A real checkpoint needs its own directory (config.json, safetensors,
+tokenizer.json; FP8 and MXFP4 releases are dequantized at load); the evaluation text is the Python standard
+library corpus of moejax.data, tokenised with the checkpoint's tokenizer.
 """
 
 import importlib.util
@@ -27,8 +27,12 @@ PRESETS = {
     "qwen_moe": dict(checkpoint="", num_devices=8),
     "deepseek_v2": dict(checkpoint="", num_devices=8),
     "qwen3_moe": dict(checkpoint="", num_devices=8),      # Qwen3-30B-A3B: 128 experts, top-8
-    "deepseek_v3": dict(checkpoint="", num_devices=8),    # Moonlight / a bf16 DeepSeek-V3: 64-256 experts
+    "deepseek_v3": dict(checkpoint="", num_devices=8),    # DeepSeek-V3 / R1 (FP8), Moonlight: 64-256 experts
     "glm4_moe": dict(checkpoint="", num_devices=8),       # GLM-4.5-Air: 128 experts
+    "granitemoe": dict(checkpoint="", num_devices=8),     # Granite-3.x MoE (granitemoe / granitemoeshared): 32-40 experts
+    "ernie4_5_moe": dict(checkpoint="", num_devices=8),   # ERNIE-4.5-21B-A3B: 64 experts
+    "dots1": dict(checkpoint="", num_devices=8),          # dots.llm1: 128 experts
+    "minimax_m2": dict(checkpoint="", num_devices=8),     # MiniMax-M2: 256 experts (its FP8 release loads dequantized)
     "mixtral": dict(checkpoint="", num_devices=8),        # one expert per GPU, as He et al.
 }
 # stage -> the script that runs it (experiments/<script>.py, configured by configs/<script>.py), in run order

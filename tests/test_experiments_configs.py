@@ -3,6 +3,7 @@ stage's config, shares checkpoint and num_devices, and passes a stage exactly it
 stage gets, parsed as the script parses them, give that sub-config back); --quick is the :quick variant."""
 
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -41,6 +42,21 @@ def test_reproduce_presets_and_quick():
     assert config.capacity.num_devices == 4 and "checkpoint" not in config.gating
     with pytest.raises(ValueError, match="unknown model preset 'olmoe,mixtral'"):
         harness.load_config("configs/reproduce.py:olmoe,mixtral")
+
+
+def test_every_family_preset_is_a_model_type_moejax_reads_and_takes_the_checkpoint_given():
+    from moejax.config import SUPPORTED_MODEL_TYPES
+
+    spec = importlib.util.spec_from_file_location("reproduce_presets", os.path.join(ROOT, "configs", "reproduce.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model_type = {"qwen_moe": "qwen2_moe"}  # the one preset named for its family rather than its model_type
+    for preset in set(module.PRESETS) - {"default"}:
+        assert model_type.get(preset, preset) in SUPPORTED_MODEL_TYPES, preset
+        config = harness.load_config(f"configs/reproduce.py:{preset},quick")
+        assert config.checkpoint == "" and config.num_devices == 8  # a family preset runs on the checkpoint given
+        config.checkpoint = f"/data/{preset}"
+        assert config.capacity.checkpoint == config.straggler.checkpoint == f"/data/{preset}"
 
 
 def _parsed(arguments: list[str]) -> dict:
