@@ -389,3 +389,20 @@ def test_fp8_weights_with_e8m0_scales_dequantize_by_powers_of_two(scale_dtype, t
     assert view.names() == {"x.weight"}
     scales = (2.0 ** (exponents.astype(np.float64) - 127)).astype(np.float32)
     np.testing.assert_array_equal(view.get("x.weight"), fp8_brute_force(weight, scales, (16, 16)))
+
+
+def test_a_sharded_fp8_checkpoint_with_scales_apart_from_their_weights_loads_the_same(fp8_partial_blocks, tmp_path):
+    from safetensors.torch import load_file as load_torch
+
+    fp8, dequantized = fp8_partial_blocks
+    tensors = load_torch(fp8 / "model.safetensors")
+    scales = {n for n in tensors if n.endswith("_scale_inv")}  # every scale in the other shard from its weight
+    shards = {"model-00001-of-00002.safetensors": {n: t for n, t in tensors.items() if n not in scales},
+              "model-00002-of-00002.safetensors": {n: tensors[n] for n in scales}}
+    for file, part in shards.items():
+        save_file(part, tmp_path / file)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: file for file, part in shards.items() for n in part}}))
+    (tmp_path / "config.json").write_text((fp8 / "config.json").read_text())
+    a, b = _params(moejax.load_pretrained(tmp_path)), _params(moejax.load_pretrained(dequantized))
+    assert all(np.array_equal(a[k], b[k]) for k in b)
