@@ -235,7 +235,7 @@ def fp8_partial_blocks(tmp_path_factory):
 def _params(model) -> dict:
     from flax import nnx
 
-    return {jax_path: np.asarray(v) for jax_path, v in nnx.to_flat_state(nnx.state(model))}
+    return {path: np.asarray(value) for path, value in nnx.to_flat_state(nnx.state(model))}
 
 
 def test_an_fp8_deepseek_v3_checkpoint_loads_as_its_dequantized_float_checkpoint(fp8_partial_blocks):
@@ -259,8 +259,8 @@ def test_transformers_reads_the_fp8_checkpoint_moejax_reads_to_the_same_logits(t
 
 
 def test_an_mxfp4_gpt_oss_checkpoint_shows_the_tensors_of_its_float_checkpoint(tmp_path):
-    """GPT-OSS itself is read by moejax.families once it lands; until then the hook is checked on the names,
-    shapes and values the load plan would read, against the float checkpoint and transformers' own loader."""
+    """The hook on what the load plan reads (GPT-OSS's plan itself is moejax.families' and checkpoints._plan's):
+    names, shapes, dtypes and values, against the float checkpoint and transformers' own MXFP4 loader."""
     stored = mxfp4_checkpoint(tmp_path / "mxfp4", tmp_path / "float")
     assert any(n.endswith("gate_up_proj_blocks") for n in stored)
     view = quantization.DequantizedTensors(_Tensors(str(tmp_path / "mxfp4")), quantization.Mxfp4(), np.float32)
@@ -298,10 +298,13 @@ def test_the_loader_never_holds_the_quantized_checkpoint_twice(tmp_path, monkeyp
     baseline = _peak_bytes_while_loading(tmp_path / "float")
     assert _peak_bytes_while_loading(tmp_path / "fp8") < baseline + one_parameter
 
-    held = []
-    read = quantization.DequantizedTensors.get
-    monkeypatch.setattr(quantization.DequantizedTensors, "get", lambda self, name: held.append(read(self, name))
-                        or held[-1])
+    held, read = [], quantization.DequantizedTensors.get
+
+    def read_and_hold(self, name):
+        held.append(read(self, name))
+        return held[-1]
+
+    monkeypatch.setattr(quantization.DequantizedTensors, "get", read_and_hold)
     assert _peak_bytes_while_loading(tmp_path / "fp8") > baseline + total / 2  # the measurement sees a held copy
 
 
