@@ -178,16 +178,19 @@ def split_pairs(pairs: Iterable[Pair], validation_fraction: float = 0.05,
 # Tokenizer: byte-level BPE trained locally with the `tokenizers` library (lossless: any text round-trips).
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer of `vocab_size` tokens (id 0 is END_OF_DOCUMENT) trained on `texts`."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (END_OF_DOCUMENT,)):
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `texts`; the special tokens take the first
+    ids in order (by default id 0 is END_OF_DOCUMENT)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257:
-        raise ValueError(f"vocab_size={vocab_size} must be at least 257 (256 bytes + the end-of-document token)")
+    least = 256 + len(special_tokens)
+    if vocab_size < least:
+        raise ValueError(f"vocab_size={vocab_size} must be at least {least} (256 bytes + {len(special_tokens)} "
+                         "special tokens)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_DOCUMENT], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer

@@ -79,12 +79,34 @@ def loss_terms(model: CausalLM, tokens: jax.Array, token_mask: jax.Array, weight
     input_mask = token_mask[:, :-1]
     out = model.forward(inputs, token_mask=input_mask)
     flat_mask = input_mask.reshape(-1)
-    moe = [r for r in out.routings if r is not None]
-    balance = sum(load_balance_loss(r.scores, r.experts, flat_mask) for r in moe) / max(len(moe), 1)
-    z_loss = sum(router_z_loss(r.logits, flat_mask) for r in moe) / max(len(moe), 1)
-    logprobs = jax.nn.log_softmax(out.logits, axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    counted = (input_mask & token_mask[:, 1:]).astype(jnp.float32)
-    cross_entropy = -(picked * counted).sum() / jnp.maximum(counted.sum(), 1.0)
+    return _with_router_terms(_cross_entropy(out.logits, targets, input_mask & token_mask[:, 1:]),
+                              [(r, flat_mask) for r in out.routings if r is not None], weights)
+
+
+def seq2seq_loss(model, batch: tuple, weights: LossWeights) -> LossTerms:
+    """The Trainer's loss of an encoder-decoder model: batch = (source [B, S], source_mask, target [B, T+1],
+    target_mask), the target starting with the decoder start token; cross-entropy of target[:, 1:] given
+    target[:, :-1], plus the router auxiliaries of both stacks' MoE layers over their real tokens."""
+    source, source_mask, target, target_mask = (batch[0].astype(jnp.int32), batch[1].astype(bool),
+                                                batch[2].astype(jnp.int32), batch[3].astype(bool))
+    decoder_mask = target_mask[:, :-1]
+    out = model.forward(source, target[:, :-1], source_mask=source_mask, decoder_mask=decoder_mask)
+    routed = [(r, source_mask.reshape(-1)) for r in out.encoder_routings if r is not None]
+    routed += [(r, decoder_mask.reshape(-1)) for r in out.decoder_routings if r is not None]
+    return _with_router_terms(_cross_entropy(out.logits, target[:, 1:], decoder_mask & target_mask[:, 1:]),
+                              routed, weights)
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array, counted: jax.Array) -> jax.Array:
+    """Mean over the counted positions of -log p(target)."""
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    counted = counted.astype(jnp.float32)
+    return -(picked * counted).sum() / jnp.maximum(counted.sum(), 1.0)
+
+
+def _with_router_terms(cross_entropy: jax.Array, routed: list, weights: LossWeights) -> LossTerms:
+    """LossTerms from the cross-entropy and the MoE layers' (Routing, flat token mask) pairs."""
+    balance = sum(load_balance_loss(r.scores, r.experts, mask) for r, mask in routed) / max(len(routed), 1)
+    z_loss = sum(router_z_loss(r.logits, mask) for r, mask in routed) / max(len(routed), 1)
     total = cross_entropy + weights.load_balance * balance + weights.router_z * z_loss
     return LossTerms(total, cross_entropy, jnp.asarray(balance), jnp.asarray(z_loss))

@@ -90,47 +90,63 @@ def run(config, workdir: str, progress: bool = True, devices=None, stop_after: i
     The batch of step i is a function of (config.seed, i) only, so an interrupted run continues exactly as an
     uninterrupted one would. Returns {"model", "tokenizer", "corpus", "history"}: history holds, per step
     taken in this call, the training loss terms, and per validation, the validation cross-entropy."""
-    from tqdm import tqdm
-
     from moejax import data
 
     corpus = prepare_corpus(config, workdir)
-    model = build_model(config, corpus.tokenizer)
-    optimizer = make_optimizer(config.learning_rate, config.warmup_steps, config.steps, config.weight_decay)
-    weights = LossWeights(config.load_balance_coef, config.router_z_coef)
-    trainer = Trainer(model, optimizer, weights, data_mesh(devices), config.compute_dtype, config.capacity_factor)
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every)
-    state = trainer.init()
-    if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
+    trainer = Trainer(build_model(config, corpus.tokenizer), optimizer(config), loss_weights(config),
+                      data_mesh(devices), config.compute_dtype, config.capacity_factor)
     validation = np.stack([c for c in data.chunks(corpus.validation_stream, config.sequence_length + 1,
                                                   config.eval_sequences) if len(c) == config.sequence_length + 1])
     validation = validation[:len(validation) - len(validation) % trainer.mesh.size]
     if not len(validation):
         raise ValueError(f"the validation split has fewer than {config.sequence_length + 1} * {trainer.mesh.size} "
                          "tokens; lower sequence_length or add documents")
+    batch = lambda step: (data.training_batch(corpus.train_stream, config.seed, step, config.batch_size,
+                                              config.sequence_length),)
+    state, history = train_loop(config, workdir, trainer, batch, (validation,), progress, stop_after)
+    return {"model": trainer.model(state), "tokenizer": corpus.tokenizer, "corpus": corpus, "history": history,
+            "state": state}
 
+
+def optimizer(config):
+    return make_optimizer(config.learning_rate, config.warmup_steps, config.steps, config.weight_decay)
+
+
+def loss_weights(config) -> LossWeights:
+    return LossWeights(config.load_balance_coef, config.router_z_coef)
+
+
+def train_loop(config, workdir: str, trainer: Trainer, batch, validation: tuple, progress: bool = True,
+               stop_after: int | None = None):
+    """Steps from workdir's latest checkpoint (or the start) to config.steps (or stop_after): batch(step) ->
+    the step's batch tuple; validated on `validation` every config.eval_every steps and at the end;
+    checkpointed every config.checkpoint_every. -> (state, history)."""
+    from tqdm import tqdm
+
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every)
+    state = trainer.init()
+    if checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state)
     history = {"train": [], "validation": []}
     start = int(state.step)
-    tokens_per_step = config.batch_size * config.sequence_length
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress,
                desc="train", unit="step")
     clock = None
     for step in bar:
-        batch = data.training_batch(corpus.train_stream, config.seed, step, config.batch_size, config.sequence_length)
-        state, terms = trainer.step(state, batch)
+        inputs = batch(step)
+        state, terms = trainer.step(state, *inputs)
         terms = LossTerms(*(float(t) for t in terms))  # waits for the step: honest timing
         now = time.perf_counter()
-        rate = tokens_per_step / (now - clock) if clock is not None else None  # the first step compiles
+        tokens = sum(np.asarray(a).size for a in inputs if np.asarray(a).dtype != bool)  # token ids, padding too
+        rate = tokens / (now - clock) if clock is not None else None  # the first step compiles
         clock = now
         history["train"].append({"step": step + 1, **terms._asdict(), "tokens_per_s": rate})
         bar.set_postfix(loss=f"{terms.cross_entropy:.3f}", tok_s=f"{rate or 0:,.0f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            ce = float(trainer.evaluate(state, validation).cross_entropy)
+            ce = float(trainer.evaluate(state, *validation).cross_entropy)
             history["validation"].append({"step": step + 1, "cross_entropy": ce, "perplexity": float(np.exp(ce))})
             bar.write(f"step {step + 1}: validation cross-entropy {ce:.4f} (perplexity {np.exp(ce):.2f})")
         checkpoints.save(state, force=step + 1 == end)
     checkpoints.close()
-    return {"model": trainer.model(state), "tokenizer": corpus.tokenizer, "corpus": corpus, "history": history,
-            "state": state}
+    return state, history
