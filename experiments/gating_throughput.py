@@ -28,9 +28,13 @@ REPORT_PLOT = "static vs dynamic gating throughput"
 
 # lm: the paper's LM-like layer (many experts, top-2, every expert busy);
 # decoder: few tokens per step over many experts, so most experts are idle in a step (sparse activation).
+# mt_encoder / mt_decoder: NLLB-MoE-54B's layers (d 2048, ffn 8192 = 4 d, 128 experts, top-2) scaled to d 256,
+# the decoder with the tokens of a decode step; their experts NLLB's (relu, not gated, with biases).
 LAYERS = {
     "lm": dict(hidden=256, ffn=512, experts=64, top_k=2, token_scale=1),
     "decoder": dict(hidden=256, ffn=512, experts=128, top_k=2, token_scale=16),  # tokens / 16 per step
+    "mt_encoder": dict(hidden=256, ffn=1024, experts=128, top_k=2, token_scale=1, nllb=True),
+    "mt_decoder": dict(hidden=256, ffn=1024, experts=128, top_k=2, token_scale=16, nllb=True),
 }
 
 
@@ -38,7 +42,8 @@ def layer_block(shape: dict) -> moejax.CausalLM:
     config = moejax.ModelConfig(
         architecture="mixtral", vocab_size=128, hidden_size=shape["hidden"], num_layers=1, num_heads=4,
         num_kv_heads=4, head_dim=shape["hidden"] // 4, moe_layers=(True,), num_experts=shape["experts"],
-        num_experts_per_tok=shape["top_k"], moe_intermediate_size=shape["ffn"], norm_topk_prob=True)
+        num_experts_per_tok=shape["top_k"], moe_intermediate_size=shape["ffn"], norm_topk_prob=True,
+        **(dict(hidden_act="relu", moe_gated=False, moe_bias=True) if shape.get("nllb") else {}))
     return moejax.random_model(config, seed=0)
 
 
