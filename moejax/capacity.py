@@ -331,7 +331,8 @@ def _expanded(routing: Routing, policy: MoEPolicy, num_tokens, layout: Layout | 
         extra = jnp.asarray(layout.local_experts(t_count))  # [T, L]
     local = jnp.zeros((t_count, num_experts), bool).at[jnp.arange(t_count)[:, None], extra].set(True)
     capacity = expert_capacity(num_tokens, top_k, num_experts, policy.capacity_factor, max_tokens=t_count)
-    keep_dense = expanded_drop(scores, experts, capacity, local & valid[:, None])
+    # padding's own top-k would be candidates too: ranked last, it can take no real token's slot
+    keep_dense = expanded_drop(jnp.where(valid[:, None], scores, -jnp.inf), experts, capacity, local & valid[:, None])
     keep_dense &= valid[:, None]
     # Compact [T, E] -> [T, k + L]: the top-k first, then local experts not already among them.
     wide = jnp.concatenate([experts, extra], axis=-1)

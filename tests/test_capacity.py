@@ -220,9 +220,10 @@ def test_token_that_lost_every_expert_passes_through_the_residual_only(model):
     assert np.abs(np.asarray(out)[~lost]).min(axis=-1).max() > 0
 
 
-def test_padding_never_counts_toward_capacity(model):
+@pytest.mark.parametrize("policy", [moejax.MoEPolicy(capacity_factor=0.5, drop="first"),
+                                    moejax.MoEPolicy(capacity_factor=0.5, expanded="global")])
+def test_padding_never_counts_toward_capacity(model, policy):
     """A prompt alone and the same prompt left-padded in a batch: identical drops, identical logits."""
-    policy = moejax.MoEPolicy(capacity_factor=0.5, drop="first")
     dropping = moejax.with_policy(model, policy)
     prompt = np.asarray(_tokens(1, (1, 13)))[0].tolist()
     alone = dropping.forward(jnp.asarray([prompt]))
