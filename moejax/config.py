@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from moejax.families import READERS, SUPPORTED_ARCHITECTURES
+from moejax.families import MODEL_TYPE_ALIASES, READERS, SUPPORTED_ARCHITECTURES
+from moejax.family_writers import WRITERS, rope_parameters
 from moejax.quantization import read_format
 
 
@@ -22,7 +23,7 @@ class RopeConfig:
     """Rotary position embedding as the checkpoint's config says (HF `rope_parameters` / `rope_scaling`)."""
 
     theta: float = 10000.0
-    kind: str = "default"  # "default", "linear" or "yarn"
+    kind: str = "default"  # one of moejax.models.rope.ROPE_TYPES
     factor: float = 1.0
     original_max_position: int | None = None  # yarn
     beta_fast: float = 32.0  # yarn
@@ -31,6 +32,14 @@ class RopeConfig:
     mscale_all_dim: float | None = None  # yarn (DeepSeek)
     attention_factor: float | None = None  # yarn: scale of cos/sin; None derives it from factor / mscale
     truncate: bool = True  # yarn
+    # longrope (Phi-3.5-MoE), in its short regime: per-frequency divisors and the cos/sin scale for sequences
+    # within original_max_position (past it transformers switches to long_factor / long_mscale: refused)
+    short_factor: tuple[float, ...] | None = None
+    short_mscale: float | None = None
+    long_factor: tuple[float, ...] | None = None  # kept for export; never computed with
+    long_mscale: float | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
     interleaved: bool = False  # rotate (x0, x1), (x2, x3), ... pairs (DeepSeek) instead of the two halves
 
     def yarn_mscale(self, mscale: float = 1.0) -> float:
@@ -41,7 +50,7 @@ class RopeConfig:
 class ModelConfig:
     """A decoder-only MoE transformer. Families differ only in the values of these fields."""
 
-    architecture: str  # one of SUPPORTED_MODEL_TYPES
+    architecture: str  # one of SUPPORTED_MODEL_TYPES (an alias's family: kimi_k2 builds deepseek_v3)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -52,6 +61,19 @@ class ModelConfig:
     rope: RopeConfig = RopeConfig()
     max_position_embeddings: int = 4096
     sliding_window: int | None = None  # attend only to the last `sliding_window` positions
+    # per layer, its attention's kind, one of ATTENTION_KINDS (GPT-OSS alternates sliding and full, Llama 4 chunked
+    # and full); (): "sliding_attention" in every layer where sliding_window is set, else "full_attention"
+    layer_types: tuple[str, ...] = ()
+    attention_chunk_size: int | None = None  # "chunked_attention": a query sees the keys of its own chunk only
+    attention_sinks: bool = False  # GPT-OSS: a learned logit per head joins every softmax's denominator
+    rope_layers: tuple[bool, ...] = ()  # per layer, whether it applies rope (Llama 4's no_rope_layers); (): all
+    qk_l2_norm: bool = False  # Llama 4: a weightless RMS norm of each head's q and k after rope, on rope layers
+    # Llama 4's temperature tuning on its rope-free layers: q *= 1 + attn_scale * log(1 + floor((p + 1) / floor_scale))
+    attn_temperature_tuning: bool = False
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
+    norm_type: str = "rms_norm"  # "layer_norm" (with bias, eps rms_norm_eps: Phi-3.5-MoE) for every norm but q/k's
+    lm_head_bias: bool = False  # Phi-3.5-MoE
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False  # OLMoE: RMSNorm over the whole q / k projection, before the head split
@@ -78,10 +100,16 @@ class ModelConfig:
     moe_bias: bool = False
     # GPT-OSS's clamped SwiGLU (kernels.ClampedSwiGLU) as the experts' activation, with this limit; None: hidden_act
     swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    router_bias: bool = False  # GPT-OSS: the router's logits have a bias
+    # Llama 4: the chosen expert's input is the token times its router score, its output joins with weight 1
+    moe_scales_input: bool = False
+    router_jitter_eps: float = 0.01  # sparsemixer (Phi-3.5-MoE): the relative band of logits a choice's softmax spans
     norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
-    scoring_func: str = "softmax"  # router scores: "softmax" or "sigmoid" (DeepSeek-V3, GLM-4.5)
-    # "greedy", "group_limited_greedy" (DeepSeek-V2) or "noaux_tc" (DeepSeek-V3: the choice adds a learned
-    # e_score_correction_bias to the scores, groups ranked by the sum of their top-2)
+    scoring_func: str = "softmax"  # router scores: "softmax" or "sigmoid" (DeepSeek-V3, GLM-4.5, Llama 4)
+    # "greedy", "group_limited_greedy" (DeepSeek-V2), "noaux_tc" (DeepSeek-V3: the choice adds a learned
+    # e_score_correction_bias to the scores, groups ranked by the sum of their top-2) or "sparsemixer"
+    # (Phi-3.5-MoE's top-2 rule in eval mode, see moejax.routing)
     topk_method: str = "greedy"
     n_group: int = 1
     topk_group: int = 1
@@ -119,13 +147,22 @@ class ModelConfig:
             scale *= m * m
         return scale
 
+    def attention_kind(self, layer: int) -> str:
+        """Layer `layer`'s attention, one of ATTENTION_KINDS."""
+        if self.layer_types:
+            return self.layer_types[layer]
+        return "sliding_attention" if self.sliding_window else "full_attention"
+
+    def uses_rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
+
     @property
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.is_mla else self.rotary_dim or self.head_dim
 
     def __post_init__(self):
-        _check(self.architecture in SUPPORTED_MODEL_TYPES, "architecture", self.architecture,
-               f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+        _check(self.architecture in SUPPORTED_MODEL_TYPES or self.architecture in ENCODER_DECODER_MODEL_TYPES,
+               "architecture", self.architecture, f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
         for name in _INTEGER_FIELDS:
             _check(is_integer(getattr(self, name)), name, getattr(self, name), "must be an integer")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -167,8 +204,30 @@ class ModelConfig:
         _check(self.hidden_act in ACTIVATIONS, "hidden_act", self.hidden_act, f"supported: {sorted(ACTIVATIONS)}")
         _check(self.swiglu_limit is None or (self.moe_gated and self.swiglu_limit > 0), "swiglu_limit",
                self.swiglu_limit, "must be a positive number, for gated experts (moe_gated)")
-        _check(self.rope.kind in ("default", "linear", "yarn"), "rope_type", self.rope.kind,
-               "supported: 'default', 'linear', 'yarn'")
+        for name in ("layer_types", "rope_layers"):
+            _check(len(getattr(self, name)) in (0, self.num_layers), name, getattr(self, name),
+                   f"needs one entry per layer ({self.num_layers}) or none")
+        for kind in set(self.layer_types):
+            _check(kind in ATTENTION_KINDS, "layer_types", self.layer_types, f"supported kinds: {ATTENTION_KINDS}")
+        kinds = {self.attention_kind(i) for i in range(self.num_layers)}
+        _check("sliding_attention" not in kinds or (self.sliding_window or 0) > 0, "sliding_window",
+               self.sliding_window, "sliding_attention layers need a positive sliding_window")
+        _check("chunked_attention" not in kinds or (self.attention_chunk_size or 0) > 0, "attention_chunk_size",
+               self.attention_chunk_size, "chunked_attention layers need a positive attention_chunk_size")
+        _check(self.norm_type in ("rms_norm", "layer_norm"), "norm_type", self.norm_type,
+               "supported: 'rms_norm', 'layer_norm'")
+        if self.moe_scales_input and any(self.moe_layers):  # x * score before the expert is exact for one expert
+            _check(self.num_experts_per_tok == 1, "num_experts_per_tok", self.num_experts_per_tok,
+                   "a router that scales the expert's input (Llama 4) is computed for top-1 routing only")
+        if self.topk_method == "sparsemixer" and any(self.moe_layers):
+            _check(self.num_experts_per_tok == 2 and self.num_experts >= 2, "num_experts_per_tok",
+                   self.num_experts_per_tok, "sparsemixer routes every token to exactly 2 experts")
+        _check(self.rope.kind in ROPE_TYPES, "rope_type", self.rope.kind, f"supported: {ROPE_TYPES}")
+        _check(self.rope.kind not in ("llama3", "longrope") or bool(self.rope.original_max_position),
+               "original_max_position_embeddings", self.rope.original_max_position,
+               f"{self.rope.kind} rope needs the original context length")
+        _check(self.rope.kind != "longrope" or len(self.rope.short_factor or ()) * 2 == self.rope_dim, "short_factor",
+               self.rope.short_factor, f"longrope needs one factor per rotary frequency ({self.rope_dim // 2})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,8 +235,13 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
-        d["rope"] = RopeConfig(**d["rope"])
-        d["moe_layers"] = tuple(d["moe_layers"])
+        rope = dict(d["rope"])
+        for name in ("short_factor", "long_factor"):
+            if rope.get(name) is not None:
+                rope[name] = tuple(rope[name])
+        d["rope"] = RopeConfig(**rope)
+        for name in ("moe_layers", "layer_types", "rope_layers"):
+            d[name] = tuple(d.get(name, ()))
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
         return cls(**d)
@@ -186,8 +250,10 @@ class ModelConfig:
 _INTEGER_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                    "max_position_embeddings", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                    "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
-                   "topk_group", "shared_expert_intermediate_size", "rotary_dim", "mtp_layers")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+                   "topk_group", "shared_expert_intermediate_size", "rotary_dim", "mtp_layers", "floor_scale")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "sparsemixer")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 
 # Activation names as HF configs spell them -> the name our expert kernel takes.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_exact", "gelu_new": "gelu",
@@ -217,11 +283,14 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "topk_group", "n_shared_experts", "sliding_window", "bos_token_id", "pad_token_id",
                   "num_nextn_predict_layers", "shared_intermediate_size", "moe_num_experts", "moe_k",
                   "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts",
-                  "max_window_layers", "rotary_dim")
+                  "max_window_layers", "rotary_dim", "intermediate_size_mlp", "interleave_moe_layer_step",
+                  "no_rope_layer_interval", "attention_chunk_size", "floor_scale")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
-                 "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min")
+                 "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min",
+                 "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
-               "use_sliding_window", "use_qk_norm", "rope_interleave", "use_bias")
+               "use_sliding_window", "use_qk_norm", "rope_interleave", "use_bias", "attn_temperature_tuning",
+               "lm_head_bias")
 
 
 def _check_json_types(hf: dict) -> None:
@@ -240,11 +309,20 @@ def _check_json_types(hf: dict) -> None:
     eos = hf.get("eos_token_id")
     if eos is not None and not (is_integer(eos) or isinstance(eos, list) and all(is_integer(e) for e in eos)):
         bad("eos_token_id", "a token id or a list of token ids")
-    if not isinstance(hf.get("mlp_only_layers", []), list):
-        bad("mlp_only_layers", "a list of layer indices")
+    for key, (element_ok, what) in _JSON_LISTS.items():
+        if hf.get(key) is not None and not (isinstance(hf[key], list) and all(map(element_ok, hf[key]))):
+            bad(key, what)
+
+
+_JSON_LISTS = {"mlp_only_layers": (is_integer, "a list of layer indices"),
+               "moe_layers": (is_integer, "a list of layer indices"),  # Llama 4
+               "no_rope_layers": (lambda v: v in (0, 1) and not isinstance(v, float), "a list of 0 / 1 flags"),
+               "layer_types": (lambda v: isinstance(v, str), "a list of attention kinds (strings)")}
 
 
 SUPPORTED_MODEL_TYPES = frozenset(READERS)
+# moejax.seq2seq's families: a ModelConfig there describes their MoE blocks (Seq2SeqConfig.moe_config)
+ENCODER_DECODER_MODEL_TYPES = ("nllb-moe", "switch_transformers")
 
 
 def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
@@ -258,6 +336,9 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
         hf = {**hf, **{k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}}
     _check_json_types(hf)
     model_type = hf.get("model_type")
+    if model_type in ENCODER_DECODER_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is an encoder-decoder model: load it with "
+                         "moejax.seq2seq.load_pretrained")
     if model_type not in READERS:
         raise ValueError(f"config.json: unknown model_type {model_type!r}; supported model types: "
                          f"{sorted(READERS)}")
@@ -266,7 +347,8 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
             raise ValueError(f"config.json: unsupported architecture {arch!r}; supported architectures: "
                              f"{sorted(SUPPORTED_ARCHITECTURES)}")
     fields = READERS[model_type](hf)
-    return ModelConfig(architecture=model_type, **dict(fields, rope=RopeConfig(**fields["rope"])))
+    architecture = MODEL_TYPE_ALIASES.get(model_type, model_type)
+    return ModelConfig(architecture=architecture, **dict(fields, rope=RopeConfig(**fields["rope"])))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,64 +356,40 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
 
 
 def to_hf_config(config: ModelConfig, dtype="float32") -> dict:
-    """The Hugging Face config.json dict of `config`; fails naming the field its family cannot express."""
+    """The Hugging Face config.json dict of `config` (its family's writer in moejax.family_writers plus the
+    shared keys). It is read back with the family's reader: a field the family cannot express (it would read
+    back otherwise) fails naming it, as does a family with no writer."""
     c = config
-    if c.architecture not in ("mixtral", "olmoe", "qwen2_moe"):
-        raise ValueError(f"export to {c.architecture} is not supported yet; supported: mixtral, olmoe, qwen2_moe")
+    if c.architecture not in WRITERS:
+        raise ValueError(f"export to {c.architecture} is not supported; supported: {sorted(WRITERS)}")
     hf = {
         "model_type": c.architecture,
         "architectures": [next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == c.architecture)],
         "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope.theta, "max_position_embeddings":
-        c.max_position_embeddings, "hidden_act": c.hidden_act,
-        "tie_word_embeddings": c.tie_word_embeddings, "num_experts_per_tok": c.num_experts_per_tok,
-        "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple)
-        else c.eos_token_id, "pad_token_id": c.pad_token_id, "torch_dtype": str(dtype),
+        "rms_norm_eps": c.rms_norm_eps, "rope_parameters": rope_parameters(c),
+        "max_position_embeddings": c.max_position_embeddings, "hidden_act": c.hidden_act,
+        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
+        "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
+        "pad_token_id": c.pad_token_id, "torch_dtype": str(dtype), **WRITERS[c.architecture](c),
     }
-    if c.rope.kind != "default":
-        hf["rope_scaling"] = {"rope_type": c.rope.kind, "factor": c.rope.factor}
-        if c.rope.kind == "yarn":
-            hf["rope_scaling"].update(original_max_position_embeddings=c.rope.original_max_position,
-                                      beta_fast=c.rope.beta_fast, beta_slow=c.rope.beta_slow)
-
-    def need(ok: bool, field: str, value):
-        if not ok:
-            raise ValueError(f"cannot export as {c.architecture}: {field}={value!r} is not expressible there")
-
-    need(not c.is_mla, "kv_lora_rank", c.kv_lora_rank)
-    need(c.topk_method == "greedy", "topk_method", c.topk_method)
-    need(c.scoring_func == "softmax", "scoring_func", c.scoring_func)
-    need(not c.head_qk_norm, "head_qk_norm", c.head_qk_norm)
-    need(c.rotary_dim in (0, c.head_dim), "rotary_dim", c.rotary_dim)
-    need((c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling) == (1.0, 1.0, None, 1.0),
-         "embedding/residual/attention multipliers, logits_scaling",
-         (c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling))
-    need(c.routed_scaling_factor == 1.0, "routed_scaling_factor", c.routed_scaling_factor)
-    if c.architecture in ("mixtral", "olmoe"):
-        need(all(c.moe_layers), "moe_layers", c.moe_layers)
-        need(c.shared_expert_intermediate_size == 0, "shared_expert_intermediate_size",
-             c.shared_expert_intermediate_size)
-    if c.architecture == "mixtral":
-        need(c.norm_topk_prob, "norm_topk_prob", c.norm_topk_prob)
-        need(not (c.qk_norm or c.qkv_bias or c.o_bias or c.clip_qkv), "qk_norm/qkv_bias/o_bias/clip_qkv",
-             (c.qk_norm, c.qkv_bias, c.o_bias, c.clip_qkv))
-        hf.update(num_local_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
-                  sliding_window=c.sliding_window)
-    elif c.architecture == "olmoe":
-        need(c.qk_norm, "qk_norm", c.qk_norm)
-        need(c.qkv_bias == c.o_bias, "qkv_bias/o_bias", (c.qkv_bias, c.o_bias))
-        need(c.sliding_window is None, "sliding_window", c.sliding_window)
-        hf.update(num_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
-                  norm_topk_prob=c.norm_topk_prob, clip_qkv=c.clip_qkv, attention_bias=c.qkv_bias)
-    else:  # qwen2_moe
-        need(not (c.qk_norm or c.o_bias or c.clip_qkv), "qk_norm/o_bias/clip_qkv", (c.qk_norm, c.o_bias, c.clip_qkv))
-        need(c.sliding_window is None, "sliding_window", c.sliding_window)
-        need(c.shared_expert_gate == (c.shared_expert_intermediate_size > 0), "shared_expert_gate",
-             c.shared_expert_gate)
-        hf.update(num_experts=c.num_experts, moe_intermediate_size=c.moe_intermediate_size,
-                  intermediate_size=c.intermediate_size or c.moe_intermediate_size,
-                  shared_expert_intermediate_size=c.shared_expert_intermediate_size,
-                  norm_topk_prob=c.norm_topk_prob, qkv_bias=c.qkv_bias, decoder_sparse_step=1,
-                  mlp_only_layers=[i for i, moe in enumerate(c.moe_layers) if not moe], use_sliding_window=False)
+    try:
+        back = from_hf_config(hf)
+    except ValueError as e:
+        raise ValueError(f"cannot export as {c.architecture}: {e}") from None
+    ours, theirs = _computed(c), _computed(back)
+    for field in dataclasses.fields(ModelConfig):
+        if ours[field.name] != theirs[field.name]:
+            raise ValueError(f"cannot export as {c.architecture}: {field.name}={getattr(c, field.name)!r} is not "
+                             f"expressible there (its config.json reads back {getattr(back, field.name)!r})")
     return hf
+
+
+def _computed(c: ModelConfig) -> dict[str, Any]:
+    """c's fields as what they compute: per-layer kinds and rope spelled out, the softmax scale, and the
+    dense FFN size only where a layer is dense."""
+    fields = dataclasses.asdict(c)
+    fields.update(layer_types=tuple(c.attention_kind(i) for i in range(c.num_layers)),
+                  rope_layers=tuple(c.uses_rope(i) for i in range(c.num_layers)), attention_multiplier=c.attention_scale,
+                  rotary_dim=c.rope_dim, intermediate_size=0 if all(c.moe_layers) else c.intermediate_size)
+    return fields

@@ -33,7 +33,14 @@ def _rope(hf: dict, interleaved: bool = False) -> dict:
         beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
         mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
         attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
-        interleaved=interleaved)
+        short_factor=_floats(params.get("short_factor")), short_mscale=params.get("short_mscale"),
+        long_factor=_floats(params.get("long_factor")), long_mscale=params.get("long_mscale"),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)), interleaved=interleaved)
+
+
+def _floats(values) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def _common(hf: dict) -> dict:
@@ -249,14 +256,89 @@ def _minimax_m2(hf: dict) -> dict:
                                   experts))
 
 
+def _gpt_oss(hf: dict) -> dict:
+    """GPT-OSS: a biased router whose top-k logits are softmaxed (the all-expert softmax renormalised over the
+    top-k), biased experts with the clamped SwiGLU, attention sinks, sliding and full layers by layer_types."""
+    hf = {"rope_theta": 150000.0, "head_dim": 64, "sliding_window": 128, "attention_bias": True, "rms_norm_eps": 1e-5,
+          "max_position_embeddings": 131072, "num_experts_per_tok": 4, **hf}  # GptOssConfig's defaults
+    if not hf.get("rope_parameters") and not hf.get("rope_scaling"):  # GptOssConfig's default rope
+        hf["rope_scaling"] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                              "truncate": False, "original_max_position_embeddings": 4096}
+    n = _get(hf, "num_hidden_layers")
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    experts = _get(hf, "num_local_experts") if hf.get("num_local_experts") is not None else _get(hf, "num_experts")
+    bias = bool(_get(hf, "attention_bias"))
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, sliding_window=hf.get("sliding_window"),
+                layer_types=tuple(types), attention_sinks=True, intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=(True,) * n, num_experts=experts, num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_get(hf, "intermediate_size"), norm_topk_prob=True, router_bias=True,
+                moe_bias=True, swiglu_limit=float(_get(hf, "swiglu_limit", 7.0)),
+                swiglu_alpha=float(_get(hf, "swiglu_alpha", 1.702)))
+
+
+def _llama4_text(hf: dict) -> dict:
+    """Llama 4's text model: top-1 sigmoid router scaling the expert's input, a shared expert, MoE layers every
+    interleave_moe_layer_step-th (dense ones of intermediate_size_mlp), rope-free layers with temperature tuning,
+    chunked attention on the rope layers, a weightless q/k norm after rope."""
+    hf = {"rope_theta": 500000.0, "head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+          "num_local_experts": 16, "num_experts_per_tok": 1, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+          "use_qk_norm": True, "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 8192,
+          "attn_scale": 0.1, "no_rope_layer_interval": 4, "interleave_moe_layer_step": 1, **hf}  # Llama4TextConfig's
+    n = _get(hf, "num_hidden_layers")
+    step = _get(hf, "interleave_moe_layer_step")
+    moe = hf.get("moe_layers") if hf.get("moe_layers") is not None else range(step - 1, n, step)
+    rope = hf.get("no_rope_layers") or [int((i + 1) % _get(hf, "no_rope_layer_interval") != 0) for i in range(n)]
+    chunk = hf.get("attention_chunk_size")
+    types = hf.get("layer_types") or ["chunked_attention" if r and chunk is not None else "full_attention" for r in rope]
+    if len(rope) != n:
+        raise ValueError(f"config.json: no_rope_layers={rope!r} needs one flag per layer ({n})")
+    common = _common(hf)
+    common["rope"] = _rope(hf, interleaved=True)  # Llama 4 rotates (x0, x1), (x2, x3), ... as complex numbers
+    bias = bool(_get(hf, "attention_bias", False))
+    size = _get(hf, "intermediate_size")
+    return dict(common, qkv_bias=bias, o_bias=bias, layer_types=tuple(types), attention_chunk_size=chunk,
+                rope_layers=tuple(bool(r) for r in rope), qk_l2_norm=bool(_get(hf, "use_qk_norm")),
+                attn_temperature_tuning=bool(_get(hf, "attn_temperature_tuning")),
+                floor_scale=_get(hf, "floor_scale"), attn_scale=float(_get(hf, "attn_scale")),
+                intermediate_size=_get(hf, "intermediate_size_mlp"), moe_layers=tuple(i in set(moe) for i in range(n)),
+                num_experts=_get(hf, "num_local_experts"), num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=size, scoring_func="sigmoid", moe_scales_input=True,
+                shared_expert_intermediate_size=size)
+
+
+def _phimoe(hf: dict) -> dict:
+    """Phi-3.5-MoE: sparsemixer top-2 routing, LayerNorm with bias (eps rms_norm_eps), an LM-head bias."""
+    hf = {"rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "num_local_experts": 16,
+          "num_experts_per_tok": 2, "router_jitter_noise": 0.01, **hf}  # PhimoeConfig's defaults
+    n = _get(hf, "num_hidden_layers")
+    bias = bool(_get(hf, "attention_bias", False))
+    common = _common(hf)
+    if common["rope"]["kind"] == "su":  # longrope's earlier name
+        common["rope"]["kind"] = "longrope"
+    if common["rope"]["kind"] == "longrope" and common["rope"]["short_mscale"] is None:
+        raise ValueError("config.json: rope_scaling.short_mscale is required for phimoe's longrope")
+    return dict(common, qkv_bias=bias, o_bias=bias, sliding_window=hf.get("sliding_window"),
+                norm_type="layer_norm", lm_head_bias=bool(_get(hf, "lm_head_bias", False)),
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=(True,) * n,
+                num_experts=_get(hf, "num_local_experts"), num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_get(hf, "intermediate_size"), topk_method="sparsemixer",
+                router_jitter_eps=float(_get(hf, "router_jitter_noise")))
+
+
 READERS: dict[str, Callable[[dict], dict]] = {
     "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "deepseek_v2": _deepseek_v2,
     "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "granitemoe": _granitemoe,
     "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1,
-    "minimax_m2": _minimax_m2}
+    "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
+    "kimi_k2": _deepseek_v3}
+# model types whose checkpoints are another family's (Kimi-K2's config.json says kimi_k2 and
+# DeepseekV3ForCausalLM; transformers reads it as deepseek_v3): the model is built as that family
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
                            "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                            "Glm4MoeForCausalLM": "glm4_moe", "GraniteMoeForCausalLM": "granitemoe",
                            "GraniteMoeSharedForCausalLM": "granitemoeshared", "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
-                           "Dots1ForCausalLM": "dots1", "MiniMaxM2ForCausalLM": "minimax_m2"}
+                           "Dots1ForCausalLM": "dots1", "MiniMaxM2ForCausalLM": "minimax_m2",
+                           "GptOssForCausalLM": "gpt_oss", "Llama4ForCausalLM": "llama4_text",
+                           "PhimoeForCausalLM": "phimoe"}

@@ -84,12 +84,48 @@ VARIANTS = {
     "minimax_m2-e6k3-full-rotary-mqa-tied": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(
         num_local_experts=6, num_experts_per_tok=3, head_dim=8, num_key_value_heads=1, tie_word_embeddings=True,
         num_hidden_layers=3)),
+    # GPT-OSS: sliding (window 4) and full layers alternating, default YaRN, a clamp that the values reach
+    "gpt_oss-e4k2-window-yarn-clamped": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, head_dim=8, intermediate_size=16, sliding_window=4,
+        swiglu_limit=0.5)),
+    "gpt_oss-e8k3-full-first-default-rope-mqa-nobias": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=3, head_dim=16, intermediate_size=24, num_key_value_heads=1,
+        num_hidden_layers=3, sliding_window=6, attention_bias=False,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # Llama 4: MoE every second layer (dense ones of intermediate_size_mlp), rope-free every second layer with
+    # temperature tuning (floor_scale 4: the scale moves within these short prompts), chunks of 4 on rope layers
+    "llama4_text-e4-interleaved-chunked-nope-qknorm": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=1, head_dim=8, intermediate_size=16, intermediate_size_mlp=24,
+        interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=4, floor_scale=4,
+        attn_scale=0.5, num_hidden_layers=4)),
+    "llama4_text-e8-every-layer-llama3-rope-tied-mqa": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=1, head_dim=8, intermediate_size=16, intermediate_size_mlp=24,
+        interleave_moe_layer_step=1, no_rope_layer_interval=3, attention_chunk_size=None, use_qk_norm=False,
+        attn_temperature_tuning=False, tie_word_embeddings=True, num_key_value_heads=1, num_hidden_layers=3,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16))),
+    # Phi-3.5-MoE: sparsemixer's band 2 * 0.01 (a first choice alone, mostly) with longrope's short regime (the
+    # prompts stay within original_max_position_embeddings), then a wide band (0.3: softmaxes over several experts)
+    "phimoe-e4k2-biases-lm-head-bias-longrope": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, attention_bias=True, lm_head_bias=True,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.3, 2.1, 3.5],
+                             long_factor=[2.0, 3.0, 4.0, 5.0], short_mscale=1.2, long_mscale=1.4,
+                             original_max_position_embeddings=64))),
+    "phimoe-e8k2-wide-band-window-tied-mqa": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, router_jitter_noise=0.3, sliding_window=6,
+        tie_word_embeddings=True, num_key_value_heads=1, num_hidden_layers=3)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
 # modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
 # it moves the choice.
-_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config")
+_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig")
+# Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
+# to matter: every bias and sink is set to random values.
+_RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig")
+_ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "block_sparse_moe.router.weight", "mlp.router.weight",
+            "feed_forward.router.weight")
 
 
 def build(name: str, seed: int = 0, router_scale: float | None = None):
@@ -105,9 +141,13 @@ def build(name: str, seed: int = 0, router_scale: float | None = None):
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed + 2)
         for module_name, param in model.named_parameters():
-            if module_name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "block_sparse_moe.router.weight")):
+            if module_name.endswith(_ROUTERS):
                 param.mul_(router_scale)
+            if config_cls in _RANDOM_BIASES and module_name.endswith(("bias", "sinks")):
+                scale = 1.0 if module_name.endswith("sinks") else 0.1
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
         for module_name, buffer in [*model.named_buffers(), *model.named_parameters()]:  # ERNIE: a parameter
             if module_name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.rand(buffer.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.2)

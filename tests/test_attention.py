@@ -87,3 +87,73 @@ def test_attend_tiles_a_long_prefill_and_matches_the_reference_attention():
 ])
 def test_one_place_picks_the_attention_of_each_backend(platform, dtype, equal_dims, long_prefill, expected):
     assert attention.attention_implementation(platform, dtype, equal_dims, long_prefill) == expected
+
+
+# GPT-OSS's attention sinks: a learned logit per head in every softmax's denominator
+def _sinks(h=4, seed=5):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(h,)) * 2, jnp.float32)
+
+
+def test_reference_attention_with_sinks_is_the_softmax_with_a_dropped_sink_column():
+    """numpy, query by query and head by head: softmax over [its allowed logits, the head's sink], the sink's
+    share dropped (transformers' GPT-OSS eager attention)."""
+    q, k, v, allowed = case(3, t=9, hkv=2)
+    sinks = _sinks()
+    out = np.asarray(attention.reference_attention(q, k, v, allowed, 0.3, sinks=sinks))
+    qn, kn, vn, an, sn = (np.asarray(a, np.float64) for a in (q, k, v, allowed, sinks))
+    group = q.shape[2] // k.shape[2]
+    for b, t, h in np.ndindex(q.shape[0], q.shape[1], q.shape[2]):
+        keys = np.flatnonzero(an[b, t])
+        logits = np.concatenate([0.3 * kn[b, keys, h // group] @ qn[b, t, h], [sn[h]]])
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        np.testing.assert_allclose(out[b, t, h], probs[:-1] @ vn[b, keys, h // group], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tiled_attention_with_sinks_equals_the_reference(name):
+    kwargs = CASES[name]
+    q, k, v, allowed = case(4, **kwargs)
+    sinks = _sinks(q.shape[2])
+    ref = attention.reference_attention(q, k, v, allowed, 0.3, sinks=sinks)
+    out = attention.tiled_attention(q, k, v, allowed, 0.3, kwargs.get("past", 0), 16, sinks=sinks)
+    assert_equal_where_attending(out, ref, allowed)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("name", [n for n in CASES if "another size" not in n])
+def test_dot_product_attention_path_with_sinks_equals_the_reference(name, with_bias):
+    q, k, v, allowed = case(6, **CASES[name])
+    sinks = _sinks(q.shape[2])
+    bias = jnp.asarray(np.random.default_rng(7).normal(size=(1, q.shape[2], *allowed.shape[1:])), jnp.float32) \
+        if with_bias else None
+    ref = attention.reference_attention(q, k, v, allowed, 0.3, bias, sinks)
+    assert_equal_where_attending(attention.fused_attention(q, k, v, allowed, 0.3, "xla", bias, sinks), ref, allowed)
+
+
+def test_attend_passes_the_sinks_to_every_path():
+    q, k, v, allowed = case(8, t=attention._BLOCK + 5, past=4)
+    sinks = _sinks()
+    long = jax.jit(lambda *a: attention.attend(*a, 0.3, 4, sinks=sinks))(q, k, v, allowed)  # tiled
+    step = attention.attend(q, k, v, allowed, 0.3, None, sinks=sinks)  # the reference (a decode-style call)
+    ref = attention.reference_attention(q, k, v, allowed, 0.3, sinks=sinks)
+    for out in (long, step):
+        assert_equal_where_attending(out.reshape(ref.shape), ref, allowed)
+    assert np.abs(np.asarray(ref) - np.asarray(attention.reference_attention(q, k, v, allowed, 0.3))).max() > 1e-2
+
+
+@pytest.mark.parametrize("kind, size", [("sliding_attention", 3), ("chunked_attention", 4), ("full_attention", None)])
+def test_each_layer_kind_narrows_the_causal_mask_by_position(kind, size):
+    """A left-padded row and a cache holding earlier tokens: the mask equals its definition on positions."""
+    token_mask = jnp.asarray([[True] * 6, [False, False, True, True, True, True]])
+    cache = attention.KVCache((), jnp.zeros((2, 10), bool).at[:, :3].set(True),
+                              jnp.zeros((2, 10), jnp.int32).at[:, :3].set(jnp.arange(3)), 3)
+    ctx = attention.attention_context(token_mask, None, cache, ((), 1.0), None)
+    mask = np.asarray(attention.layer_allowed(ctx, kind, size, size))
+    positions, keys = np.asarray(ctx.positions), np.asarray(ctx.key_positions)
+    for b, t, s in np.ndindex(mask.shape):
+        causal = bool(ctx.allowed[b, t, s])
+        within = {"sliding_attention": positions[b, t] - keys[b, s] < 3,
+                  "chunked_attention": positions[b, t] // 4 == keys[b, s] // 4, "full_attention": True}[kind]
+        assert mask[b, t, s] == (causal and within), (b, t, s)
+    assert mask.sum() < np.asarray(ctx.allowed).sum() or kind == "full_attention"

@@ -21,7 +21,8 @@ PROMPTS = [[5, 17, 3], [9, 41, 2, 77, 60, 11, 8]]
 FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "glm4_moe-e8k2-groups-partial-qknorm-bias-dense-first", "granitemoeshared-e8k3-shared-bias",
             "ernie4_5_moe-e8k2-shared-start1", "dots1-e8k2-groups-norm-dense-first-head_dim",
-            "minimax_m2-e8k2-partial-head_dim"]
+            "minimax_m2-e8k2-partial-head_dim", "gpt_oss-e8k3-full-first-default-rope-mqa-nobias",
+            "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
@@ -96,3 +97,100 @@ def test_multi_token_prediction_layers_are_skipped_and_nothing_else(tmp_path):
     save_file({**tensors, "model.layers.4.eh_proj.weight": np.ones((4, 4), np.float32)}, file)
     with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.4\.eh_proj\.weight'"):
         moejax.load_pretrained(tmp_path)
+
+
+def test_export_writes_a_checkpoint_transformers_and_moejax_load_alike(checkpoint, model, tmp_path):
+    """to_hf_config's config.json and the load plan's tensors, read back by transformers (the logits of the
+    exported checkpoint are moejax's) and by moejax (the same config)."""
+    import torch
+    import transformers
+
+    moejax.export_pretrained(model, tmp_path)
+    assert moejax.load_pretrained(tmp_path).config == model.config
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(np.asarray(TOKENS))).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(model(TOKENS)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("field, value", [("attention_sinks", False), ("router_bias", False), ("moe_bias", False)])
+def test_a_config_its_family_cannot_express_is_refused_by_name(field, value):
+    import dataclasses
+
+    from moejax.config import from_hf_config, to_hf_config
+
+    config = from_hf_config(hf_models.build("gpt_oss-e4k2-window-yarn-clamped").config.to_dict())
+    with pytest.raises(ValueError, match=f"cannot export as gpt_oss: {field}={value!r} is not expressible there"):
+        to_hf_config(dataclasses.replace(config, **{field: value}))
+
+
+def _config_json(name, **changes):
+    hf = hf_models.build(name).config.to_dict()
+    return {**hf, **changes}
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("llama4_text-e4-interleaved-chunked-nope-qknorm", dict(num_experts_per_tok=2),
+     "num_experts_per_tok=2 is invalid: a router that scales the expert's input"),
+    ("llama4_text-e4-interleaved-chunked-nope-qknorm", dict(no_rope_layers=[1, 0]),
+     r"no_rope_layers=\[1, 0\] needs one flag per layer \(4\)"),
+    ("llama4_text-e4-interleaved-chunked-nope-qknorm", dict(layer_types=["chunked_attention"] * 3 + ["local"]),
+     "layer_types=.* supported kinds"),
+    ("llama4_text-e4-interleaved-chunked-nope-qknorm", dict(no_rope_layers=["yes"] * 4), "no_rope_layers=.* 0 / 1 flags"),
+    ("phimoe-e4k2-biases-lm-head-bias-longrope", dict(num_experts_per_tok=3), "sparsemixer routes every token to exactly 2"),
+    ("phimoe-e4k2-biases-lm-head-bias-longrope", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4,
+                                                                            factor=2.0)), "rope_type='dynamic' is invalid"),
+    ("phimoe-e4k2-biases-lm-head-bias-longrope", dict(rope_parameters=dict(
+        rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 3, long_factor=[1.0] * 3, short_mscale=1.0,
+        long_mscale=1.0, original_max_position_embeddings=64)), r"short_factor=\(1.0, 1.0, 1.0\) is invalid"),
+    ("gpt_oss-e4k2-window-yarn-clamped", dict(swiglu_limit="7"), "swiglu_limit='7' is invalid: must be a number"),
+    ("gpt_oss-e4k2-window-yarn-clamped", dict(sliding_window=None), "sliding_window=None is invalid: sliding_attention"),
+])
+def test_bad_config_json_of_the_new_families_is_named(name, changes, message):
+    from moejax.config import from_hf_config
+
+    with pytest.raises(ValueError, match=message):
+        from_hf_config(_config_json(name, **changes))
+
+
+def test_kimi_k2_config_json_loads_as_deepseek_v3():
+    """Kimi-K2's config.json says model_type kimi_k2 (architectures DeepseekV3ForCausalLM, rope_scaling with
+    "type"): the model is DeepSeek-V3's, its fields read from the same keys."""
+    from moejax.config import from_hf_config
+
+    hf = _config_json("deepseek_v3-e8k2-groups-dense-first")
+    kimi = {**{k: v for k, v in hf.items() if k not in ("rope_parameters", "transformers_version")},
+            "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"], "rope_theta": 50000.0,
+            "rope_scaling": {"type": "yarn", "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}}
+    config = from_hf_config(kimi)
+    assert config.architecture == "deepseek_v3" and config.rope.kind == "yarn" and config.rope.theta == 50000.0
+    assert config == from_hf_config({**kimi, "model_type": "deepseek_v3"})
+
+
+def test_the_parameters_of_the_new_families_are_each_read_from_the_checkpoint(tmp_path):
+    """A missing GPT-OSS sink or expert bias, a Llama 4 router, a Phi-3.5-MoE LM-head bias: named."""
+    from safetensors.numpy import load_file, save_file
+
+    for name, missing in [("gpt_oss-e4k2-window-yarn-clamped", "model.layers.0.self_attn.sinks"),
+                          ("gpt_oss-e4k2-window-yarn-clamped", "model.layers.1.mlp.experts.gate_up_proj_bias"),
+                          ("llama4_text-e4-interleaved-chunked-nope-qknorm", "model.layers.1.feed_forward.router.weight"),
+                          ("phimoe-e4k2-biases-lm-head-bias-longrope", "lm_head.bias")]:
+        path = tmp_path / name
+        hf_models.save(name, path)
+        tensors = load_file(path / "model.safetensors")
+        del tensors[missing]
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=f"missing tensor '{missing}'"):
+            moejax.load_pretrained(path)
+
+
+def test_longrope_past_its_original_context_is_refused(tmp_path):
+    """transformers switches a longer sequence to long_factor / long_mscale; moejax computes the short regime
+    only, and says so rather than compute something else."""
+    hf_models.save("phimoe-e4k2-biases-lm-head-bias-longrope", tmp_path)  # original_max_position_embeddings 64
+    model = moejax.load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="a sequence of 70 positions runs past original_max_position_embeddings=64"):
+        moejax.generate(model, [[1] * 60], max_new_tokens=11)
+    with pytest.raises(ValueError, match="a sequence of 65 positions runs past original_max_position_embeddings=64"):
+        model(jnp.ones((1, 65), jnp.int32))

@@ -1,5 +1,6 @@
-"""Attention: the preallocated KV cache, grouped-query attention over it, and the two attention flavours
-(GQA with the OLMoE / Qwen options, DeepSeek's multi-head latent attention)."""
+"""Attention: the preallocated KV cache, grouped-query attention over it (with GPT-OSS's sinks), each layer's
+mask (full, sliding, chunked), and the two attention flavours (GQA with the OLMoE / Qwen / GPT-OSS / Llama 4
+options, DeepSeek's multi-head latent attention)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.models.layers import Dense, RMSNorm
+from moejax.models.layers import Dense, RMSNorm, rms_normalize
 from moejax.models.rope import apply_rope, rope_angles
 
 
@@ -55,6 +56,7 @@ class AttentionContext(NamedTuple):
     index: int | jax.Array  # the first new token's cache slot: a Python int where static (prefill)
     key_mask: jax.Array  # bool [B, S]: the cache's mask after this call
     key_positions: jax.Array  # int32 [B, S]
+    positions: jax.Array | None = None  # int32 [B, T]: the new tokens' positions
 
 
 def attention_context(token_mask: jax.Array, positions: jax.Array | None, cache: KVCache | None,
@@ -82,7 +84,21 @@ def attention_context(token_mask: jax.Array, positions: jax.Array | None, cache:
     allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
     if sliding_window:
         allowed &= positions[:, :, None] - key_positions[:, None, :] < sliding_window
-    return AttentionContext(cos, sin, allowed, token_mask, index, key_mask, key_positions)
+    return AttentionContext(cos, sin, allowed, token_mask, index, key_mask, key_positions, positions)
+
+
+def layer_allowed(ctx: AttentionContext, kind: str, sliding_window: int | None = None,
+                  chunk_size: int | None = None) -> jax.Array:
+    """bool [B, T, S]: ctx.allowed (causal, padding) narrowed to a layer's attention kind, by position (so a
+    left-padded prompt sees what it sees alone): "sliding_attention" the keys less than sliding_window
+    positions back, "chunked_attention" the keys of the query's own chunk of chunk_size positions (Llama 4),
+    "full_attention" all of them."""
+    query, key = ctx.positions[:, :, None], ctx.key_positions[:, None, :]
+    if kind == "sliding_attention":
+        return ctx.allowed & (query - key < sliding_window)
+    if kind == "chunked_attention":
+        return ctx.allowed & (query // chunk_size == key // chunk_size)
+    return ctx.allowed
 
 
 # prefill attention's query and key block (see tiled_attention): 128, 256 and 128 x 512 were level within this
@@ -91,9 +107,12 @@ _BLOCK = 256
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
-           query_offset: int | None = None, bias: jax.Array | None = None) -> jax.Array:
+           query_offset: int | None = None, bias: jax.Array | None = None,
+           sinks: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention. q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv], allowed bool [B,T,S] -> [B,T,H*Dv].
     bias: float32 [B or 1, H, T, S] added to the scaled logits (T5's relative positions), or None.
+    sinks: [H] (GPT-OSS): a logit per head that joins every softmax's denominator and attends to nothing, so
+    a query may give less than all of its attention to the keys; None: no sinks.
 
     The one place that picks how: where the slot of the first query is known statically (`query_offset`:
     prefill) and T spans more than a block: `jax.nn.dot_product_attention` on a GPU (cuDNN; 2-byte floats)
@@ -104,17 +123,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: 
     how = attention_implementation(jax.default_backend(), q.dtype, q.shape[-1] == v.shape[-1],
                                    query_offset is not None and t > _BLOCK)
     if how == "tiled":
-        out = tiled_attention(q, k, v, allowed, scale, query_offset, bias=bias)
+        out = tiled_attention(q, k, v, allowed, scale, query_offset, bias=bias, sinks=sinks)
     elif how == "reference":
-        out = reference_attention(q, k, v, allowed, scale, bias)
+        out = reference_attention(q, k, v, allowed, scale, bias, sinks)
     else:
-        out = fused_attention(q, k, v, allowed, scale, how, bias)
+        out = fused_attention(q, k, v, allowed, scale, how, bias, sinks)
     return out.reshape(b, t, h * v.shape[-1]).astype(v.dtype)
 
 
-def fused_attention(q, k, v, allowed, scale, implementation: str, bias=None):
+def fused_attention(q, k, v, allowed, scale, implementation: str, bias=None, sinks=None):
     """jax.nn.dot_product_attention with `implementation` "cudnn" or "xla" (XLA's own, fused on a TPU):
-    reference_attention's semantics for every query allowed at least one key. -> [B,T,H,Dv]."""
+    reference_attention's semantics for every query allowed at least one key. -> [B,T,H,Dv]. Sinks become
+    one more key, zero with a zero value, whose logit is the sink through the bias (the op takes no sinks)."""
+    if sinks is not None:
+        b, t, h, _ = q.shape
+        zero_key = lambda a: jnp.concatenate([a, jnp.zeros((b, 1, *a.shape[2:]), a.dtype)], axis=1)
+        k, v = zero_key(k), zero_key(v)
+        bias = jnp.zeros((1, h, t, allowed.shape[-1]), jnp.float32) if bias is None else bias.astype(jnp.float32)
+        sink_column = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (bias.shape[0], h, t, 1))
+        bias = jnp.concatenate([bias, sink_column], axis=-1)
+        allowed = jnp.concatenate([allowed, jnp.ones((*allowed.shape[:2], 1), bool)], axis=-1)
     bias = None if bias is None else bias.astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed[:, None], scale=scale,
                                         implementation=None if implementation == "xla" else implementation)
@@ -145,6 +173,11 @@ def _grouped_bias(bias, hkv: int):
     return bias.astype(jnp.float32).reshape(b, hkv, h // hkv, t, s)
 
 
+def _grouped_sinks(sinks, hkv: int):
+    """[H] -> float32 [1, Hkv, G, 1, 1], broadcasting against _grouped's logits."""
+    return sinks.astype(jnp.float32).reshape(1, hkv, -1, 1, 1)
+
+
 def _ungrouped(out):
     """[B,Hkv,G,T,Dv] -> [B,T,H,Dv]."""
     b, hkv, g, t, dv = out.shape
@@ -154,25 +187,33 @@ def _ungrouped(out):
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def reference_attention(q, k, v, allowed, scale, bias=None):
+def reference_attention(q, k, v, allowed, scale, bias=None, sinks=None):
     """Softmax attention over every key slot: q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv] f32.
-    A query allowed no key gets the mean of every value (all its logits are equal)."""
+    A query allowed no key gets the mean of every value (all its logits are equal), or with sinks 0."""
     q, k, v = _grouped(q, k, v, scale)
     logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + _grouped_bias(bias, k.shape[1])
     logits = jnp.where(allowed[:, None, None], logits, _MASKED)
-    probs = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    peak = logits.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = _grouped_sinks(sinks, k.shape[1])
+        peak = jnp.maximum(peak, sink)
+    probs = jnp.exp(logits - peak)
+    total = probs.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + jnp.exp(sink - peak)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return _ungrouped(out / probs.sum(axis=-1, keepdims=True))  # normalise [T, Dv], not [T, S]
+    return _ungrouped(out / total)  # normalise [T, Dv], not [T, S]
 
 
-def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BLOCK, bias=None):
+def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BLOCK, bias=None, sinks=None):
     """reference_attention in blocks of `block` queries x `block` keys (flash-attention style): each query
     block visits only the key blocks at or before its last slot (query i sits at slot query_offset + i;
     later slots are never allowed, causal by slot), with an online softmax (running max and sum), so no
     work is done on blocks the causal mask removes and each block's scores stay in cache. `allowed` still
-    masks inside every visited block (padding, sliding windows). -> [B,T,H,Dv] f32."""
+    masks inside every visited block (padding, sliding windows). Sinks start each query's running max and
+    sum (max = the sink, sum = 1). -> [B,T,H,Dv] f32."""
     q, k, v = _grouped(q, k, v, scale)
     t, s = q.shape[3], k.shape[2]
     bias = None if bias is None else _grouped_bias(bias, k.shape[1])
@@ -181,7 +222,10 @@ def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BL
         q1 = min(t, q0 + block)
         qb = q[:, :, :, q0:q1]
         top = (*qb.shape[:-1], 1)
-        peak, total = jnp.full(top, _MASKED, jnp.float32), jnp.zeros(top, jnp.float32)
+        if sinks is None:
+            peak, total = jnp.full(top, _MASKED, jnp.float32), jnp.zeros(top, jnp.float32)
+        else:
+            peak, total = jnp.broadcast_to(_grouped_sinks(sinks, k.shape[1]), top), jnp.ones(top, jnp.float32)
         acc = jnp.zeros((*qb.shape[:-1], v.shape[-1]), jnp.float32)
         for k0 in range(0, min(s, query_offset + q1), block):
             k1 = min(s, k0 + block, query_offset + q1)
@@ -211,9 +255,10 @@ def _write(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
 
 class Attention(nnx.Module):
     """Multi-head attention with GQA; OLMoE's q/k norm and qkv clipping; Qwen's qkv biases; Qwen3's and
-    GLM-4.5's per-head q/k norm; GLM-4.5's partial rotary."""
+    GLM-4.5's per-head q/k norm; GLM-4.5's partial rotary; GPT-OSS's sinks; Llama 4's rope-free layers (with
+    temperature tuning) and weightless q/k norm after rope. `layer`: which layer it is (its kind, its rope)."""
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, layer: int = 0):
         c = config
         d, h, hkv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = Dense(d, h * hd, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
@@ -224,7 +269,9 @@ class Attention(nnx.Module):
         q_dim, k_dim = (hd, hd) if c.head_qk_norm else (h * hd, hkv * hd)
         self.q_norm = RMSNorm(q_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm or c.head_qk_norm else None
         self.k_norm = RMSNorm(k_dim, c.rms_norm_eps, dtype=dtype) if c.qk_norm or c.head_qk_norm else None
+        self.sinks = nnx.Param(jnp.zeros((h,), dtype)) if c.attention_sinks else None
         self.config = config
+        self.layer = layer
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, layer_cache):
         """x [B, T, d] -> ([B, T, d], the layer's cache with the T new tokens written at ctx.index)."""
@@ -238,12 +285,20 @@ class Attention(nnx.Module):
         q, k = q.reshape(b, t, c.num_heads, c.head_dim), k.reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.head_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope_heads(q, cos, sin, c), _rope_heads(k, cos, sin, c)
+        if c.uses_rope(self.layer):
+            q, k = _rope_heads(q, cos, sin, c), _rope_heads(k, cos, sin, c)
+            if c.qk_l2_norm:
+                q, k = rms_normalize(q, c.rms_norm_eps), rms_normalize(k, c.rms_norm_eps)
+        elif c.attn_temperature_tuning:  # long contexts keep their attention sharp where no rope tells distance
+            scales = jnp.log1p(jnp.floor((ctx.positions + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
+            q = (q * scales[:, :, None, None]).astype(q.dtype)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if layer_cache is not None:
             k, v = _write(layer_cache[0], k, index), _write(layer_cache[1], v, index)
             layer_cache = (k, v)
-        return self.o_proj(attend(q, k, v, ctx.allowed, c.attention_scale, _static(index))), layer_cache
+        allowed = layer_allowed(ctx, c.attention_kind(self.layer), c.sliding_window, c.attention_chunk_size)
+        sinks = None if self.sinks is None else self.sinks[...]
+        return self.o_proj(attend(q, k, v, allowed, c.attention_scale, _static(index), sinks=sinks)), layer_cache
 
 
 def _rope_heads(x: jax.Array, cos: jax.Array, sin: jax.Array, c: ModelConfig) -> jax.Array:
@@ -257,7 +312,7 @@ def _rope_heads(x: jax.Array, cos: jax.Array, sin: jax.Array, c: ModelConfig) ->
 class LatentAttention(nnx.Module):
     """DeepSeek-V2 multi-head latent attention; the cache holds the compressed latent and the shared rope key."""
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, layer: int = 0):
         c = config
         d, h = c.hidden_size, c.num_heads
         qk_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
@@ -273,6 +328,7 @@ class LatentAttention(nnx.Module):
         self.kv_b_proj = Dense(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), dtype=dtype, rngs=rngs)
         self.o_proj = Dense(h * c.v_head_dim, d, bias=c.o_bias, dtype=dtype, rngs=rngs)
         self.config = config
+        self.layer = layer
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, layer_cache):
         """x [B, T, d] -> ([B, T, d], the layer's cache with the T new tokens written at ctx.index)."""
@@ -296,4 +352,5 @@ class LatentAttention(nnx.Module):
         kv = self.kv_b_proj(latent).reshape(b, s, h, nope + c.v_head_dim)
         k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_rope, (b, s, h, rope_dim))], axis=-1)
         v = kv[..., nope:]
-        return self.o_proj(attend(q, k, v, ctx.allowed, c.attention_scale, _static(index))), layer_cache
+        allowed = layer_allowed(ctx, c.attention_kind(self.layer), c.sliding_window, c.attention_chunk_size)
+        return self.o_proj(attend(q, k, v, allowed, c.attention_scale, _static(index))), layer_cache

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: default, linear and yarn scaling, half-split or interleaved pairs."""
+"""Rotary position embeddings: default, linear, llama3, yarn and longrope scaling, half-split or interleaved
+pairs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config import RopeConfig
+from moejax.config import ROPE_TYPES, RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
@@ -21,7 +22,25 @@ def inverse_frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int
         return inv_freq / rope.factor, 1.0
     if rope.kind == "yarn":
         return _yarn(rope, dim, max_position_embeddings)
-    raise ValueError(f"unsupported rope type {rope.kind!r}; supported: 'default', 'linear', 'yarn'")
+    if rope.kind == "llama3":
+        return _llama3(rope, inv_freq), 1.0
+    if rope.kind == "longrope":  # the short regime (see RopeConfig); Phi-3.5-MoE's own cos/sin scale
+        return (inv_freq / np.asarray(rope.short_factor, np.float32)).astype(np.float32), float(rope.short_mscale)
+    raise ValueError(f"unsupported rope type {rope.kind!r}; supported: {ROPE_TYPES}")
+
+
+def _llama3(rope: RopeConfig, inv_freq: np.ndarray) -> np.ndarray:
+    """Llama 3's scaling (Llama 4 too): wavelengths beyond original / low_freq_factor divided by factor, those
+    below original / high_freq_factor kept, the ones between interpolated."""
+    original = rope.original_max_position
+    low_wavelen, high_wavelen = original / rope.low_freq_factor, original / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    with np.errstate(divide="ignore", invalid="ignore"):  # equal factors: no band in between, its values unused
+        smooth = (original / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def _yarn(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:

@@ -21,7 +21,7 @@ from flax import nnx
 from moejax.config import ModelConfig
 from moejax.models.attention import (Attention, AttentionContext, KVCache, LatentAttention, attention_context,
                                      init_cache)
-from moejax.models.layers import MLP, Dense, RMSNorm, param
+from moejax.models.layers import MLP, Dense, LayerNorm, RMSNorm, param
 from moejax.models.moe import MoEBlock
 from moejax.models.rope import inverse_frequencies
 from moejax.runtime import MoERuntime
@@ -33,10 +33,10 @@ __all__ = ["CausalLM", "DecoderLayer", "Dense", "ForwardOutput", "KVCache", "MoE
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, runtime: MoERuntime, *, dtype, rngs: nnx.Rngs):
         c = config
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.input_layernorm = norm(c, dtype)
+        self.post_attention_layernorm = norm(c, dtype)
         attention = LatentAttention if c.is_mla else Attention
-        self.self_attn = attention(c, dtype=dtype, rngs=rngs)
+        self.self_attn = attention(c, dtype=dtype, rngs=rngs, layer=layer)
         if c.moe_layers[layer]:
             self.mlp = MoEBlock(c, layer, runtime, dtype=dtype, rngs=rngs)
         else:
@@ -69,6 +69,13 @@ class DecoderLayer(nnx.Module):
         return x + self._residual(out.reshape(x.shape)), r, needed
 
 
+def norm(config: ModelConfig, dtype) -> RMSNorm | LayerNorm:
+    """A layer's (and the final) norm: RMSNorm, or LayerNorm with bias (Phi-3.5-MoE), eps rms_norm_eps."""
+    if config.norm_type == "layer_norm":
+        return LayerNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+
 class ForwardOutput(NamedTuple):
     logits: jax.Array  # float32 [B, T, vocab]
     cache: KVCache | None
@@ -76,9 +83,11 @@ class ForwardOutput(NamedTuple):
     needed_bucket: jax.Array  # int32: expert-parallel dynamic gating's largest buffer count (0 on one device)
 
 
-def output_logits(norm: RMSNorm, head: jax.Array, x: jax.Array) -> jax.Array:
-    """The final norm and the LM head: x [..., d] -> float32 logits [..., vocab]; head [d, vocab]."""
-    return jnp.einsum("...d,dv->...v", norm(x), head, preferred_element_type=jnp.float32)
+def output_logits(final_norm, head: jax.Array, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The final norm and the LM head: x [..., d] -> float32 logits [..., vocab]; head [d, vocab], bias [vocab]
+    (Phi-3.5-MoE) or None."""
+    logits = jnp.einsum("...d,dv->...v", final_norm(x), head, preferred_element_type=jnp.float32)
+    return logits if bias is None else logits + bias.astype(jnp.float32)
 
 
 class CausalLM(nnx.Module):
@@ -95,8 +104,9 @@ class CausalLM(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = param(rngs, (c.vocab_size, c.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(c, i, runtime, dtype=dtype, rngs=rngs) for i in range(c.num_layers)])
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.norm = norm(c, dtype)
         self.lm_head = None if c.tie_word_embeddings else param(rngs, (c.hidden_size, c.vocab_size), dtype)
+        self.lm_head_bias = nnx.Param(jnp.zeros((c.vocab_size,), dtype)) if c.lm_head_bias else None
         inv_freq, attention_factor = inverse_frequencies(c.rope, c.rope_dim, c.max_position_embeddings)
         self.rope = (tuple(inv_freq.tolist()), attention_factor)  # static: plain Python numbers
 
@@ -117,7 +127,8 @@ class CausalLM(nnx.Module):
 
     def attention_context(self, token_mask: jax.Array, positions: jax.Array | None = None,
                           cache: KVCache | None = None) -> AttentionContext:
-        return attention_context(token_mask, positions, cache, self.rope, self.config.sliding_window)
+        # each layer narrows the causal mask to its own kind (layer_allowed)
+        return attention_context(token_mask, positions, cache, self.rope, None)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         x = self.embed_tokens[...][tokens]
@@ -129,7 +140,8 @@ class CausalLM(nnx.Module):
         return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
 
     def head(self, x: jax.Array) -> jax.Array:
-        logits = output_logits(self.norm, self.head_weight(), x)
+        bias = None if self.lm_head_bias is None else self.lm_head_bias[...]
+        logits = output_logits(self.norm, self.head_weight(), x, bias)
         scaling = self.config.logits_scaling  # Granite divides the logits by it
         return logits if scaling == 1.0 else logits / scaling
 
@@ -196,12 +208,18 @@ def check_inputs(config: ModelConfig, tokens, token_mask=None, positions=None, c
 
 
 def check_positions(config: ModelConfig, count: int) -> None:
-    """Warn when a sequence of `count` positions runs past config.max_position_embeddings.
+    """Warn when a sequence of `count` positions runs past config.max_position_embeddings (refuse one past
+    longrope's original_max_position_embeddings: its long regime is not implemented).
 
     A warning, not an error: every rope scheme moejax reads (default, linear, yarn) computes a position's
     angles from the position itself, with no table to run off the end of, so a longer sequence computes
     exactly what transformers computes for it. But the checkpoint was trained (yarn and linear: scaled) for
     max_position_embeddings positions; past them the model extrapolates and its quality is unknown."""
+    rope = config.rope
+    if rope.kind == "longrope" and count > rope.original_max_position:
+        raise ValueError(f"a sequence of {count} positions runs past original_max_position_embeddings="
+                         f"{rope.original_max_position}: longrope switches to its long_factor there (for the whole "
+                         "sequence, in transformers), which moejax does not implement; shorten the sequence")
     if count > config.max_position_embeddings:
         warnings.warn(f"a sequence of {count} positions runs past the checkpoint's max_position_embeddings="
                       f"{config.max_position_embeddings} ({config.rope.kind} rope): positions beyond it were never "

@@ -1,0 +1,208 @@
+"""The load plan: for each parameter of a moejax CausalLM, the Hugging Face checkpoint tensors it is built from
+(with their expected shapes), how to build it from them (transposes, stacking experts, unfusing gate and up)
+and how to split it back (export). One plan serves load_pretrained (moejax.checkpoints reads it) and
+export_pretrained; each family's tensor names live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from moejax.models.transformer import CausalLM, Dense, MoEBlock
+
+Source = tuple[str, tuple[int, ...]]
+_GRANITE = ("granitemoe", "granitemoeshared")
+_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1")  # ...shared_experts.*
+_BLOCK_SPARSE_MOE = ("mixtral", "minimax_m2", "phimoe")  # block_sparse_moe.{gate, experts.{i}.w1 / w3 / w2}
+
+
+class PlanItem(NamedTuple):
+    param: nnx.Param
+    sources: list[Source]
+    build: Callable[..., np.ndarray]
+    split: Callable[[np.ndarray], list[np.ndarray]]
+
+
+class Plan:
+    def __init__(self):
+        self.items: list[PlanItem] = []
+
+    def linear(self, dense: Dense, name: str):
+        din, dout = dense.kernel.shape
+        self.items.append(PlanItem(dense.kernel, [(f"{name}.weight", (dout, din))], lambda w: w.T, lambda k: [k.T]))
+        if dense.bias is not None:
+            self.copy(dense.bias, f"{name}.bias")
+
+    def copy(self, param: nnx.Param, name: str, transpose: bool = False):
+        shape = tuple(param.shape)[::-1] if transpose else tuple(param.shape)
+        flip = (lambda w: w.T) if transpose else (lambda w: w)
+        self.items.append(PlanItem(param, [(name, shape)], flip, lambda w: [flip(w)]))
+
+    def norm(self, norm, name: str):
+        """An RMSNorm's weight, or a LayerNorm's weight and bias."""
+        self.copy(norm.weight, f"{name}.weight")
+        if getattr(norm, "bias", None) is not None:
+            self.copy(norm.bias, f"{name}.bias")
+
+    def stacked(self, param: nnx.Param, names: list[str], per_expert_shape: tuple[int, ...]):
+        """[E, a, b] from E tensors of shape [b, a] (HF Linear weights, one per expert)."""
+        self.items.append(PlanItem(param, [(n, per_expert_shape) for n in names],
+                                   lambda *ws: np.stack([w.T for w in ws]), lambda w: [we.T for we in w]))
+
+    def fused(self, params: Sequence[nnx.Param], name: str, *, transposed: bool = False, interleaved: bool = False):
+        """Two parameters (gate, up) stored as one tensor: their last axes joined (`interleaved`: gate, up,
+        gate, up, ... column by column, as GPT-OSS stores them; else the gate's first), the last two axes
+        swapped where `transposed` (HF Linear rows). Each item's split rebuilds the whole tensor from both."""
+        def unfuse(w):
+            w = np.swapaxes(w, -1, -2) if transposed else w
+            return (w[..., 0::2], w[..., 1::2]) if interleaved else tuple(np.split(w, 2, axis=-1))
+
+        def fuse(_):
+            gate, up = (np.asarray(jax.device_get(p.get_value())) for p in params)
+            w = np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1) if interleaved else np.concatenate(
+                [gate, up], axis=-1)
+            return [np.swapaxes(w, -1, -2) if transposed else w]
+
+        shape = list(params[0].shape)
+        shape[-1] *= 2
+        if transposed:
+            shape[-1], shape[-2] = shape[-2], shape[-1]
+        for i, param in enumerate(params):
+            self.items.append(PlanItem(param, [(name, tuple(shape))], lambda w, i=i: unfuse(w)[i], fuse))
+
+    def sources(self) -> Iterator[Source]:
+        for item in self.items:
+            yield from item.sources
+
+
+def _fused_experts(plan: Plan, moe: MoEBlock, gate_up: str, down: str):
+    """Experts stored whole as transformers v5 holds them: gate_up [E, 2f, d] (gate rows first), down [E, d, f]."""
+    plan.fused((moe.w_gate, moe.w_up), gate_up, transposed=True)
+    e, f, d = moe.w_down.shape
+    swap = lambda w: np.swapaxes(w, 1, 2)
+    plan.items.append(PlanItem(moe.w_down, [(down, (e, d, f))], swap, lambda w: [swap(w)]))
+
+
+def _granite_moe(plan: Plan, layer, p: str):
+    """Granite's parallel-experts layout: block_sparse_moe.{router.layer, input_linear, output_linear} and the
+    layer's shared_mlp.{input_linear [2s, d] (gate rows first), output_linear}."""
+    moe = layer.mlp
+    plan.copy(moe.router, f"{p}.block_sparse_moe.router.layer.weight", transpose=True)
+    _fused_experts(plan, moe, f"{p}.block_sparse_moe.input_linear.weight", f"{p}.block_sparse_moe.output_linear.weight")
+    if moe.shared is not None:
+        plan.fused((moe.shared.gate_proj.kernel, moe.shared.up_proj.kernel), f"{p}.shared_mlp.input_linear.weight",
+                   transposed=True)
+        plan.linear(moe.shared.down_proj, f"{p}.shared_mlp.output_linear")
+
+
+def _gpt_oss_moe(plan: Plan, moe: MoEBlock, p: str):
+    """GPT-OSS: mlp.router.{weight, bias}; mlp.experts.gate_up_proj [E, d, 2f] and its bias [E, 2f], gate and
+    up interleaved column by column; down_proj [E, f, d] and its bias, in moejax's own orientation."""
+    plan.copy(moe.router, f"{p}.mlp.router.weight", transpose=True)
+    plan.copy(moe.router_bias, f"{p}.mlp.router.bias")
+    experts = f"{p}.mlp.experts"
+    plan.fused((moe.w_gate, moe.w_up), f"{experts}.gate_up_proj", interleaved=True)
+    plan.fused((moe.gate_bias, moe.up_bias), f"{experts}.gate_up_proj_bias", interleaved=True)
+    plan.copy(moe.w_down, f"{experts}.down_proj")
+    plan.copy(moe.down_bias, f"{experts}.down_proj_bias")
+
+
+def _llama4_moe(plan: Plan, moe: MoEBlock, p: str):
+    """Llama 4: feed_forward.router, experts.gate_up_proj [E, d, 2f] (gate first) and down_proj [E, f, d] in
+    moejax's orientation, shared_expert.{gate, up, down}_proj."""
+    prefix = f"{p}.feed_forward"
+    plan.copy(moe.router, f"{prefix}.router.weight", transpose=True)
+    plan.fused((moe.w_gate, moe.w_up), f"{prefix}.experts.gate_up_proj")
+    plan.copy(moe.w_down, f"{prefix}.experts.down_proj")
+    _mlp(plan, moe.shared, f"{prefix}.shared_expert")
+
+
+def _experts(plan: Plan, moe: MoEBlock, prefix: str, names: set[str], block_sparse: bool):
+    e, d, f = moe.w_gate.shape
+    if f"{prefix}.experts.gate_up_proj" in names:  # transformers v5 in-memory layout
+        _fused_experts(plan, moe, f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj")
+        return
+    gate, up, down = ("w1", "w3", "w2") if block_sparse else ("gate_proj", "up_proj", "down_proj")
+    plan.stacked(moe.w_gate, [f"{prefix}.experts.{i}.{gate}.weight" for i in range(e)], (f, d))
+    plan.stacked(moe.w_up, [f"{prefix}.experts.{i}.{up}.weight" for i in range(e)], (f, d))
+    plan.stacked(moe.w_down, [f"{prefix}.experts.{i}.{down}.weight" for i in range(e)], (d, f))
+
+
+def _mlp(plan: Plan, mlp, prefix: str):
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        plan.linear(getattr(mlp, proj), f"{prefix}.{proj}")
+
+
+def _attention(plan: Plan, attn, c, p: str):
+    if c.is_mla:
+        if c.q_lora_rank is None:
+            plan.linear(attn.q_proj, f"{p}.self_attn.q_proj")
+        else:
+            plan.linear(attn.q_a_proj, f"{p}.self_attn.q_a_proj")
+            plan.copy(attn.q_a_layernorm.weight, f"{p}.self_attn.q_a_layernorm.weight")
+            plan.linear(attn.q_b_proj, f"{p}.self_attn.q_b_proj")
+        plan.linear(attn.kv_a_proj_with_mqa, f"{p}.self_attn.kv_a_proj_with_mqa")
+        plan.copy(attn.kv_a_layernorm.weight, f"{p}.self_attn.kv_a_layernorm.weight")
+        plan.linear(attn.kv_b_proj, f"{p}.self_attn.kv_b_proj")
+    else:
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            plan.linear(getattr(attn, proj), f"{p}.self_attn.{proj}")
+        if attn.q_norm is not None:
+            plan.copy(attn.q_norm.weight, f"{p}.self_attn.q_norm.weight")
+            plan.copy(attn.k_norm.weight, f"{p}.self_attn.k_norm.weight")
+        if attn.sinks is not None:
+            plan.copy(attn.sinks, f"{p}.self_attn.sinks")
+    plan.linear(attn.o_proj, f"{p}.self_attn.o_proj")
+
+
+def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
+    """The MoE blocks of the families that name them mlp (or block_sparse_moe) with a gate as router."""
+    block_sparse = c.architecture in _BLOCK_SPARSE_MOE
+    prefix = f"{p}.block_sparse_moe" if block_sparse and f"{p}.block_sparse_moe.gate.weight" in names else f"{p}.mlp"
+    plan.copy(moe.router, f"{prefix}.gate.weight", transpose=True)
+    if moe.score_bias is not None and c.architecture == "ernie4_5_moe":  # [1, E], beside the gate
+        bias = [(f"{prefix}.moe_statics.e_score_correction_bias", (1, c.num_experts))]
+        plan.items.append(PlanItem(moe.score_bias, bias, lambda b: b.reshape(-1), lambda b: [b.reshape(1, -1)]))
+    elif moe.score_bias is not None:  # on the gate, or on the block (MiniMax-M2)
+        on_block = c.architecture == "minimax_m2"
+        plan.copy(moe.score_bias, f"{prefix}.{'' if on_block else 'gate.'}e_score_correction_bias")
+    _experts(plan, moe, prefix, names, block_sparse)
+    if moe.shared is not None:
+        shared = "shared_experts" if c.architecture in _SHARED_EXPERTS_PLURAL else "shared_expert"
+        _mlp(plan, moe.shared, f"{prefix}.{shared}")
+    if moe.shared_gate is not None:
+        plan.copy(moe.shared_gate, f"{prefix}.shared_expert_gate.weight", transpose=True)
+
+
+def plan(model: CausalLM, names: set[str]) -> Plan:
+    """The load plan of `model`; `names`: the checkpoint's tensor names, where a family stores a layer in one
+    of two layouts (Mixtral's block_sparse_moe or mlp, per-expert or v5-fused experts)."""
+    c = model.config
+    result = Plan()
+    result.copy(model.embed_tokens, "model.embed_tokens.weight")
+    result.norm(model.norm, "model.norm")
+    if model.lm_head is not None:
+        result.copy(model.lm_head, "lm_head.weight", transpose=True)
+    if model.lm_head_bias is not None:
+        result.copy(model.lm_head_bias, "lm_head.bias")
+    feed_forward = "feed_forward" if c.architecture == "llama4_text" else "mlp"
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        result.norm(layer.input_layernorm, f"{p}.input_layernorm")
+        result.norm(layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+        _attention(result, layer.self_attn, c, p)
+        if not layer.is_moe:
+            _mlp(result, layer.mlp, f"{p}.{feed_forward}")
+        elif c.architecture in _GRANITE:
+            _granite_moe(result, layer, p)
+        elif c.architecture == "gpt_oss":
+            _gpt_oss_moe(result, layer.mlp, p)
+        elif c.architecture == "llama4_text":
+            _llama4_moe(result, layer.mlp, p)
+        else:
+            _moe(result, layer.mlp, c, p, names)
+    return result
