@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,30 +18,32 @@ from moejax.models.transformer import CausalLM, check_positions, check_token_ids
 _PROMPT_BUCKET = 8  # prompts are left-padded to a multiple of this, so few prompt lengths compile
 
 
-def pad_prompts(prompt, pad_id: int = 0, bucket: int = _PROMPT_BUCKET,
-                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """int [B, T] array or list of token lists -> left-padded int32 tokens [B, P] and a bool mask of real
-    tokens. Every id goes through `check_token_ids` before anything is cast (vocab_size: the model's; None
-    checks int32's range only, and the model checks its vocabulary)."""
+def pad_prompts(prompt, pad_id: int = 0, bucket: int = _PROMPT_BUCKET, vocab_size: int | None = None, *,
+                right: bool = False, name: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
+    """int [B, T] array or list of token lists -> left-padded (right=True: right-padded) int32 tokens [B, P]
+    and a bool mask of real tokens. Every id goes through `check_token_ids` before anything is cast
+    (vocab_size: the model's; None checks int32's range only, and the model checks its vocabulary); errors
+    call the sequences `name` (encoder-decoder models pad their sources)."""
     if not is_integer(bucket) or bucket < 1:
         raise ValueError(f"bucket={bucket!r} must be an integer >= 1")
     if not is_integer(pad_id):
         raise ValueError(f"pad_id={pad_id!r} must be an integer")
     if isinstance(prompt, (list, tuple)) and prompt and not np.isscalar(prompt[0]):
-        rows = [np.asarray(check_token_ids(p, vocab_size, ndim=1, name=f"prompt {i}", row=i))
+        rows = [np.asarray(check_token_ids(p, vocab_size, ndim=1, name=f"{name} {i}", row=i))
                 for i, p in enumerate(prompt)]
     else:
-        rows = list(np.asarray(check_token_ids(prompt, vocab_size, name="prompt (int [batch, seq] or a list of "
+        rows = list(np.asarray(check_token_ids(prompt, vocab_size, name=f"{name} (int [batch, seq] or a list of "
                                                                          "token lists)")))
     empty = [i for i, r in enumerate(rows) if len(r) == 0]
     if not rows or empty:
-        raise ValueError(f"every prompt needs at least one token; prompt {empty[0] if empty else 0} has none")
+        raise ValueError(f"every {name} needs at least one token; {name} {empty[0] if empty else 0} has none")
     length = -(-max(len(r) for r in rows) // bucket) * bucket
     tokens = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), bool)
     for i, r in enumerate(rows):
-        tokens[i, length - len(r):] = r
-        mask[i, length - len(r):] = True
+        where = slice(0, len(r)) if right else slice(length - len(r), length)
+        tokens[i, where] = r
+        mask[i, where] = True
     return tokens, mask
 
 
@@ -112,8 +114,13 @@ def _is_key(key) -> bool:
 
 def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Array | None = None,
              temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Sequence[int] | int | None = None,
-             cache_size: int | None = None, pad_token_id: int | None = None) -> jax.Array:
+             cache_size: int | None = None, pad_token_id: int | None = None,
+             forced_bos_token_id: int | None = None) -> jax.Array:
     """Generate `max_new_tokens` tokens after each prompt -> int32 [B, max_new_tokens].
+
+    An encoder-decoder model (moejax.seq2seq) takes sources instead of prompts: its encoder runs once and
+    the decoder generates from its start token; the tokens after the start token come back, the first of
+    them `forced_bos_token_id` where given (NLLB's target-language token), as transformers forces it.
 
     Greedy by default (temperature 0). Sampling (temperature > 0, optionally nucleus top_p < 1) needs an
     explicit PRNG `key`. A row stops at a stop token: by default the checkpoint's end-of-sequence token
@@ -122,7 +129,8 @@ def generate(model: CausalLM, prompt, max_new_tokens: int = 16, *, key: jax.Arra
     config's pad id, else the first stop token, else 0).
     """
     return decode(model, prompt, max_new_tokens, key=key, temperature=temperature, top_p=top_p,
-                  stop_tokens=stop_tokens, cache_size=cache_size, pad_token_id=pad_token_id).tokens
+                  stop_tokens=stop_tokens, cache_size=cache_size, pad_token_id=pad_token_id,
+                  forced_bos_token_id=forced_bos_token_id).tokens
 
 
 class Decoded(NamedTuple):
@@ -136,10 +144,28 @@ class Decoded(NamedTuple):
     prefill_expert_states: object  # ... after the prefill
 
 
+# Model kinds whose prefill is their own (moejax.seq2seq registers its encoder-decoder model): model class ->
+# its decode(model, prompt, max_new_tokens, record_loads=, cache_size=, forced_bos_token_id=, **sampling).
+_DECODERS: dict[type, Callable[..., "Decoded"]] = {}
+
+
+def register_decoder(model_class: type, decode_fn: Callable[..., "Decoded"]) -> None:
+    """Let `decode` (so `generate` and buffered generation) serve `model_class` through `decode_fn`, which
+    runs its own prefill and then `decode_loop`."""
+    _DECODERS[model_class] = decode_fn
+
+
 def decode(model: CausalLM, prompt, max_new_tokens: int = 16, *, record_loads: bool = False,
-           cache_size: int | None = None, **sampling) -> Decoded:
+           cache_size: int | None = None, forced_bos_token_id: int | None = None, **sampling) -> Decoded:
     """The decode loop behind `generate` (same arguments), optionally recording each decode step's expert
     loads: one jitted prefill over left-padded prompts, then a jitted while loop on a preallocated cache."""
+    for kind, decode_fn in _DECODERS.items():
+        if isinstance(model, kind):
+            return decode_fn(model, prompt, max_new_tokens, record_loads=record_loads, cache_size=cache_size,
+                             forced_bos_token_id=forced_bos_token_id, **sampling)
+    if forced_bos_token_id is not None:
+        raise ValueError("forced_bos_token_id applies to encoder-decoder models (moejax.seq2seq), whose decoder "
+                         "starts from a start token; a decoder-only model continues its prompt")
     config = model.config
     sampling, key = decoding(config, max_new_tokens, **sampling)
     if cache_size is not None and (not is_integer(cache_size) or cache_size < 1):
@@ -194,32 +220,48 @@ def expert_loads(routings, top_k: int, token_mask: jax.Array) -> jax.Array:
                       for r in routings if r is not None])
 
 
-def _record(model, out, token_mask) -> tuple:
-    """(routed, kept, predicted) per MoE layer of one forward call; see Decoded."""
-    moe = [r for r in out.routings if r is not None]
+def _record(model, out, token_masks) -> tuple:
+    """(routed, kept, predicted) per MoE block of one forward call (out.routings by layer); token_masks: per
+    MoE block, the real tokens of its rows, or None for a block the call did not run (an encoder's in a
+    decode step: zeros). See Decoded."""
     top_k = model.config.num_experts_per_tok
-    routed = jnp.stack([stats.expert_counts(r, kept=False, token_mask=token_mask, top_k=top_k) for r in moe])
-    kept = jnp.stack([stats.expert_counts(r) for r in moe])
-    predicted = jnp.stack([b.expert_state.get_value().prediction if b.prefetches else jnp.zeros(kept.shape[1:], bool)
-                           for b in model.moe_blocks()])
-    return routed, kept, predicted
+    routed, kept, predicted = [], [], []
+    for block, mask in zip(model.moe_blocks(), token_masks):
+        r = out.routings[block.layer]
+        none = jnp.zeros((block.config.num_experts,), jnp.int32)
+        routed.append(none if mask is None else stats.expert_counts(r, kept=False, token_mask=mask, top_k=top_k))
+        kept.append(none if mask is None else stats.expert_counts(r))
+        predicted.append(block.expert_state.get_value().prediction if block.prefetches else none.astype(bool))
+    return jnp.stack(routed), jnp.stack(kept), jnp.stack(predicted)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampling", "cache_size", "record_loads"))
 def _decode(graphdef, state, tokens, mask, key, *, sampling, cache_size, record_loads):
-    # stateful experts backends (buffered experts) update their ExpertState in the forward; the loop carries it
     model = nnx.merge(graphdef, state)
-    graphdef, expert_states, rest = nnx.split(model, ExpertState, ...)
-    batch, steps = tokens.shape[0], sampling.max_new_tokens
-    cache = init_cache(model.config, batch, cache_size, model.dtype)
+    cache = init_cache(model.config, tokens.shape[0], cache_size, model.dtype)
     out = model.forward(tokens, token_mask=mask, cache=cache)
+
+    def step(m, last, live, cache):
+        out = m.forward(last[:, None], token_mask=live[:, None], cache=cache, decode=True)
+        return out, [live] * len(m.moe_blocks())
+
+    return decode_loop(model, out, [mask.reshape(-1)] * len(model.moe_blocks()), key, sampling, record_loads, step)
+
+
+def decode_loop(model, out, token_masks, key, sampling: Sampling, record_loads: bool, step_fn) -> Decoded:
+    """The one decode loop, inside a jitted function, after a model's prefill: `out` is the prefill's output
+    (logits [B, T, V], the KV cache, routings by layer), token_masks its MoE blocks' real tokens (see
+    _record); step_fn(model, last tokens [B], live rows [B], cache) -> (the next call's output, its token
+    masks) runs one decode step. Rows that are done still run (static shapes) but as padding."""
+    # stateful experts backends (buffered experts) update their ExpertState in the forward; the loop carries it
+    graphdef, expert_states, rest = nnx.split(model, ExpertState, ...)
     expert_states = prefill_states = nnx.state(model, ExpertState)
+    batch, steps = out.logits.shape[0], sampling.max_new_tokens
     first, key, done = next_tokens(out.logits[:, -1], key, jnp.zeros((batch,), bool), sampling)
     generated = jnp.full((batch, steps), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
     records = ()
     if record_loads:
-        records = tuple(jnp.zeros((steps,) + a.shape, a.dtype).at[0].set(a)
-                        for a in _record(model, out, mask.reshape(-1)))
+        records = tuple(jnp.zeros((steps,) + a.shape, a.dtype).at[0].set(a) for a in _record(model, out, token_masks))
 
     def cond(carry):
         step, _, _, done, _, _, _, _ = carry
@@ -229,9 +271,9 @@ def _decode(graphdef, state, tokens, mask, key, *, sampling, cache_size, record_
         step, last, generated, done, cache, key, expert_states, records = carry
         m = nnx.merge(graphdef, expert_states, rest)
         # finished rows still run (static shapes) but as padding: no cache slot, no expert slot
-        out = m.forward(last[:, None], token_mask=~done[:, None], cache=cache, decode=True)
+        out, masks = step_fn(m, last, ~done, cache)
         if record_loads:
-            records = tuple(r.at[step].set(a) for r, a in zip(records, _record(m, out, ~done)))
+            records = tuple(r.at[step].set(a) for r, a in zip(records, _record(m, out, masks)))
         nxt, key, done = next_tokens(out.logits[:, -1], key, done, sampling)
         generated = jax.lax.dynamic_update_slice_in_dim(generated, nxt[:, None], step, axis=1)
         return step + 1, nxt, generated, done, out.cache, key, nnx.state(m, ExpertState), records

@@ -1,0 +1,260 @@
+"""Load NLLB-MoE and Switch Transformers checkpoints (config.json + safetensors) into EncoderDecoderLM, and
+export one as an nllb-moe checkpoint that transformers' NllbMoeForConditionalGeneration loads.
+
+The safetensors reading (`_Tensors`) and the load plan (`Plan`: each parameter, the checkpoint tensors it
+is built from, how to build it and split it back) are moejax.checkpoints' own; this module only says,
+per family, which tensor is which parameter. Every tensor is accounted for before the model is returned:
+a missing, unexpected, mis-shaped or non-floating-point one raises an error naming it and its file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.capacity import MoEPolicy
+from moejax.checkpoints import _FLOAT_DTYPES, _check_policy, _float_dtype, _read_json, _Tensors, checkpoint_kind
+from moejax.load_plan import Plan, PlanItem
+from moejax.seq2seq.config import NLLB_MOE, SWITCH, Seq2SeqConfig, from_hf_config
+from moejax.seq2seq.model import EncoderDecoderLM, Seq2SeqLayer
+
+# Tensors a checkpoint may carry that moejax recomputes (NLLB's sinusoid table).
+_IGNORED = re.compile(r".*embed_positions\.weights?$")
+
+
+def read_config(path: str) -> Seq2SeqConfig:
+    """The Seq2SeqConfig of a checkpoint directory: config.json, with generation_config.json's token ids."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
+    generation_file = os.path.join(path, "generation_config.json")
+    generation = _read_json(generation_file) if os.path.isfile(generation_file) else None
+    if generation is not None and not isinstance(generation, dict):
+        raise ValueError(f"{generation_file} must hold a JSON object; got {type(generation).__name__}")
+    try:
+        return from_hf_config(_read_json(config_file), generation)
+    except ValueError as e:
+        raise ValueError(f"{e} (in {config_file})") from None
+
+
+def _vector_stack(plan: Plan, param: nnx.Param, names: list[str], size: int):
+    """[E, n] from E tensors of shape [n] (one bias per expert)."""
+    plan.items.append(PlanItem(param, [(n, (size,)) for n in names], lambda *bs: np.stack(bs), lambda b: list(b)))
+
+
+def _moe(plan: Plan, block, prefix: str, up: str, down: str):
+    """A family MoE block: the router's classifier (and bias), experts.expert_{j}.{up, down} (and biases)."""
+    e, d, f = block.w_up.shape
+    plan.copy(block.router, f"{prefix}.router.classifier.weight", transpose=True)
+    if block.router_bias is not None:
+        plan.copy(block.router_bias, f"{prefix}.router.classifier.bias")
+    experts = [f"{prefix}.experts.expert_{j}" for j in range(e)]
+    plan.stacked(block.w_up, [f"{x}.{up}.weight" for x in experts], (f, d))
+    plan.stacked(block.w_down, [f"{x}.{down}.weight" for x in experts], (d, f))
+    if block.up_bias is not None:
+        _vector_stack(plan, block.up_bias, [f"{x}.{up}.bias" for x in experts], f)
+        _vector_stack(plan, block.down_bias, [f"{x}.{down}.bias" for x in experts], d)
+
+
+def _feed_forward(plan: Plan, layer: Seq2SeqLayer, prefix: str, up: str, down: str):
+    """A layer's dense FFN ({prefix}.{up}, {prefix}.{down}) or MoE block."""
+    if layer.is_moe:
+        _moe(plan, layer.mlp, prefix, up, down)
+    else:
+        plan.linear(layer.mlp.up_proj, f"{prefix}.{up}")
+        plan.linear(layer.mlp.down_proj, f"{prefix}.{down}")
+
+
+def _attention(plan: Plan, attention, prefix: str, names: tuple[str, str, str, str]):
+    for proj, name in zip(("q_proj", "k_proj", "v_proj", "o_proj"), names):
+        plan.linear(getattr(attention, proj), f"{prefix}.{name}")
+
+
+def _nllb_layer(plan: Plan, layer: Seq2SeqLayer, p: str):
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+    plan.norm(layer.self_attn_norm, f"{p}.self_attn_layer_norm")
+    _attention(plan, layer.self_attn, f"{p}.self_attn", projections)
+    if layer.cross_attn is not None:
+        plan.norm(layer.cross_attn_norm, f"{p}.cross_attention_layer_norm")
+        _attention(plan, layer.cross_attn, f"{p}.cross_attention", projections)
+    plan.norm(layer.ffn_norm, f"{p}.ff_layer_norm")
+    _feed_forward(plan, layer, f"{p}.ffn", "fc1", "fc2")
+
+
+def _switch_layer(plan: Plan, layer: Seq2SeqLayer, p: str):
+    """T5's block: layer.0 self-attention, (decoder) layer.1 cross-attention, the last one the feed-forward."""
+    plan.norm(layer.self_attn_norm, f"{p}.layer.0.layer_norm")
+    _attention(plan, layer.self_attn, f"{p}.layer.0.SelfAttention", ("q", "k", "v", "o"))
+    ffn = 1
+    if layer.cross_attn is not None:
+        plan.norm(layer.cross_attn_norm, f"{p}.layer.1.layer_norm")
+        _attention(plan, layer.cross_attn, f"{p}.layer.1.EncDecAttention", ("q", "k", "v", "o"))
+        ffn = 2
+    plan.norm(layer.ffn_norm, f"{p}.layer.{ffn}.layer_norm")
+    _feed_forward(plan, layer, f"{p}.layer.{ffn}.mlp", "wi", "wo")
+
+
+def _root(config: Seq2SeqConfig) -> str:
+    return "model." if config.architecture == NLLB_MOE else ""
+
+
+def _stack_embeddings(config: Seq2SeqConfig) -> tuple[str, str]:
+    return tuple(f"{_root(config)}{stack}.embed_tokens.weight" for stack in ("encoder", "decoder"))
+
+
+def _plan(model: EncoderDecoderLM, names: set[str]) -> Plan:
+    c = model.config
+    plan = Plan()
+    nllb = c.architecture == NLLB_MOE
+    root = _root(c)
+    if model.decoder_embed_tokens is None:
+        plan.copy(model.embed_tokens, f"{root}shared.weight")
+    else:  # transformers 5 unties every embedding (tie_word_embeddings=false); 4.x files hold shared only
+        for param, name in zip((model.embed_tokens, model.decoder_embed_tokens), _stack_embeddings(c)):
+            plan.copy(param, name if name in names else f"{root}shared.weight")
+    if model.lm_head is not None:
+        plan.copy(model.lm_head, "lm_head.weight", transpose=True)
+    for stack, layers, norm in (("encoder", model.encoder_layers, model.encoder_norm),
+                                ("decoder", model.decoder_layers, model.decoder_norm)):
+        for i, layer in enumerate(layers):
+            if nllb:
+                _nllb_layer(plan, layer, f"model.{stack}.layers.{i}")
+            else:
+                _switch_layer(plan, layer, f"{stack}.block.{i}")
+        plan.norm(norm, f"{root}{stack}.layer_norm" if nllb else f"{stack}.final_layer_norm")
+    if not nllb:  # T5 keeps each stack's relative position bias in its first block
+        for stack, bias in (("encoder", model.encoder_position_bias), ("decoder", model.decoder_position_bias)):
+            plan.copy(bias.embedding, f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    return plan
+
+
+def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
+                    gating: str | None = None, **parallel_options) -> EncoderDecoderLM:
+    """An EncoderDecoderLM from a Hugging Face NLLB-MoE or Switch Transformers checkpoint directory, its
+    parameters cast to `dtype`. policy None keeps the family's own capacity (moejax.seq2seq.moe); with a
+    `mesh` the MoE blocks of both stacks run expert-parallel (moejax.parallel.expert_parallel)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path={path!r} must be a checkpoint directory (str or os.PathLike)")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
+                                else f"checkpoint path {path!r} is not a directory")
+    dtype = _float_dtype(dtype)
+    _check_policy(policy)
+    if mesh is None and (gating is not None or parallel_options):
+        raise ValueError("load_pretrained: gating and expert-parallel options need a mesh= (moejax.parallel.make_mesh())")
+    if checkpoint_kind(path) not in ("huggingface", "both"):
+        raise FileNotFoundError(f"{path!r} holds no Hugging Face checkpoint (config.json + safetensors)")
+    config = read_config(path)
+    model = nnx.eval_shape(lambda: EncoderDecoderLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
+    tensors = _Tensors(path)
+    _fill(_plan(model, tensors.names()), tensors, path, config)
+    if mesh is not None:
+        from moejax import parallel
+
+        model = parallel.expert_parallel(model, mesh, "dynamic" if gating is None else gating, **parallel_options)
+    return model
+
+
+def _fill(plan: Plan, tensors: _Tensors, path: str, config: Seq2SeqConfig) -> None:
+    """Check every tensor the plan expects (name, shape, dtype) and every tensor the checkpoint holds, all
+    problems reported at once; then set each parameter from its tensors."""
+    names = tensors.names()
+    expected = {name: shape for item in plan.items for name, shape in item.sources}
+    problems = []
+    for name, shape in expected.items():
+        if name not in names:
+            problems.append(f"missing tensor {name!r} (expected shape {shape})")
+            continue
+        if tensors.shape(name) != shape:
+            problems.append(f"tensor {name!r} has shape {tensors.shape(name)}, expected {shape}")
+        if tensors.dtype(name) not in _FLOAT_DTYPES:
+            problems.append(f"tensor {name!r} in {os.path.basename(tensors.file_of[name])} has dtype "
+                            f"{tensors.dtype(name)}; weights must be floating point {_FLOAT_DTYPES}")
+    # copies of a tied matrix; an untied model's shared matrix where both stacks have their own (unused)
+    copies = {"lm_head.weight", *_stack_embeddings(config)} if config.tie_word_embeddings else {
+        f"{_root(config)}shared.weight"}
+    for name in sorted(names - set(expected)):
+        if not _IGNORED.match(name) and name not in copies:
+            problems.append(f"unexpected tensor {name!r} with shape {tensors.shape(name)}")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"checkpoint {path!r} does not match its config.json ({config.architecture}):\n  {shown}")
+    for item in plan.items:
+        array = item.build(*(tensors.get(name) for name, _ in item.sources))
+        item.param.set_value(jnp.asarray(array, dtype=item.param.get_value().dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def to_hf_config(config: Seq2SeqConfig, dtype="float32") -> dict:
+    """The nllb-moe config.json of `config`; fails naming the field NllbMoeConfig cannot express."""
+    c = config
+    if c.architecture != NLLB_MOE:
+        raise ValueError(f"export to {c.architecture} is not supported; supported: {NLLB_MOE}")
+
+    def step(flags: tuple[bool, ...], stack: str) -> int:
+        # NllbMoeConfig places MoE layers where (i + 1) % step == 0 (none for a step of 0)
+        for s in [0, *range(1, len(flags) + 2)]:
+            if flags == tuple(s > 0 and (i + 1) % s == 0 for i in range(len(flags))):
+                return s
+        raise ValueError(f"cannot export as {NLLB_MOE}: {stack}_moe_layers={flags} is no sparse step's pattern")
+
+    return {
+        "model_type": NLLB_MOE, "architectures": ["NllbMoeForConditionalGeneration"], "is_encoder_decoder": True,
+        "vocab_size": c.vocab_size, "d_model": c.hidden_size, "encoder_layers": c.encoder_layers,
+        "decoder_layers": c.decoder_layers, "encoder_attention_heads": c.encoder_heads,
+        "decoder_attention_heads": c.decoder_heads, "encoder_ffn_dim": c.encoder_ffn_dim,
+        "decoder_ffn_dim": c.decoder_ffn_dim, "num_experts": c.num_experts,
+        "encoder_sparse_step": step(c.encoder_moe_layers, "encoder"),
+        "decoder_sparse_step": step(c.decoder_moe_layers, "decoder"), "activation_function": c.hidden_act,
+        "max_position_embeddings": c.max_position_embeddings, "scale_embedding": c.scale_embedding,
+        "tie_word_embeddings": c.tie_word_embeddings, "router_bias": c.router_bias, "router_dtype": "float32",
+        "router_ignore_padding_tokens": False, "second_expert_policy": "all",
+        "moe_eval_capacity_token_fraction": -1.0 if c.capacity_fraction is None else c.capacity_fraction,
+        "expert_capacity": c.expert_capacity,
+        "normalize_router_prob_before_dropping": c.normalize_router_prob_before_dropping,
+        "batch_prioritized_routing": c.batch_prioritized_routing,
+        "moe_token_dropout": 1.0 - c.expert_output_scale, "pad_token_id": c.pad_token_id,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
+        "decoder_start_token_id": c.decoder_start_token_id, "dtype": str(dtype),
+        # training-only settings, at transformers' defaults' inference value (ignored by moejax)
+        "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
+        "decoder_layerdrop": 0.0,
+    }
+
+
+def export_pretrained(model: EncoderDecoderLM, directory: str, tokenizer=None) -> None:
+    """Write `model` as an nllb-moe Hugging Face checkpoint (config.json + model.safetensors, and the
+    `tokenizers` tokenizer as tokenizer.json if given): the inverse of load_pretrained, which transformers'
+    NllbMoeForConditionalGeneration loads too. Expert-parallel models are exported from their single-device
+    originals."""
+    from safetensors.numpy import save_file
+
+    if any(block.runtime.sharded for block in model.moe_blocks()):
+        raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
+    hf_config = to_hf_config(model.config, model.dtype)
+    tensors = {}
+    for item in _plan(model, set(_stack_embeddings(model.config))).items:
+        value = np.asarray(jax.device_get(item.param.get_value()))
+        for (name, shape), array in zip(item.sources, item.split(value)):
+            assert array.shape == shape, (name, array.shape, shape)
+            tensors[name] = np.ascontiguousarray(array)
+    if model.decoder_embed_tokens is not None:  # transformers keeps the (then unused) shared matrix too
+        tensors["model.shared.weight"] = tensors["model.encoder.embed_tokens.weight"]
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, "tokenizer.json"))
