@@ -318,18 +318,24 @@ def decode_loads(model: CausalLM, prompts: Sequence[Sequence[int]], steps: int, 
     """Greedy decoding of all `prompts` together (moejax.generate's loop) for up to `steps` decode steps,
     recording each step's routing: per MoE layer, the mean fraction of experts that no token of the batch
     routes to (idle) in a decode step, and the mean max/mean load of a decode step. Rows that drew a stop
-    token route nothing; steps after every row stopped are not run and not counted."""
+    token route nothing; steps after every row stopped are not run and not counted. An encoder-decoder
+    model (moejax.seq2seq) takes sources as prompts and reports its decoder's MoE layers."""
     from moejax import stats
     from moejax.generate import decode
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an integer >= 1")
-    padded = pad_prompts([list(p) for p in prompts])[0].shape[1]
-    if padded + steps > model.config.max_position_embeddings:
-        raise ValueError(f"prompts of {padded} padded tokens + {steps} steps exceed the model's "
-                         f"{model.config.max_position_embeddings} positions")
+    blocks = model.moe_blocks()
+    if getattr(model, "is_encoder_decoder", False):  # prompts are sources; decode steps run the decoder only
+        measured = [j for j, b in enumerate(blocks) if b.layer >= model.config.encoder_layers]
+    else:
+        measured = list(range(len(blocks)))
+        padded = pad_prompts([list(p) for p in prompts])[0].shape[1]
+        if padded + steps > model.config.max_position_embeddings:
+            raise ValueError(f"prompts of {padded} padded tokens + {steps} steps exceed the model's "
+                             f"{model.config.max_position_embeddings} positions")
     out = decode(model, [list(p) for p in prompts], steps + 1, record_loads=True, stop_tokens=stop_tokens)
-    counts = np.asarray(out.loads)[1:int(out.steps) + 1]  # decode steps run: [steps, layers, E]
-    return {"layers": [i for i, moe in enumerate(model.config.moe_layers) if moe], "steps": int(out.steps),
+    counts = np.asarray(out.loads)[1:int(out.steps) + 1][:, measured]  # decode steps run: [steps, layers, E]
+    return {"layers": [blocks[j].layer for j in measured], "steps": int(out.steps),
             "batch_size": len(prompts), "idle_fraction": (counts == 0).mean(axis=(0, 2)).tolist(),
             "step_max_over_mean": np.asarray(stats.max_over_mean(jnp.asarray(counts, jnp.float32))).mean(0).tolist()}

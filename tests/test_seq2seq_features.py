@@ -120,12 +120,15 @@ def test_expert_parallelism_on_8_devices_equals_one_device_in_both_stacks(models
                                np.asarray(model(sources, DECODER_INPUT, source_mask=mask)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["lifo", "lru"])
-def test_buffered_decoding_equals_unbuffered_and_traces_every_moe_layer(models, policy):
-    model = models("switch-e8-all-sparse-binding-untied")
+@pytest.mark.parametrize("name, policy, prefetch", [("switch-e4-one-sparse", "lifo", False),
+                                                    ("nllb-e6-expert-capacity-binding", "lru", True)])
+def test_buffered_decoding_equals_unbuffered_and_traces_every_moe_layer(models, name, policy, prefetch):
+    model = models(name)
     expected = np.asarray(moejax.generate(model, SOURCES, max_new_tokens=6))
-    run = buffering.generate(model, SOURCES, max_new_tokens=6, cache_size=3, policy=policy)
+    run = buffering.generate(model, SOURCES, max_new_tokens=6, cache_size=2, policy=policy, prefetch=prefetch)
     np.testing.assert_array_equal(run.tokens, expected)
+    if prefetch:  # the encoder's second MoE layer is predicted by its first
+        assert sum(s.prefetch_loads for s in run.stats.values()) > 0
     layers = [b.layer for b in model.moe_blocks()]
     assert sorted(run.trace) == layers
     encoder_layers = [layer for layer in layers if layer < model.config.encoder_layers]
@@ -186,3 +189,16 @@ def test_a_training_loss_is_differentiable_through_the_forward(models):
     assert all(np.isfinite(g).all() for g in flat.values())
     routers = [g for path, g in flat.items() if path[-1] == "router"]
     assert len(routers) == 2 and all(np.abs(g).sum() > 0 for g in routers)  # the router terms reach the routers
+
+
+def test_decode_loads_of_an_encoder_decoder_model_report_its_decoder_layers(models):
+    from moejax import evaluation
+
+    model = models("nllb-e6-expert-capacity-binding")
+    report = evaluation.decode_loads(model, SOURCES, steps=4, stop_tokens=())
+    decoder_moe = [b.layer for b in model.moe_blocks() if b.layer >= model.config.encoder_layers]
+    assert report["layers"] == decoder_moe and report["steps"] == 4
+    out = decode(model, SOURCES, 5, record_loads=True, stop_tokens=())
+    columns = [j for j, b in enumerate(model.moe_blocks()) if b.layer in decoder_moe]
+    counts = np.asarray(out.loads)[1:, columns]
+    np.testing.assert_allclose(report["idle_fraction"], (counts == 0).mean(axis=(0, 2)))

@@ -312,9 +312,10 @@ class EncoderDecoderLM(nnx.Module):
         if self.encoder_position_bias is not None:
             index = jnp.arange(s)[None]
             bias = self.encoder_position_bias(index, index)
-        x, routings = self.embed(source_ids, ENCODER), []
-        for layer in self.encoder_layers:
+        x, routings, layers = self.embed(source_ids, ENCODER), [], self.encoder_layers
+        for i, layer in enumerate(layers):
             x, _ = layer.self_attention_phase(x, allowed, bias)
+            _prefetch_next(layers, i, x, source_mask, False)
             x, r, _ = layer.feed_forward_phase(x, source_mask)
             routings.append(r)
         return EncoderOutput(self.encoder_norm(x), tuple(routings))
@@ -344,11 +345,12 @@ class EncoderDecoderLM(nnx.Module):
             bias = self.decoder_position_bias(_query_positions(ctx, t), ctx.key_positions)
         cross_allowed = jnp.broadcast_to(source_mask[:, None, :], (b, t, source_mask.shape[1]))
         x = self.embed(tokens, DECODER, 0 if cache is None else cache.index)
-        new_layers, routings, needed = [], [], jnp.zeros((), jnp.int32)
-        for i, layer in enumerate(self.decoder_layers):
+        new_layers, routings, needed, layers = [], [], jnp.zeros((), jnp.int32), self.decoder_layers
+        for i, layer in enumerate(layers):
             x, layer_cache = layer.self_attention_phase(x, ctx.allowed, bias, None if cache is None else cache.layers[i],
                                                         ctx.index)
             x = layer.cross_attention_phase(x, cross_keys_values[i], cross_allowed)
+            _prefetch_next(layers, i, x, token_mask, decode)
             x, r, layer_needed = layer.feed_forward_phase(x, token_mask, decode)
             new_layers.append(layer_cache)
             routings.append(r)
@@ -377,6 +379,14 @@ class EncoderDecoderLM(nnx.Module):
         out = self.decoder_forward(decoder_input_ids, self.cross_keys_values(encoded.hidden), source_mask,
                                    token_mask=decoder_mask)
         return out._replace(encoder_routings=encoded.routings)
+
+
+def _prefetch_next(layers: list[Seq2SeqLayer], i: int, x: jax.Array, token_mask: jax.Array, decode: bool) -> None:
+    """Buffered prefetch within a stack, as CausalLM.forward does it: after MoE layer i's attention, the
+    stack's next MoE layer predicts its experts from this residual stream (through its own norm)."""
+    after = next((j for j in range(i + 1, len(layers)) if layers[j].is_moe), None)
+    if layers[i].is_moe and after is not None and layers[after].mlp.prefetches:
+        layers[after].mlp.prefetch(layers[after].ffn_input(x), token_mask, decode)
 
 
 def _query_positions(ctx, t: int) -> jax.Array:
