@@ -64,6 +64,22 @@ def test_logits_equal_transformers(checkpoints, name):
     assert_close_to_logit_scale(model(sources, decoder_ids, source_mask=mask), expected)
 
 
+@pytest.mark.parametrize("name", ["nllb-e8-all-sparse-binding-prioritized-untied", "switch-e8-all-sparse-binding-untied"])
+def test_logits_of_right_padded_decoder_inputs_equal_transformers(checkpoints, name):
+    """Teacher forcing as training feeds it: targets right-padded with the pad token and masked."""
+    reference, model, _ = checkpoints(name)
+    sources, mask, decoder_ids = batch(reference, seed=4)
+    decoder_mask = np.ones(decoder_ids.shape, bool)
+    decoder_mask[1, -3:] = False
+    decoder_ids[1, -3:] = reference.config.pad_token_id
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(sources), attention_mask=torch.tensor(mask.astype(np.int64)),
+                             decoder_input_ids=torch.tensor(decoder_ids),
+                             decoder_attention_mask=torch.tensor(decoder_mask.astype(np.int64))).logits.numpy()
+    ours = np.asarray(model(sources, decoder_ids, source_mask=mask, decoder_mask=decoder_mask))
+    assert_close_to_logit_scale(ours[decoder_mask], expected[decoder_mask])
+
+
 @pytest.mark.parametrize("name", [n for n in VARIANTS if "binding" in n])
 def test_the_family_capacity_binds_in_both_stacks_and_matches_transformers(checkpoints, name):
     reference, model, _ = checkpoints(name)

@@ -1,4 +1,5 @@
-"""The building blocks of the encoder-decoder families against torch: LayerNorm (with and without bias)."""
+"""The building blocks of the encoder-decoder families against torch and transformers: LayerNorm (with and
+without bias), attention with an additive bias, T5's relative position buckets, NLLB's sinusoidal positions."""
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def _numpy_attention(q, k, v, bias, allowed, scale):
     out = np.zeros(q.shape[:3] + (v.shape[-1],), np.float64)
     for head in range(h):
         logits = np.einsum("btd,bsd->bts", q[:, :, head], k[:, :, head // group]) * scale + bias[:, head]
-        logits = np.where(allowed, logits, -np.inf)
+        logits = np.where(allowed, logits, -1e30)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         out[:, :, head] = np.einsum("bts,bsd->btd", probs / probs.sum(-1, keepdims=True), v[:, :, head // group])
     return out
@@ -61,3 +62,34 @@ def test_attention_bias_is_added_to_the_scaled_logits_in_every_implementation():
                 attention.tiled_attention(q, k, v, allowed, 0.5, 0, 8, bias=bias),
                 attention.fused_attention(q, k, v, allowed, 0.5, "xla", bias)):
         np.testing.assert_allclose(np.asarray(out)[seen], expected[seen], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (8, 16), (6, 20)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_buckets_equal_transformers(num_buckets, max_distance, bidirectional):
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
+
+    from moejax.seq2seq.model import RelativePositionBias, relative_position_buckets
+
+    relative = torch.arange(-3 * max_distance, 3 * max_distance + 1)
+    expected = SwitchTransformersAttention._relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+    table = relative_position_buckets(num_buckets, max_distance, bidirectional)
+    index = np.clip(relative.numpy(), -max_distance, max_distance) + max_distance  # how RelativePositionBias reads it
+    np.testing.assert_array_equal(table[index], expected.numpy())
+    assert RelativePositionBias  # the module that indexes the table this way
+
+
+def test_sinusoidal_positions_equal_transformers_table():
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSinusoidalPositionalEmbedding
+
+    from moejax.seq2seq.model import nllb_positions, sinusoidal_embeddings
+
+    for dim, pad in ((32, 1), (17, 3)):
+        table = NllbMoeSinusoidalPositionalEmbedding.get_embedding(600, dim, pad).numpy()
+        tokens = np.array([[7, 8, pad, 9, 10] + [11] * 500, [pad, pad, 5, 6, 7] + [8] * 500])
+        positions = np.asarray(nllb_positions(tokens, pad, 0))
+        expected_positions = NllbMoeSinusoidalPositionalEmbedding.create_position_ids_from_input_ids(
+            torch.tensor(tokens), pad).numpy()
+        np.testing.assert_array_equal(positions, expected_positions)
+        np.testing.assert_allclose(np.asarray(sinusoidal_embeddings(positions, dim, pad)), table[expected_positions],
+                                   rtol=0, atol=5e-5)  # float32 sin / cos of angles up to ~500 rad

@@ -90,7 +90,7 @@ def nllb_positions(tokens: jax.Array, pad_token_id: int, start) -> jax.Array:
     return (jnp.cumsum(real, axis=1) + start) * real + pad_token_id
 
 
-class Attention(nnx.Module):
+class MultiHeadAttention(nnx.Module):
     """Multi-head attention of both families: q / k / v / o projections (with biases in NLLB); keys and
     values come from the layer's own input (self-attention) or the encoder's output (cross-attention)."""
 
@@ -141,9 +141,9 @@ class Seq2SeqLayer(nnx.Module):
         moe = config.moe_layers[layer]
         ffn = config.encoder_ffn_dim if stack == ENCODER else config.decoder_ffn_dim
         self.self_attn_norm = _norm(config, dtype)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.self_attn = MultiHeadAttention(config, dtype=dtype, rngs=rngs)
         self.cross_attn_norm = _norm(config, dtype) if stack == DECODER else None
-        self.cross_attn = Attention(config, dtype=dtype, rngs=rngs) if stack == DECODER else None
+        self.cross_attn = MultiHeadAttention(config, dtype=dtype, rngs=rngs) if stack == DECODER else None
         self.ffn_norm = _norm(config, dtype)
         self.mlp = (FamilyMoEBlock(config, stack, layer, runtime, dtype=dtype, rngs=rngs) if moe
                     else FeedForward(config, ffn, dtype=dtype, rngs=rngs))
