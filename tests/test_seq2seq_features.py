@@ -202,3 +202,22 @@ def test_decode_loads_of_an_encoder_decoder_model_report_its_decoder_layers(mode
     columns = [j for j, b in enumerate(model.moe_blocks()) if b.layer in decoder_moe]
     counts = np.asarray(out.loads)[1:, columns]
     np.testing.assert_allclose(report["idle_fraction"], (counts == 0).mean(axis=(0, 2)))
+
+
+def test_a_load_trace_of_both_stacks_fits_a_placement(models):
+    from moejax import placement
+
+    model = models("nllb-e8-all-sparse-binding-prioritized-untied")
+    sources, mask = padded(pad=model.config.pad_token_id)
+    decoder_mask = np.ones(DECODER_INPUT.shape, bool)
+    trace = seq2seq.load_trace(model, [(sources, mask, DECODER_INPUT, decoder_mask)] * 2)
+    blocks = model.moe_blocks()
+    assert trace.shape == (2, len(blocks), 8)
+    out = forward(model, sources, mask, DECODER_INPUT)
+    for j, block in enumerate(blocks):
+        encoder = block.layer < model.config.encoder_layers
+        real = (mask if encoder else decoder_mask).reshape(-1)
+        experts = np.asarray(out.routings[block.layer].experts)[real]
+        np.testing.assert_array_equal(trace[0, j], np.bincount(experts.reshape(-1), minlength=8))
+    device_of_expert = placement.greedy(trace[:, 0].mean(axis=0), 4)
+    assert sorted(np.bincount(device_of_expert, minlength=4)) == [2, 2, 2, 2]
