@@ -15,6 +15,7 @@ from moejax.kernels.grouped_matmul import (
     PallasConfig,
     RaggedDot,
     Reference,
+    SplitExperts,
     TileConfig,
     Xla,
     XlaConfig,

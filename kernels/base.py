@@ -73,9 +73,46 @@ class ExpertWeights(NamedTuple):
                 "down_bias": (e, d)}
 
 
-def as_expert_weights(weights: tuple) -> ExpertWeights:
-    """An entry point's positional weights (one ExpertWeights, or its fields in order) as an ExpertWeights."""
-    if len(weights) == 1 and isinstance(weights[0], ExpertWeights):
+class SplitExperts(NamedTuple):
+    """The same routed experts with each expert's weights held as arrays of its own: experts[e] is an
+    ExpertWeights of expert e alone, without the expert axis (gate, up [d, f], down [f, d], biases [f] / [d]).
+
+    Why: XLA:CPU copies any slice of a stacked [E, d, f] array before a dot reads it, so a decode step of a
+    stacked model copies each active expert's weights once more than it reads them; the "xla"
+    implementation switches over split experts and its dots read them in place. Every other implementation
+    takes them stacked (`stacked()`, one copy of every expert per call; differentiable)."""
+
+    experts: tuple[ExpertWeights, ...]
+
+    @classmethod
+    def of(cls, weights: ExpertWeights) -> SplitExperts:
+        """Stacked ExpertWeights split into one ExpertWeights per expert (copies)."""
+        return cls(tuple(jax.tree.map(lambda w, e=e: w[e], weights) for e in range(weights.num_experts)))
+
+    def stacked(self) -> ExpertWeights:
+        return jax.tree.map(lambda *per_expert: jnp.stack(per_expert), *self.experts)
+
+    @property
+    def gated(self) -> bool:
+        return self.experts[0].gated
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+
+Weights = Union[ExpertWeights, SplitExperts]
+
+
+def stacked(weights: Weights) -> ExpertWeights:
+    """The weights as stacked ExpertWeights (SplitExperts stacked: a copy of every expert)."""
+    return weights.stacked() if isinstance(weights, SplitExperts) else weights
+
+
+def as_expert_weights(weights: tuple) -> Weights:
+    """An entry point's positional weights (one ExpertWeights or SplitExperts, or ExpertWeights' fields in
+    order) as an ExpertWeights or a SplitExperts."""
+    if len(weights) == 1 and isinstance(weights[0], (ExpertWeights, SplitExperts)):
         return weights[0]
     if not 3 <= len(weights) <= len(ExpertWeights._fields):
         raise ValueError(f"expected the expert weights (gate, up, down[, gate_bias, up_bias, down_bias]) or one "
@@ -125,11 +162,26 @@ def check_activation(activation: Activation, gated: bool = True) -> None:
         raise ValueError(f"unknown activation {activation!r}; supported: {sorted(ACTIVATIONS)} or a ClampedSwiGLU")
 
 
-def check_expert_weights(weights: ExpertWeights, e: int, d: int, context: str) -> None:
-    """Every present field of `weights` has its shape over e experts of width d; a gate bias needs a gate."""
+def check_expert_weights(weights: Weights, e: int, d: int, context: str) -> None:
+    """Every present field of `weights` has its shape over e experts of width d (split experts: each
+    expert's, without the expert axis, and every expert has the same fields); a gate bias needs a gate."""
+    if isinstance(weights, SplitExperts):
+        if weights.num_experts != e:
+            raise ValueError(f"{weights.num_experts} split experts given for {context}")
+        fields = [name for name, w in zip(ExpertWeights._fields, weights.experts[0]) if w is not None]
+        for i, expert in enumerate(weights.experts):
+            present = [name for name, w in zip(ExpertWeights._fields, expert) if w is not None]
+            if present != fields:
+                raise ValueError(f"split expert {i} has the fields {present}; expert 0 has {fields}")
+            _check_fields(expert, {k: s[1:] for k, s in expert.expected_shapes(e, d).items()},
+                          f"expert {i} of {context}")
+        return
+    _check_fields(weights, weights.expected_shapes(e, d), context)
+
+
+def _check_fields(weights: ExpertWeights, expected: dict[str, tuple[int, ...]], context: str) -> None:
     if weights.gate is None and weights.gate_bias is not None:
         raise ValueError("gate_bias is given but gate is None (a non-gated FFN has no gate bias)")
-    expected = weights.expected_shapes(e, d)
     check_weights(tuple((_FIELD_NAMES[name], w, expected[name]) for name, w in zip(weights._fields, weights)
                         if w is not None), context)
 
@@ -140,7 +192,7 @@ def check_weights(named: tuple[tuple[str, jax.Array, tuple], ...], context: str)
             raise ValueError(f"{name} has shape {w.shape}; expected {expected} for {context}")
 
 
-def check_inputs(x: jax.Array, group_sizes: jax.Array, weights: ExpertWeights | jax.Array,
+def check_inputs(x: jax.Array, group_sizes: jax.Array, weights: Weights | jax.Array,
                  activation: Activation | None = None) -> None:
     """Shapes of a grouped matmul (one weight `w` [E, d, f]) or a grouped FFN (ExpertWeights); errors name
     the bad value."""
@@ -150,7 +202,7 @@ def check_inputs(x: jax.Array, group_sizes: jax.Array, weights: ExpertWeights | 
         raise ValueError(f"group_sizes must be an int vector [E]; got {group_sizes.dtype}{list(group_sizes.shape)}")
     e, d = group_sizes.shape[0], x.shape[1]
     context = f"x {x.shape} and {e} groups"
-    if isinstance(weights, ExpertWeights):
+    if isinstance(weights, (ExpertWeights, SplitExperts)):
         check_expert_weights(weights, e, d, context)
         if activation is not None:
             check_activation(activation, weights.gated)
@@ -190,9 +242,11 @@ class Implementation:
 
     A subclass sets `name`, implements `_ffn` and `_matmul`, and says in `supported` which calls it can
     take. `ffn` / `matmul` raise NotImplementedError with the reason for the others: the API then tries the
-    next implementation of a sequence, or tells the caller who named this one why it cannot serve."""
+    next implementation of a sequence, or tells the caller who named this one why it cannot serve.
+    `takes_split_experts`: its _ffn reads SplitExperts as they are; else `ffn` stacks them first."""
 
     name: ClassVar[str] = ""
+    takes_split_experts: ClassVar[bool] = False
     config: Any = None
 
     def supported(self, x: jax.Array, weights: tuple[jax.Array] | ExpertWeights, *,
@@ -207,10 +261,12 @@ class Implementation:
         """The configs `autotune` times; by default only this implementation's own."""
         return (self.config,)
 
-    def ffn(self, x, group_sizes, weights: ExpertWeights, *, activation: Activation,
+    def ffn(self, x, group_sizes, weights: Weights, *, activation: Activation,
             capacity: int | None) -> jax.Array:
         """Per row r of group e: the ExpertWeights FFN of expert e on x[r]; f32 accumulation, the hidden
         taken to the down projection in x.dtype, output dtype = x.dtype; rows not computed -> 0."""
+        if not self.takes_split_experts:
+            weights = stacked(weights)
         self._require(x, weights, capacity)
         return self._ffn(x, group_sizes, weights, activation=activation, capacity=capacity)
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels.base import (Activation, Implementation, as_expert_weights, check_activation, check_expert_weights,
-                                 computed_groups, ffn, rank_in_group)
+                                 computed_groups, ffn, rank_in_group, stacked)
 
 
 def batched_ffn(buffers: jax.Array, *weights, activation: Activation = "silu") -> jax.Array:
@@ -24,7 +24,7 @@ def batched_ffn(buffers: jax.Array, *weights, activation: Activation = "silu") -
     grouped_ffn implementation; output dtype = buffers.dtype."""
     if buffers.ndim != 3:
         raise ValueError(f"buffers must be [experts, capacity, d]; got shape {buffers.shape}")
-    weights = as_expert_weights(weights)
+    weights = stacked(as_expert_weights(weights))
     check_expert_weights(weights, buffers.shape[0], buffers.shape[2], f"buffers {buffers.shape}")
     check_activation(activation, weights.gated)
 

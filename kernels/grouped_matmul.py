@@ -31,7 +31,7 @@ from typing import Callable, Sequence, Union
 
 import jax
 
-from moejax.kernels.base import (ACTIVATIONS, Activation, ClampedSwiGLU, ExpertWeights, Implementation,
+from moejax.kernels.base import (ACTIVATIONS, Activation, ClampedSwiGLU, ExpertWeights, Implementation, SplitExperts,
                                  as_expert_weights, check_inputs)
 from moejax.kernels.capacity_buffers import CapacityBuffers, batched_ffn
 from moejax.kernels.ragged_dot import RaggedDot
@@ -118,8 +118,9 @@ def grouped_ffn(x: jax.Array, group_sizes: jax.Array, *weights, activation: Acti
 
     x [N, d]; group_sizes int [E]; weights: ExpertWeights' fields in order, w_gate (None: not gated), w_up
     [E, d, f], w_down [E, f, d], then optional gate_bias, up_bias [E, f], down_bias [E, d] (or one
-    ExpertWeights) -> [N, d]. activation: a name of ACTIVATIONS or a ClampedSwiGLU. f32 accumulation;
-    output dtype = x.dtype."""
+    ExpertWeights, or one SplitExperts: each expert's own arrays, read in place by "xla", stacked for the
+    others) -> [N, d]. activation: a name of ACTIVATIONS or a ClampedSwiGLU. f32 accumulation; output
+    dtype = x.dtype."""
     weights = as_expert_weights(weights)
     check_inputs(x, group_sizes, weights, activation)
     return _first_that_serves(implementation, lambda impl: impl.ffn(
@@ -159,6 +160,7 @@ def autotune(x, group_sizes, *weights, implementation: str | Implementation = "x
 
 
 __all__ = ["ACTIVATIONS", "IMPLEMENTATIONS", "Activation", "CapacityBuffers", "ClampedSwiGLU", "ExpertWeights",
-           "Implementation", "ImplementationLike", "MosaicGpu", "MosaicGpuConfig", "Pallas", "PallasConfig", "RaggedDot",
-           "Reference", "TileConfig", "Xla", "XlaConfig", "autotune", "batched_ffn", "default_implementation", "grouped_ffn", "grouped_ffn_reference",
-           "grouped_matmul", "grouped_matmul_reference"]
+           "Implementation", "ImplementationLike", "MosaicGpu", "MosaicGpuConfig", "Pallas", "PallasConfig",
+           "RaggedDot", "Reference", "SplitExperts", "TileConfig", "Xla", "XlaConfig", "autotune", "batched_ffn",
+           "default_implementation", "grouped_ffn", "grouped_ffn_reference", "grouped_matmul",
+           "grouped_matmul_reference"]

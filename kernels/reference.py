@@ -9,14 +9,15 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.base import Activation, Implementation, as_expert_weights, computed_groups, ffn, with_bias
+from moejax.kernels.base import Activation, Implementation, as_expert_weights, computed_groups, ffn, stacked, with_bias
 
 
 def grouped_ffn_reference(x, group_sizes, *weights, activation: Activation = "silu",
                           capacity: int | None = None) -> jax.Array:
     """grouped_ffn's semantics in f32 (a scan over experts); rows of no group (padding, past a capacity) -> 0.
-    weights: ExpertWeights' fields in order (gate, up, down, gate_bias, up_bias, down_bias), or one ExpertWeights."""
-    weights = as_expert_weights(weights)
+    weights: ExpertWeights' fields in order (gate, up, down, gate_bias, up_bias, down_bias), or one ExpertWeights
+    or SplitExperts."""
+    weights = stacked(as_expert_weights(weights))
     xf = x.astype(jnp.float32)
     project = lambda a, w, b: with_bias(a @ w, b)
 

@@ -1,11 +1,13 @@
 """The XLA tiled loop: the fast grouped FFN on the CPU.
 
-A loop over the *active* experts (dynamic trip count); each expert's weights are sliced once, its rows go
-through in full tiles (dynamic_slice of rows, a dynamic_update_slice back), then its remainder in tiles a
-quarter that size, the last slid back to end at the group's end, so skew wastes less than one small tile
-per expert and a decode step computes only its few active experts. No gathers, scatters or padded buffers.
-On a 2-core CPU, d=512 f=1024 E=8 top-2 2048 tokens, it runs at 0.9-1.2x the speed of a dense FFN of equal
-useful FLOPs, balanced or skewed, f32 or bf16, where jax.lax.ragged_dot reaches ~0.12
+A loop over the *active* experts (dynamic trip count); each expert's rows go through in full tiles
+(dynamic_slice of rows, a dynamic_update_slice back), then its remainder in smaller tiles, the last slid back
+to end at the group's end, so skew wastes less than one small tile per expert and a decode step computes
+only its few active experts. No gathers, scatters or padded buffers. Stacked weights [E, d, f] are sliced
+once per active expert, which XLA:CPU does as a copy; SplitExperts (each expert its own arrays) are read in
+place by a lax.switch over the experts, whose branch e closes over expert e's arrays. On a 2-core CPU,
+d=512 f=1024 E=8 top-2 2048 tokens, it runs at 0.9-1.2x the speed of a dense FFN of equal useful FLOPs,
+balanced or skewed, f32 or bf16, where jax.lax.ragged_dot reaches ~0.12
 (experiments/results/bench_grouped_matmul_cpu.txt). Not reverse-differentiable (dynamic loops): training
 uses "ragged_dot" or "capacity_buffers".
 """
@@ -13,28 +15,35 @@ uses "ragged_dot" or "capacity_buffers".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.base import Activation, Implementation, ffn, with_bias
+from moejax.kernels.base import Activation, Implementation, SplitExperts, ffn, with_bias
 
 
 def default_tile(num_rows: int, num_groups: int) -> tuple[int, int]:
     """(tile, remainder_tile). The tile is the largest power of two within the rows an expert gets on
-    average, in [8, 512]: large enough to amortise XLA:CPU's few-microsecond loop step and keep the dot
+    average, in [1, 512]: large enough to amortise XLA:CPU's few-microsecond loop step and keep the dot
     efficient (256 and 512 measured best at d=512, f=1024, 8 experts, balanced and skewed), small enough
-    that a decode step with a row or two per expert does not pay for a large tile. A group's last rows go
-    in tiles a quarter that size, so skew wastes less than one small tile per expert."""
+    that a decode step with a row or two per expert computes no rows it does not need (XLA:CPU's one-row
+    dot is a matrix-vector product, markedly faster than a dot of a few rows)."""
     per_group = max(1, -(-num_rows // max(1, num_groups)))
-    tile = min(512, max(8, 1 << (per_group.bit_length() - 1)))
-    return tile, max(8, tile // 4)
+    tile = min(512, 1 << (per_group.bit_length() - 1))
+    return tile, remainder_tile(tile)
+
+
+def remainder_tile(tile: int) -> int:
+    """A group's last rows go in tiles a quarter of `tile` (at least 8 rows, at most `tile`), so skew wastes
+    less than one small tile per expert."""
+    return min(tile, max(8, tile // 4))
 
 
 @dataclasses.dataclass(frozen=True)
 class XlaConfig:
-    """tile: rows per full tile (remainder tiles a quarter of it, at least 8); None: default_tile's
+    """tile: rows per full tile (remainder tiles: remainder_tile(tile)); None: default_tile's
     heuristic for the call's rows and groups."""
     tile: int | None = None
 
@@ -47,13 +56,14 @@ class XlaConfig:
 class Xla(Implementation):
     """The tiled loop over active experts; runs on every backend, fastest on the CPU."""
     name: ClassVar[str] = "xla"
+    takes_split_experts: ClassVar[bool] = True
     config: XlaConfig = XlaConfig()
 
     def tiles(self, num_rows: int, num_groups: int) -> tuple[int, int]:
         """(tile, remainder_tile) this implementation uses for num_rows rows over num_groups groups."""
         if self.config.tile is None:
             return default_tile(num_rows, num_groups)
-        return self.config.tile, max(8, self.config.tile // 4)
+        return self.config.tile, remainder_tile(self.config.tile)
 
     def autotuning_configs(self) -> tuple[XlaConfig, ...]:
         return tuple(XlaConfig(tile=t) for t in (64, 128, 256, 512))
@@ -66,9 +76,10 @@ class Xla(Implementation):
                            w.shape[-1], capacity)
 
     def _tiled(self, x, group_sizes, weights, compute, out_dim: int, capacity: int | None) -> jax.Array:
-        """Loop over the active experts; per expert, slice its weights once, run its rows through in full
-        tiles, then its remainder in smaller tiles. No gathers or scatter-adds: each tile is a dynamic_slice
-        of rows and a dynamic_update_slice whose rows outside the group keep their values."""
+        """Loop over the active experts; per expert, its weights (a slice of stacked ones, or its own arrays
+        of SplitExperts), its rows through in full tiles, then its remainder in smaller tiles. No gathers or
+        scatter-adds: each tile is a dynamic_slice of rows and a dynamic_update_slice whose rows outside the
+        group keep their values."""
         n = x.shape[0]
         if n == 0:
             return jnp.zeros((0, out_dim), x.dtype)
@@ -82,19 +93,27 @@ class Xla(Implementation):
             group_sizes = jnp.minimum(group_sizes, capacity)
         active = jnp.nonzero(group_sizes > 0, size=min(num_groups, n), fill_value=0)[0]
         x_bits = bits(x)
-        weights_bits = jax.tree.map(bits, weights)
 
-        def expert_body(i, out):
-            e = active[i]
-            # one copy per expert, of every leaf (weights: an ExpertWeights, or one matrix)
-            expert_weights = jax.tree.map(lambda w, b: unbits(b[e], w.dtype), weights, weights_bits)
-            return group_rows(out, x_bits, x.dtype, starts[e], starts[e] + group_sizes[e], expert_weights, compute,
-                              tile, small)
+        def rows_of(expert_weights, out, start, end):
+            return group_rows(out, x_bits, x.dtype, start, end, expert_weights, compute, tile, small)
+
+        if isinstance(weights, SplitExperts):
+            # branch e closes over expert e's own arrays: its dots read them where they are
+            branches = [functools.partial(rows_of, expert) for expert in weights.experts]
+            pick = lambda e, out: jax.lax.switch(e, branches, out, starts[e], starts[e] + group_sizes[e])
+        else:
+            weights_bits = jax.tree.map(bits, weights)
+
+            def pick(e, out):
+                # one copy per expert, of every leaf (weights: an ExpertWeights, or one matrix)
+                expert = jax.tree.map(lambda w, b: unbits(b[e], w.dtype), weights, weights_bits)
+                return rows_of(expert, out, starts[e], starts[e] + group_sizes[e])
 
         # f32 output buffer, cast once at the end: XLA:CPU widens bf16 elementwise ops to f32, and the update
         # of a bf16 buffer then copies the whole buffer on every tile instead of writing the tile in place.
         out = jnp.zeros((n, out_dim), jnp.float32)
-        return jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), expert_body, out).astype(x.dtype)
+        return jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), lambda i, out: pick(active[i], out), out
+                                 ).astype(x.dtype)
 
 
 def ffn_rows(activation: Activation):
@@ -119,9 +138,11 @@ def group_rows(out, x_bits, x_dtype, start, end, expert_weights, compute, tile: 
         old = jax.lax.dynamic_slice_in_dim(out, first, size, 0)
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, old), first, 0)
 
-    full = (end - start) // tile
-    out = jax.lax.fori_loop(0, full, lambda j, o: one_tile(o, start + j * tile, tile), out)
-    rest = start + full * tile
+    rest = start
+    if tile > small:  # else the small tiles' loop alone: one loop less to compile (decode's one-row tiles)
+        full = (end - start) // tile
+        out = jax.lax.fori_loop(0, full, lambda j, o: one_tile(o, start + j * tile, tile), out)
+        rest = start + full * tile
     return jax.lax.fori_loop(0, (end - rest + small - 1) // small,
                              lambda j, o: one_tile(o, jnp.minimum(rest + j * small, end - small), small), out)
 

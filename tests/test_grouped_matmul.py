@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from moejax import kernels
-from moejax.kernels import (ACTIVATIONS, IMPLEMENTATIONS, ClampedSwiGLU, ExpertWeights, batched_ffn,
+from moejax.kernels import (ACTIVATIONS, IMPLEMENTATIONS, ClampedSwiGLU, ExpertWeights, SplitExperts, batched_ffn,
                             default_implementation, grouped_ffn, grouped_ffn_reference, grouped_matmul,
                             grouped_matmul_reference)
+from moejax.kernels.base import as_expert_weights
 
 D, F = 16, 24
 # one jitted reference for the whole file: compiled once per shape and activation
@@ -136,9 +137,14 @@ class ImplementationTests:
     differentiable = False
     takes_biases = True  # else: a call with biases is refused by name (the registry falls through)
 
+    split_experts = False  # grouped_ffn gets the weights as SplitExperts (each expert its own arrays)
+
     def _fn(self, entry=grouped_ffn, **kwargs):
         kwargs.setdefault("capacity", self.no_drop_capacity)
-        return functools.partial(entry, implementation=self.implementation, **kwargs)
+        fn = functools.partial(entry, implementation=self.implementation, **kwargs)
+        if self.split_experts and entry is grouped_ffn:
+            return lambda x, gs, *w: fn(x, gs, SplitExperts.of(as_expert_weights(w)))
+        return fn
 
     def test_grouped_ffn_matches_reference_f32(self):
         fn = jax.jit(self._fn())
@@ -229,6 +235,12 @@ class TestXla(ImplementationTests):
     implementation = "xla"
 
 
+class TestXlaSplitExperts(ImplementationTests):
+    """The switch over each expert's own arrays (a decode step that reads the weights in place)."""
+    implementation = "xla"
+    split_experts = True
+
+
 class TestPallasInterpret(ImplementationTests):
     implementation = "pallas_interpret"
     takes_biases = False
@@ -247,7 +259,8 @@ class TestCapacityBuffers(ImplementationTests):
 
 def test_the_shapes_exercise_the_tiles():
     """The cases above cover N below a tile, remainders, and full tiles followed by a remainder."""
-    assert kernels.Xla().tiles(4, 16) == (8, 8)
+    assert kernels.Xla().tiles(4, 16) == (1, 1)  # decode: one-row tiles, one loop
+    assert kernels.Xla().tiles(40, 6) == (4, 4)
     assert kernels.Xla().tiles(1000, 5) == (128, 32)
     assert kernels.Xla(kernels.XlaConfig(tile=64)).tiles(1000, 5) == (64, 16)
 
@@ -388,6 +401,45 @@ def test_bad_input_is_named():
         grouped_ffn(x, gs, *w, implementation=["xla", "triton"])
     with pytest.raises(ValueError, match="implementation= is an empty sequence"):
         grouped_ffn(x, gs, *w, implementation=[])
+
+
+def test_split_experts_are_the_stacked_experts_one_by_one():
+    x, gs, weights, _ = _kind_weights("gated-biases", SAME_SHAPE["random-with-empty"], 40)
+    split = SplitExperts.of(weights)
+    assert split.num_experts == 6 and split.gated and split.experts[2].up.shape == (D, F)
+    np.testing.assert_array_equal(np.asarray(split.experts[2].down_bias), np.asarray(weights.down_bias[2]))
+    for got, want in zip(jax.tree.leaves(split.stacked()), jax.tree.leaves(weights)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_split_experts_train_through_an_implementation_that_stacks_them():
+    """ragged_dot takes split experts stacked: the loss and its gradients with respect to each expert's own
+    arrays are the reference's on the stacked weights."""
+    x, gs, weights, activation = _kind_weights("gated-biases", SAME_SHAPE["no-full-tile"], 40)
+
+    def loss(fn, w):
+        return (jnp.sin(fn(x, gs, w, activation=activation)) ** 2).sum()
+
+    ours = jax.value_and_grad(functools.partial(loss, functools.partial(grouped_ffn, implementation="ragged_dot")))
+    value, grads = ours(SplitExperts.of(weights))
+    ref_value, ref_grads = jax.value_and_grad(functools.partial(loss, grouped_ffn_reference))(weights)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    assert isinstance(grads, SplitExperts)
+    for got, want in zip(jax.tree.leaves(grads.stacked()), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_split_experts_are_named():
+    x, gs, w = _inputs([1, 2, 1], 4)
+    split = SplitExperts.of(ExpertWeights(*w))
+    with pytest.raises(ValueError, match=r"2 split experts given for x \(4, 16\) and 3 groups"):
+        grouped_ffn(x, gs, SplitExperts(split.experts[:2]))
+    with pytest.raises(ValueError, match=r"w_up has shape \(16, 5\); expected \(16, 24\) for expert 1 of x"):
+        grouped_ffn(x, gs, SplitExperts(split.experts[:1] + (split.experts[1]._replace(up=w[1][1, :, :5]),)
+                                        + split.experts[2:]))
+    with pytest.raises(ValueError, match=r"split expert 2 has the fields \['up', 'down'\]; expert 0 has "
+                                         r"\['gate', 'up', 'down'\]"):
+        grouped_ffn(x, gs, SplitExperts(split.experts[:2] + (split.experts[2]._replace(gate=None),)))
 
 
 # The Mosaic GPU kernels in GPU interpret mode (simulated SMEM, TMA, wgmma): bf16 only, widths of whole
