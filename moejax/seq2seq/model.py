@@ -342,7 +342,7 @@ class EncoderDecoderLM(nnx.Module):
         ctx = attention_context(token_mask, None, cache, _NO_ROPE, None)
         bias = None
         if self.decoder_position_bias is not None:
-            bias = self.decoder_position_bias(_query_positions(ctx, t), ctx.key_positions)
+            bias = self.decoder_position_bias(ctx.positions, ctx.key_positions)
         cross_allowed = jnp.broadcast_to(source_mask[:, None, :], (b, t, source_mask.shape[1]))
         x = self.embed(tokens, DECODER, 0 if cache is None else cache.index)
         new_layers, routings, needed, layers = [], [], jnp.zeros((), jnp.int32), self.decoder_layers
@@ -387,11 +387,6 @@ def _prefetch_next(layers: list[Seq2SeqLayer], i: int, x: jax.Array, token_mask:
     after = next((j for j in range(i + 1, len(layers)) if layers[j].is_moe), None)
     if layers[i].is_moe and after is not None and layers[after].mlp.prefetches:
         layers[after].mlp.prefetch(layers[after].ffn_input(x), token_mask, decode)
-
-
-def _query_positions(ctx, t: int) -> jax.Array:
-    """The decoder's new tokens' positions [B, T] (the last T written slots' positions of the context)."""
-    return jax.lax.dynamic_slice_in_dim(ctx.key_positions, ctx.index, t, axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
