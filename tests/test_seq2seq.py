@@ -114,6 +114,20 @@ def test_greedy_generation_equals_transformers_generate(checkpoints, name, force
         assert (ours[:, 0] == forced).all()
 
 
+def test_a_row_that_draws_a_stop_token_stops_as_in_transformers(checkpoints):
+    reference, model, _ = checkpoints("switch-e8-all-sparse-binding-untied")  # decode steps never bind here
+    sources, mask, _ = batch(reference, seed=1, source_lengths=(9, 5))
+    lists = [list(row[m]) for row, m in zip(sources, mask)]
+    stop = int(np.asarray(moejax.generate(model, lists, max_new_tokens=8))[0, 2])
+    ours = np.asarray(moejax.generate(model, lists, max_new_tokens=8, stop_tokens=[stop]))
+    with torch.no_grad():
+        expected = reference.generate(input_ids=torch.tensor(sources), attention_mask=torch.tensor(mask.astype(np.int64)),
+                                      max_new_tokens=8, num_beams=1, do_sample=False, eos_token_id=stop,
+                                      pad_token_id=reference.config.pad_token_id).numpy()[:, 1:]
+    assert ours[0, 2] == stop and (ours[0, 3:] == reference.config.pad_token_id).all()
+    np.testing.assert_array_equal(ours[:, :expected.shape[1]], expected)
+
+
 def test_sampling_takes_a_key_and_follows_it(checkpoints):
     _, model, _ = checkpoints("switch-e8-all-sparse-binding-untied")
     sources = [[5, 6, 7, 8], [9, 10]]
