@@ -7,7 +7,7 @@ from moejax.checkpoints import export_pretrained, load_pretrained, load_tokenize
 from moejax.config import ModelConfig, from_hf_config
 from moejax.generate import generate
 from moejax.models.transformer import CausalLM
-from moejax.models import random_model, with_experts, with_policy, with_runtime
+from moejax.models import random_model, with_expert_storage, with_experts, with_policy, with_runtime
 from moejax.runtime import MoERuntime
 
 __all__ = [
@@ -15,5 +15,5 @@ __all__ = [
     "CausalLM", "ModelConfig", "MoEPolicy", "MoERuntime", "capacity", "config", "dispatch", "export_pretrained",
     "from_hf_config", "generate",
     "load_pretrained", "load_tokenizer", "random_model", "restore_converted", "routing", "save_converted",
-    "with_experts", "with_policy", "with_runtime",
+    "with_expert_storage", "with_experts", "with_policy", "with_runtime",
 ]

@@ -28,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 from moejax import quantization
 from moejax.capacity import MoEPolicy
 from moejax.config import ModelConfig, from_hf_config, to_hf_config
+from moejax.models import with_expert_storage
+from moejax.models.moe import check_expert_storage
 from moejax.models.transformer import CausalLM, Dense, MoEBlock
 
 # Tensors a checkpoint may carry that moejax recomputes instead of reading.
@@ -271,11 +273,14 @@ def _sources(plan: _Plan) -> Iterator[Source]:
 
 
 def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
-                    gating: str | None = None, **parallel_options) -> CausalLM:
+                    gating: str | None = None, expert_storage: str = "stacked", **parallel_options) -> CausalLM:
     """A moejax model from a Hugging Face checkpoint directory (config.json + safetensors), or from a
     directory written by `save_converted`. Parameters are cast to `dtype` (a floating-point dtype) for
     either kind. With a `mesh` (moejax.parallel.make_mesh), the MoE blocks run expert-parallel on it with
-    the given gating ("dynamic", the default, or "static") and options (see moejax.parallel.expert_parallel)."""
+    the given gating ("dynamic", the default, or "static") and options (see moejax.parallel.expert_parallel).
+    expert_storage: how the MoE blocks hold their routed experts, "stacked" or "split" (faster decode on the
+    CPU; see moejax.with_expert_storage), split one field of one block at a time once loaded (no second
+    copy of the experts)."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path={path!r} must be a checkpoint directory (str or os.PathLike)")
     path = os.fspath(path)
@@ -284,6 +289,10 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
                                 else f"checkpoint path {path!r} is not a directory")
     dtype = _float_dtype(dtype)
     _check_policy(policy)
+    check_expert_storage(expert_storage)
+    if mesh is not None and expert_storage != "stacked":
+        raise ValueError(f"load_pretrained: expert_storage={expert_storage!r} is for a model on one device; "
+                         "expert parallelism (mesh=) shards stacked experts")
     if mesh is None:
         if gating is not None or parallel_options:
             given = dict(parallel_options, **({} if gating is None else {"gating": gating}))
@@ -295,6 +304,8 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
         if not isinstance(mesh, jax.sharding.Mesh):
             raise ValueError(f"mesh={mesh!r} must be a jax.sharding.Mesh (moejax.parallel.make_mesh())")
     model = _load(path, dtype, policy)
+    for block in model.moe_blocks():  # the model is ours alone: each block's stacked experts go once split
+        block.hold_experts(expert_storage)
     if mesh is not None:
         model = parallel.expert_parallel(model, mesh, "dynamic" if gating is None else gating, **parallel_options)
     return model
@@ -430,7 +441,7 @@ def save_converted(model: CausalLM, directory: str, *, overwrite: bool = False) 
     os.mkdir(staging)  # not tempfile.mkdtemp: its mode 0700 would stay with the checkpoint after the rename
     try:
         params = f"params-{token}"
-        _, state = nnx.split(model)
+        _, state = nnx.split(with_expert_storage(model, "stacked"))  # one format on disk: load_pretrained splits
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(staging, params), state)
         _write_json_durably(os.path.join(staging, _ORBAX_CONFIG),
@@ -490,6 +501,7 @@ def export_pretrained(model: CausalLM, directory: str, tokenizer=None) -> None:
 
     if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
+    model = with_expert_storage(model, "stacked")  # the checkpoint's tensors come from stacked experts
     hf_config = to_hf_config(model.config, model.dtype)
     mixtral = model.config.architecture == "mixtral"
     tensors = {}

@@ -3,8 +3,10 @@
     backend(x [N, d], routing, weights, layout, activation) -> ExpertsOutput(out [N, d], kept [N, k], needed)
 
 `weights` is a `moejax.kernels.ExpertWeights` (gated or not, with or without biases: every backend takes
-each kind, mapping over its present leaves); `activation` a hashable value, a name of kernels.ACTIVATIONS or
-a kernels.ClampedSwiGLU (GPT-OSS), part of the compiled program.
+each kind, mapping over its present leaves), or a `kernels.SplitExperts` where the block holds each expert's
+weights as arrays of their own (resident and capacity_buffers take those; moejax.models.EXPERT_STORAGES);
+`activation` a hashable value, a name of kernels.ACTIVATIONS or a kernels.ClampedSwiGLU (GPT-OSS), part of
+the compiled program.
 
 `out` is the weighted sum over each token's computed pairs (the combine of routed experts; the block adds
 its shared experts), `kept` the pairs actually computed (a backend may compute fewer than the policy kept:
@@ -75,7 +77,7 @@ class Resident:
 
     def __call__(self, x, routing, weights, layout, activation):
         sent = dispatch.dispatch(x, routing)
-        y = kernels.grouped_ffn(sent.rows, sent.group_sizes, *weights, activation=activation,
+        y = kernels.grouped_ffn(sent.rows, sent.group_sizes, weights, activation=activation,
                                 implementation=self.implementation)
         return ExpertsOutput(dispatch.combine(y, sent, routing), routing.keep, jnp.zeros((), jnp.int32))
 
@@ -100,7 +102,7 @@ class CapacityBuffers:
         num_experts = routing.scores.shape[-1]
         capacity = expert_capacity(num_tokens, top_k, num_experts, self.capacity_factor)
         sent = dispatch.dispatch(x, routing)
-        y = kernels.grouped_ffn(sent.rows, sent.group_sizes, *weights, activation=activation,
+        y = kernels.grouped_ffn(sent.rows, sent.group_sizes, weights, activation=activation,
                                 implementation="capacity_buffers", capacity=capacity)
         # a row's rank inside its expert's group decides whether it fit
         starts = jnp.cumsum(sent.group_sizes) - sent.group_sizes

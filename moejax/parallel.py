@@ -268,6 +268,8 @@ def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placement=Non
     if backend.gating == "static" and backend.capacity_fraction < 1:  # >= 1: a slot for every token, no drop
         warnings.warn(static_gating_note(backend.capacity_fraction), UserWarning, stacklevel=2)
     blocks = model.moe_blocks()
+    for block in blocks:
+        block.require_stacked_experts("expert parallelism")
     if placements is not None:
         if placement is not None:
             raise ValueError("expert_parallel: pass placement= (every block) or placements= (one per block), not both")

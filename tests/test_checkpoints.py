@@ -63,6 +63,27 @@ def test_orbax_round_trip(checkpoint, reference_logits, tmp_path):
     np.testing.assert_array_equal(np.asarray(restored(jnp.asarray(TOKENS))), reference_logits)
 
 
+def test_split_experts_load_save_and_export_as_the_stacked_ones(checkpoint, reference_logits, tmp_path):
+    """load_pretrained(expert_storage="split") computes the stacked model's logits; a split model saves and
+    exports the checkpoints its stacked original writes."""
+    split = moejax.load_pretrained(checkpoint, expert_storage="split")
+    assert all(b.expert_storage == "split" for b in split.moe_blocks())
+    np.testing.assert_allclose(np.asarray(split(jnp.asarray(TOKENS))), reference_logits, atol=1e-5, rtol=0)
+    moejax.save_converted(split, tmp_path / "converted")
+    restored = moejax.load_pretrained(tmp_path / "converted", expert_storage="split")
+    assert all(b.expert_storage == "split" for b in restored.moe_blocks())
+    stacked, original = moejax.load_pretrained(tmp_path / "converted"), moejax.load_pretrained(checkpoint)
+    for got, want in zip(jax.tree.leaves(nnx.state(stacked)), jax.tree.leaves(nnx.state(original))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    moejax.export_pretrained(split, tmp_path / "exported")
+    exported, original = (load_file(os.path.join(d, "model.safetensors")) for d in (tmp_path / "exported", checkpoint))
+    assert sorted(exported) == sorted(original)
+    for name in original:
+        np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+    with pytest.raises(ValueError, match="expert_storage='split' is for a model on one device; expert parallelism"):
+        moejax.load_pretrained(checkpoint, expert_storage="split", mesh=moejax.parallel.make_mesh())
+
+
 def test_bfloat16_load_is_close(checkpoint, reference_logits):
     model = moejax.load_pretrained(checkpoint, dtype="bfloat16")
     assert model.embed_tokens[...].dtype == jnp.bfloat16
@@ -255,6 +276,7 @@ def test_corrupt_tokenizer_names_the_file(checkpoint, tmp_path):
     (dict(gating="static"), ValueError, r"\['gating'\] apply to expert parallelism and need a mesh="),
     (dict(capacity_fraction=0.5), ValueError, r"\['capacity_fraction'\] apply to expert parallelism"),
     (dict(mesh="expert"), ValueError, r"mesh='expert' must be a jax\.sharding\.Mesh"),
+    (dict(expert_storage="rows"), ValueError, r"unknown expert_storage 'rows'; supported: \('stacked', 'split'\)"),
 ])
 def test_load_pretrained_argument_types_are_checked(checkpoint, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -319,3 +319,9 @@ def test_positions_past_max_position_embeddings_warn(model):
         moejax.generate(short, PROMPTS, max_new_tokens=2)  # 11 + 1 positions
         np.testing.assert_array_equal(np.asarray(moejax.generate(short, PROMPTS, max_new_tokens=2)),
                                       np.asarray(moejax.generate(model, PROMPTS, max_new_tokens=2)))
+
+
+def test_split_experts_generate_the_same_tokens(model):
+    split = moejax.with_expert_storage(model, "split")
+    np.testing.assert_array_equal(np.asarray(moejax.generate(split, PROMPTS, max_new_tokens=8)),
+                                  np.asarray(moejax.generate(model, PROMPTS, max_new_tokens=8)))

@@ -211,3 +211,60 @@ def test_with_policy_shares_parameters_and_changes_outputs():
     kept = sum(int(r.keep.sum()) for r in out.routings)
     assert kept < 2 * 32 * 2  # capacity 0.25 drops pairs
     assert not np.allclose(np.asarray(out.logits), np.asarray(model(tokens)))
+
+
+def _split_backends():
+    """name -> the split model with that experts backend: the xla switch over each expert's own arrays, and
+    implementations that take them stacked (ragged_dot, capacity buffers: training's)."""
+    from moejax.experts import CapacityBuffers, Resident
+    from moejax.models import with_experts
+
+    return {"resident-auto": lambda m: m,
+            "resident-ragged_dot": lambda m: with_experts(m, Resident("ragged_dot")),
+            "capacity_buffers": lambda m: with_experts(m, CapacityBuffers(capacity_factor=8.0))}
+
+
+@pytest.mark.parametrize("kind", ["mixtral-gated", *FFN_KINDS])
+def test_split_experts_of_every_ffn_kind_equal_the_stacked_ones(kind):
+    model = moejax.random_model(tiny_config(num_experts=8), seed=2) if kind == "mixtral-gated" else _kind_model(kind)
+    split = moejax.with_expert_storage(model, "split")
+    assert [b.expert_storage for b in split.moe_blocks()] == ["split", "split"]
+    ref = np.asarray(_forward(model, TOKENS).logits)
+    for name, backend in _split_backends().items():
+        out = _forward(backend(split), TOKENS)
+        np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_with_expert_storage_returns_a_new_model_sharing_the_rest():
+    from moejax import buffering
+
+    model = moejax.random_model(tiny_config(moe_bias=True), seed=1)
+    split = moejax.with_expert_storage(model, "split")
+    assert all(b.expert_storage == "stacked" for b in model.moe_blocks())  # the caller's model as it was
+    assert split.embed_tokens[...] is model.embed_tokens[...]
+    block, original = split.moe_blocks()[1], model.moe_blocks()[1]
+    assert len(block.w_down) == 4 and block.w_down[3][...].shape == (24, 32) and block.up_bias[2][...].shape == (24,)
+    np.testing.assert_array_equal(np.asarray(block.w_down[3][...]), np.asarray(original.w_down[...][3]))
+    assert buffering.expert_bytes(split) == buffering.expert_bytes(model)
+    back = moejax.with_expert_storage(split, "stacked")
+    assert all(b.expert_storage == "split" for b in split.moe_blocks())
+    for got, want in zip(jax.tree.leaves(nnx.state(back, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match=r"unknown expert_storage 'rows'; supported: \('stacked', 'split'\)"):
+        moejax.with_expert_storage(model, "rows")
+
+
+def test_what_takes_stacked_experts_refuses_split_ones():
+    from moejax import buffering, parallel
+
+    split = moejax.with_expert_storage(moejax.random_model(tiny_config(num_experts=8), seed=0), "split")
+    fix = r"layer 0 holds each expert's weights split .* moejax.with_expert_storage\(model, 'stacked'\)"
+    with pytest.raises(ValueError, match="expert parallelism needs the routed experts stacked; " + fix):
+        parallel.expert_parallel(split, parallel.make_mesh())
+    with pytest.raises(ValueError, match="buffering needs the routed experts stacked; " + fix):
+        buffering.buffered(split, cache_size=3)
+    with pytest.raises(ValueError, match="moving or replacing the experts' parameters needs the routed experts"):
+        split.moe_blocks()[0].expert_variables()
+    sharded = parallel.expert_parallel(moejax.random_model(tiny_config(num_experts=8), seed=0), parallel.make_mesh())
+    with pytest.raises(ValueError, match="takes stacked experts; split experts are for a model resident on one device"):
+        moejax.with_expert_storage(sharded, "split")

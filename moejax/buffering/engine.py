@@ -33,7 +33,8 @@ def host_memory_kind(device: jax.Device | None = None) -> str | None:
 
 def expert_bytes(model: CausalLM) -> int:
     """Bytes of one routed expert (every weight and bias of it) of the model's first MoE layer."""
-    return int(sum(w[0].nbytes for w in jax.tree.leaves(model.moe_blocks()[0].expert_weights())))
+    block = model.moe_blocks()[0]
+    return int(sum(w.nbytes for w in jax.tree.leaves(block.expert_weights())) // block.config.num_experts)
 
 
 def buffered(model: CausalLM, cache_size: int, policy: str = "lifo", *, future: dict | None = None,
@@ -53,6 +54,7 @@ def buffered(model: CausalLM, cache_size: int, policy: str = "lifo", *, future: 
         if block.runtime.sharded or not isinstance(block.runtime.experts, (Resident, Buffered)):
             raise ValueError(f"layer {block.layer} runs experts backend {block.runtime.experts!r}; buffering "
                              "takes a model whose experts are resident on one device")
+        block.require_stacked_experts("buffering")
     layers = [b.layer for b in blocks]
     if future is not None and set(future) != set(layers):
         raise ValueError(f"future has layers {sorted(future)}; the model's MoE layers are {layers}")

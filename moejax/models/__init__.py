@@ -10,6 +10,7 @@ from flax import nnx
 
 from moejax.capacity import MoEPolicy
 from moejax.config import ModelConfig
+from moejax.models.moe import EXPERT_STORAGES, check_expert_storage  # noqa: F401 (EXPERT_STORAGES: re-exported)
 from moejax.models.transformer import CausalLM
 from moejax.runtime import MoERuntime
 
@@ -41,6 +42,20 @@ def with_policy(model: CausalLM, policy: MoEPolicy) -> CausalLM:
 def with_experts(model: CausalLM, experts) -> CausalLM:
     """The same model with another experts backend (an object or a name of moejax.experts.BACKENDS)."""
     return with_runtime(model, [dataclasses.replace(b.runtime, experts=experts) for b in model.moe_blocks()])
+
+
+def with_expert_storage(model: CausalLM, storage: str) -> CausalLM:
+    """The same model with its routed experts held as `storage` (EXPERT_STORAGES): "stacked" (what every
+    experts backend, expert parallelism, buffering and checkpoint takes) or "split" (each expert's own arrays:
+    the CPU's experts step reads them in place instead of copying each active expert first, so CPU decode is
+    faster; compile time grows with the number of experts). Every other parameter is shared; the experts'
+    new arrays are copies, and the caller's model keeps its own until it is dropped (load_pretrained(...,
+    expert_storage="split") splits as it loads, holding no second copy)."""
+    check_expert_storage(storage)
+    new = nnx.merge(*nnx.split(model))  # new Variables and modules: the caller's blocks are not touched
+    for block in new.moe_blocks():
+        block.hold_experts(storage)
+    return new
 
 
 def random_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32, policy: MoEPolicy | None = None) -> CausalLM:

@@ -15,9 +15,23 @@ from moejax import capacity, routing
 from moejax import stats as stats_lib
 from moejax.config import ACTIVATIONS, ModelConfig
 from moejax.experts import ExpertsOutput, ExpertWeights
-from moejax.kernels import ClampedSwiGLU
+from moejax.kernels import ClampedSwiGLU, SplitExperts
 from moejax.models.layers import MLP, param
 from moejax.runtime import MoERuntime
+
+
+# How a block holds its routed experts: "stacked", each weight one [E, ...] array (what every experts backend,
+# checkpoint and expert-parallel layout takes), or "split", each expert's weights arrays of their own, which
+# the CPU's "xla" experts step reads in place (a stacked expert is copied before its dots read it; see
+# kernels.SplitExperts): faster decode on the CPU, at a compile time growing with the number of experts.
+EXPERT_STORAGES = ("stacked", "split")
+# the block's attributes holding the routed experts, in ExpertWeights' field order
+_EXPERT_ATTRIBUTES = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
+
+
+def check_expert_storage(storage) -> None:
+    if storage not in EXPERT_STORAGES:
+        raise ValueError(f"unknown expert_storage {storage!r}; supported: {EXPERT_STORAGES}")
 
 
 class MoEBlock(nnx.Module):
@@ -75,12 +89,49 @@ class MoEBlock(nnx.Module):
                                      routed_scaling_factor=c.routed_scaling_factor)
 
     def expert_variables(self) -> ExpertWeights:
-        """The routed experts' parameters (nnx.Param, None where the FFN has no such weight), for code that
-        moves or replaces them (expert parallelism, buffering): iterate the fields that are not None."""
-        return ExpertWeights(self.w_gate, self.w_up, self.w_down, self.gate_bias, self.up_bias, self.down_bias)
+        """The routed experts' stacked parameters (nnx.Param, None where the FFN has no such weight), for code
+        that moves or replaces them (expert parallelism, buffering): iterate the fields that are not None."""
+        self.require_stacked_experts("moving or replacing the experts' parameters")
+        return self._expert_fields()
 
-    def expert_weights(self) -> ExpertWeights:
-        return ExpertWeights(*(None if v is None else v[...] for v in self.expert_variables()))
+    def _expert_fields(self) -> ExpertWeights:
+        """Each field's nnx.Param (stacked) or nnx.List of one nnx.Param per expert (split), or None."""
+        return ExpertWeights(*(getattr(self, name) for name in _EXPERT_ATTRIBUTES))
+
+    def expert_weights(self) -> ExpertWeights | SplitExperts:
+        """The routed experts' arrays as the experts backend takes them: stacked ExpertWeights, or SplitExperts
+        where the block holds them split."""
+        fields = self._expert_fields()
+        if self.expert_storage == "stacked":
+            return ExpertWeights(*(None if v is None else v[...] for v in fields))
+        return SplitExperts(tuple(ExpertWeights(*(None if v is None else v[e][...] for v in fields))
+                                  for e in range(self.config.num_experts)))
+
+    @property
+    def expert_storage(self) -> str:
+        """How the block holds its routed experts (EXPERT_STORAGES)."""
+        return "split" if isinstance(self.w_up, nnx.List) else "stacked"
+
+    def hold_experts(self, storage: str) -> None:
+        """Hold the routed experts as `storage` (EXPERT_STORAGES), in place: only for a block nobody else holds
+        (moejax.models.with_expert_storage's new model, a loader's own). One field at a time, the old arrays
+        let go before the next field is converted, so at most one field is held twice."""
+        check_expert_storage(storage)
+        if storage == self.expert_storage:
+            return
+        if storage == "split" and (self.stateful or self.runtime.sharded):
+            raise ValueError(f"layer {self.layer} runs experts backend {self.runtime.experts!r}, which takes stacked "
+                             "experts; split experts are for a model resident on one device")
+        for name in _EXPERT_ATTRIBUTES:
+            if getattr(self, name) is not None:
+                setattr(self, name, _held_as(getattr(self, name), storage))
+
+    def require_stacked_experts(self, needs: str) -> None:
+        """A clear refusal where `needs` (expert parallelism, buffering, ...) takes the experts stacked."""
+        if self.expert_storage != "stacked":
+            raise ValueError(f"{needs} needs the routed experts stacked; layer {self.layer} holds each expert's "
+                             "weights split (expert_storage='split'): pass the model through "
+                             "moejax.with_expert_storage(model, 'stacked') first")
 
     @property
     def activation(self):
@@ -134,3 +185,12 @@ class MoEBlock(nnx.Module):
         r = self.apply_policy(self.route(h, token_mask), token_mask, decode)
         out = self.experts(h, r)
         return self.combine(h, out.out), r._replace(keep=out.kept), out.needed
+
+
+def _held_as(variable, storage: str):
+    """One expert field held as `storage`: a stacked nnx.Param split into an nnx.List of one nnx.Param per
+    expert (copies), or such a list stacked into one nnx.Param."""
+    if storage == "split":
+        whole = variable[...]
+        return nnx.List([nnx.Param(whole[e]) for e in range(whole.shape[0])])
+    return nnx.Param(jnp.stack([p[...] for p in variable]))
