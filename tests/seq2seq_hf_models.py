@@ -84,3 +84,20 @@ def save(name: str, directory, seed: int = 0):
     model = build(name, seed)
     model.save_pretrained(directory)
     return model
+
+
+def loader(tmp_path_factory):
+    """name -> (transformers model, moejax model loaded from its save_pretrained directory, directory), each
+    built once per test module."""
+    from moejax import seq2seq
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            directory = tmp_path_factory.mktemp(name)
+            reference = save(name, directory)
+            cache[name] = reference, seq2seq.load_pretrained(directory), directory
+        return cache[name]
+
+    return get

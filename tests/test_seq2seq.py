@@ -20,17 +20,7 @@ VARIANTS = list(seq2seq_hf_models.VARIANTS)
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> (transformers model, moejax model loaded from its save_pretrained directory, directory)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            directory = tmp_path_factory.mktemp(name)
-            reference = seq2seq_hf_models.save(name, directory)
-            cache[name] = reference, seq2seq.load_pretrained(directory), directory
-        return cache[name]
-
-    return get
+    return seq2seq_hf_models.loader(tmp_path_factory)
 
 
 def batch(reference, seed=0, source_lengths=(9, 6), decoder_length=7):

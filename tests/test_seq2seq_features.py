@@ -21,16 +21,8 @@ from tests import seq2seq_hf_models
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            directory = tmp_path_factory.mktemp(name)
-            seq2seq_hf_models.save(name, directory)
-            cache[name] = seq2seq.load_pretrained(directory)
-        return cache[name]
-
-    return get
+    load = seq2seq_hf_models.loader(tmp_path_factory)
+    return lambda name: load(name)[1]
 
 
 SOURCES = [[5, 17, 33, 8, 61, 12, 40, 9, 77], [21, 6, 90, 14, 3]]
