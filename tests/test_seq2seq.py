@@ -215,3 +215,10 @@ def test_a_missing_tensor_is_named_with_the_checkpoint(checkpoints, tmp_path):
     edited = edited_config(directory, tmp_path, encoder_sparse_step=1)  # layer 0 now wants experts
     with pytest.raises(ValueError, match=r"missing tensor 'model.encoder.layers.0.ffn.router.classifier.weight'"):
         seq2seq.load_pretrained(edited)
+
+
+def test_the_decoder_only_loader_points_an_encoder_decoder_checkpoint_to_moejax_seq2seq(checkpoints):
+    _, _, directory = checkpoints("switch-e4-one-sparse")
+    with pytest.raises(ValueError, match=r"'switch_transformers' is an encoder-decoder model: load it with "
+                                         r"moejax.seq2seq.load_pretrained"):
+        moejax.load_pretrained(directory)
