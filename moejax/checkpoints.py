@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import uuid
-from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +27,14 @@ from safetensors import SafetensorError, safe_open
 from moejax import quantization
 from moejax.capacity import MoEPolicy
 from moejax.config import ModelConfig, from_hf_config, to_hf_config
+from moejax.load_plan import plan as load_plan
 from moejax.models import with_expert_storage
 from moejax.models.moe import check_expert_storage
-from moejax.models.transformer import CausalLM, Dense, MoEBlock
+from moejax.models.transformer import CausalLM
 
 # Tensors a checkpoint may carry that moejax recomputes instead of reading.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ORBAX_CONFIG = "moejax_config.json"
-_GRANITE = ("granitemoe", "granitemoeshared")
-_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1")  # ...mlp.shared_experts.*, not shared_expert
 _INDEX = "model.safetensors.index.json"
 # The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight:
 # quantized formats are dequantized before the plan sees them (moejax.quantization).
@@ -143,135 +141,6 @@ class _Tensors:
         return self._handles[file]
 
 
-# A load plan: for each moejax parameter, the checkpoint tensors it is built from (with their expected
-# shapes), how to build it from them (transposes, stacking experts), and how to split it back (export).
-Source = tuple[str, tuple[int, ...]]
-
-
-class PlanItem(NamedTuple):
-    param: nnx.Param
-    sources: list[Source]
-    build: Callable[..., np.ndarray]
-    split: Callable[[np.ndarray], list[np.ndarray]]
-
-
-class _Plan:
-    def __init__(self):
-        self.items: list[PlanItem] = []
-
-    def linear(self, dense: Dense, name: str):
-        din, dout = dense.kernel.shape
-        self.items.append(PlanItem(dense.kernel, [(f"{name}.weight", (dout, din))], lambda w: w.T, lambda k: [k.T]))
-        if dense.bias is not None:
-            self.items.append(PlanItem(dense.bias, [(f"{name}.bias", (dout,))], lambda b: b, lambda b: [b]))
-
-    def copy(self, param: nnx.Param, name: str, transpose: bool = False):
-        shape = tuple(param.shape)[::-1] if transpose else tuple(param.shape)
-        flip = (lambda w: w.T) if transpose else (lambda w: w)
-        self.items.append(PlanItem(param, [(name, shape)], flip, lambda w: [flip(w)]))
-
-    def stacked(self, param: nnx.Param, names: list[str], per_expert_shape: tuple[int, ...]):
-        """[E, a, b] from E tensors of shape [b, a] (HF Linear weights, one per expert)."""
-        self.items.append(PlanItem(param, [(n, per_expert_shape) for n in names],
-                                   lambda *ws: np.stack([w.T for w in ws]), lambda w: [we.T for we in w]))
-
-
-def _fused_experts(plan: _Plan, moe: MoEBlock, gate_up: str, down: str):
-    """Experts stored whole (read only): gate_up [E, 2f, d] (gate rows first), down [E, d, f]."""
-    e, d, f = moe.w_gate.shape
-    plan.items.append(PlanItem(moe.w_gate, [(gate_up, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, :f], 1, 2), None))
-    plan.items.append(PlanItem(moe.w_up, [(gate_up, (e, 2 * f, d))], lambda w: np.swapaxes(w[:, f:], 1, 2), None))
-    plan.items.append(PlanItem(moe.w_down, [(down, (e, d, f))], lambda w: np.swapaxes(w, 1, 2), None))
-
-
-def _granite_moe(plan: _Plan, layer, p: str):
-    """Granite's parallel-experts layout: block_sparse_moe.{router.layer, input_linear, output_linear} and the
-    layer's shared_mlp.{input_linear [2s, d] (gate rows first), output_linear} (read only)."""
-    moe = layer.mlp
-    plan.copy(moe.router, f"{p}.block_sparse_moe.router.layer.weight", transpose=True)
-    _fused_experts(plan, moe, f"{p}.block_sparse_moe.input_linear.weight", f"{p}.block_sparse_moe.output_linear.weight")
-    if moe.shared is not None:
-        d, s = moe.shared.gate_proj.kernel.shape
-        fused = [(f"{p}.shared_mlp.input_linear.weight", (2 * s, d))]
-        plan.items.append(PlanItem(moe.shared.gate_proj.kernel, fused, lambda w: w[:s].T, None))
-        plan.items.append(PlanItem(moe.shared.up_proj.kernel, fused, lambda w: w[s:].T, None))
-        plan.linear(moe.shared.down_proj, f"{p}.shared_mlp.output_linear")
-
-
-def _experts(plan: _Plan, moe: MoEBlock, prefix: str, names: set[str], mixtral: bool):
-    e, d, f = moe.w_gate.shape
-    if f"{prefix}.experts.gate_up_proj" in names:  # transformers v5 in-memory layout
-        _fused_experts(plan, moe, f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj")
-        return
-    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-    plan.stacked(moe.w_gate, [f"{prefix}.experts.{i}.{gate}.weight" for i in range(e)], (f, d))
-    plan.stacked(moe.w_up, [f"{prefix}.experts.{i}.{up}.weight" for i in range(e)], (f, d))
-    plan.stacked(moe.w_down, [f"{prefix}.experts.{i}.{down}.weight" for i in range(e)], (d, f))
-
-
-def _mlp(plan: _Plan, mlp, prefix: str):
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        plan.linear(getattr(mlp, proj), f"{prefix}.{proj}")
-
-
-def _plan(model: CausalLM, names: set[str]) -> _Plan:
-    c = model.config
-    plan = _Plan()
-    plan.copy(model.embed_tokens, "model.embed_tokens.weight")
-    plan.copy(model.norm.weight, "model.norm.weight")
-    if model.lm_head is not None:
-        plan.copy(model.lm_head, "lm_head.weight", transpose=True)
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}"
-        plan.copy(layer.input_layernorm.weight, f"{p}.input_layernorm.weight")
-        plan.copy(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm.weight")
-        attn = layer.self_attn
-        if c.is_mla:
-            if c.q_lora_rank is None:
-                plan.linear(attn.q_proj, f"{p}.self_attn.q_proj")
-            else:
-                plan.linear(attn.q_a_proj, f"{p}.self_attn.q_a_proj")
-                plan.copy(attn.q_a_layernorm.weight, f"{p}.self_attn.q_a_layernorm.weight")
-                plan.linear(attn.q_b_proj, f"{p}.self_attn.q_b_proj")
-            plan.linear(attn.kv_a_proj_with_mqa, f"{p}.self_attn.kv_a_proj_with_mqa")
-            plan.copy(attn.kv_a_layernorm.weight, f"{p}.self_attn.kv_a_layernorm.weight")
-            plan.linear(attn.kv_b_proj, f"{p}.self_attn.kv_b_proj")
-        else:
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                plan.linear(getattr(attn, proj), f"{p}.self_attn.{proj}")
-            if attn.q_norm is not None:
-                plan.copy(attn.q_norm.weight, f"{p}.self_attn.q_norm.weight")
-                plan.copy(attn.k_norm.weight, f"{p}.self_attn.k_norm.weight")
-        plan.linear(attn.o_proj, f"{p}.self_attn.o_proj")
-        if isinstance(layer.mlp, MoEBlock) and c.architecture in _GRANITE:
-            _granite_moe(plan, layer, p)
-        elif isinstance(layer.mlp, MoEBlock):
-            moe = layer.mlp
-            mixtral = c.architecture in ("mixtral", "minimax_m2")  # block_sparse_moe, experts' w1 / w3 / w2
-            prefix = f"{p}.block_sparse_moe" if mixtral and f"{p}.block_sparse_moe.gate.weight" in names else f"{p}.mlp"
-            plan.copy(moe.router, f"{prefix}.gate.weight", transpose=True)
-            if moe.score_bias is not None and c.architecture == "ernie4_5_moe":  # [1, E], beside the gate
-                bias = [(f"{prefix}.moe_statics.e_score_correction_bias", (1, c.num_experts))]
-                plan.items.append(PlanItem(moe.score_bias, bias, lambda b: b.reshape(-1), lambda b: [b.reshape(1, -1)]))
-            elif moe.score_bias is not None:  # on the gate, or on the block (MiniMax-M2)
-                on_block = c.architecture == "minimax_m2"
-                plan.copy(moe.score_bias, f"{prefix}.{'' if on_block else 'gate.'}e_score_correction_bias")
-            _experts(plan, moe, prefix, names, mixtral)
-            if moe.shared is not None:
-                shared = "shared_experts" if c.architecture in _SHARED_EXPERTS_PLURAL else "shared_expert"
-                _mlp(plan, moe.shared, f"{prefix}.{shared}")
-            if moe.shared_gate is not None:
-                plan.copy(moe.shared_gate, f"{prefix}.shared_expert_gate.weight", transpose=True)
-        else:
-            _mlp(plan, layer.mlp, f"{p}.mlp")
-    return plan
-
-
-def _sources(plan: _Plan) -> Iterator[Source]:
-    for item in plan.items:
-        yield from item.sources
-
-
 def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
                     gating: str | None = None, expert_storage: str = "stacked", **parallel_options) -> CausalLM:
     """A moejax model from a Hugging Face checkpoint directory (config.json + safetensors), or from a
@@ -358,11 +227,11 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
     if quantized is not None:  # the plan sees float tensors under the unquantized names, each dequantized on read
         tensors = quantization.DequantizedTensors(tensors, quantized, dtype)
     names = tensors.names()
-    plan = _plan(model, names)
+    plan = load_plan(model, names)
 
     # Check every name, shape and dtype before reading any data, and report all problems at once.
     expected = {}
-    for name, shape in _sources(plan):
+    for name, shape in plan.sources():
         expected[name] = shape
     problems = []
     for name, shape in expected.items():
@@ -505,7 +374,7 @@ def export_pretrained(model: CausalLM, directory: str, tokenizer=None) -> None:
     hf_config = to_hf_config(model.config, model.dtype)
     mixtral = model.config.architecture == "mixtral"
     tensors = {}
-    for item in _plan(model, _mixtral_names(model) if mixtral else set()).items:
+    for item in load_plan(model, _mixtral_names(model) if mixtral else set()).items:
         value = np.asarray(jax.device_get(item.param.get_value()))
         for (name, shape), array in zip(item.sources, item.split(value)):
             assert array.shape == shape, (name, array.shape, shape)

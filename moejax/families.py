@@ -101,13 +101,10 @@ def _qwen2_moe(hf: dict) -> dict:
 
 
 def _deepseek_v2(hf: dict) -> dict:
-    n = _get(hf, "num_hidden_layers")
     if _get(hf, "mlp_bias", False):
         raise ValueError("config.json: mlp_bias=True is not supported for deepseek_v2")
     experts = _get(hf, "n_routed_experts", 0) or 0
-    first_dense = _get(hf, "first_k_dense_replace", 0)
-    freq = _get(hf, "moe_layer_freq", 1)
-    sparse = tuple(experts > 0 and i >= first_dense and i % freq == 0 for i in range(n))
+    sparse = _dense_first(hf, experts)  # transformers ignores moe_layer_freq: refused unless 1
     common = _common(hf)
     common["rope"] = _rope(hf, interleaved=True)
     bias = bool(_get(hf, "attention_bias", False))
@@ -191,7 +188,7 @@ def _sigmoid_router(hf: dict, experts: int, norm_topk_prob: bool = True) -> dict
 
 
 def _dense_first(hf: dict, experts: int) -> tuple[bool, ...]:
-    """MoE layers from first_k_dense_replace on (DeepSeek-V3, GLM-4.5)."""
+    """MoE layers from first_k_dense_replace on (DeepSeek-V2 / V3, GLM-4.5)."""
     if _get(hf, "moe_layer_freq", 1) != 1:
         raise ValueError(f"config.json: moe_layer_freq={hf['moe_layer_freq']!r} is not supported for "
                          f"{hf.get('model_type')} (transformers makes every layer from first_k_dense_replace MoE); "

@@ -39,6 +39,7 @@ class MoEBlock(nnx.Module):
         c = config
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
         self.router = param(rngs, (d, e), dtype)
+        self.router_bias = nnx.Param(jnp.zeros((e,), dtype)) if c.router_bias else None  # GPT-OSS
         # the routed experts as kernels.ExpertWeights describes them: gated or not, biases or not
         self.w_gate = param(rngs, (e, d, f), dtype) if c.moe_gated else None
         self.w_up = param(rngs, (e, d, f), dtype)
@@ -73,11 +74,13 @@ class MoEBlock(nnx.Module):
         """The router on h [N, d]: Routing with the logits; padding tokens (token_mask False) keep nothing."""
         c = self.config
         logits = h.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+        if self.router_bias is not None:
+            logits = logits + self.router_bias[...].astype(jnp.float32)
         return routing.route(logits, c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob,
                              topk_method=c.topk_method, n_group=c.n_group, topk_group=c.topk_group,
                              routed_scaling_factor=c.routed_scaling_factor, scoring_func=c.scoring_func,
                              score_bias=None if self.score_bias is None else self.score_bias[...],
-                             token_mask=token_mask)
+                             token_mask=token_mask, jitter_eps=c.router_jitter_eps)
 
     def apply_policy(self, r: routing.Routing, token_mask: jax.Array, decode: bool = False) -> routing.Routing:
         """The runtime's capacity policy over the runtime's layout (decode: a decode step), renormalising the
@@ -152,6 +155,8 @@ class MoEBlock(nnx.Module):
     def experts(self, h: jax.Array, r: routing.Routing) -> ExpertsOutput:
         """The routed experts through the runtime's backend (a stateful one updates self.expert_state)."""
         activation = self.activation
+        if self.config.moe_scales_input:
+            h, r = scaled_input(h, r)
         if not self.stateful:
             return self.runtime.experts(h, r, self.expert_weights(), self.layout, activation)
         out, state = self.runtime.experts(h, r, self._backend_weights(), self.layout, activation,
@@ -185,6 +190,15 @@ class MoEBlock(nnx.Module):
         r = self.apply_policy(self.route(h, token_mask), token_mask, decode)
         out = self.experts(h, r)
         return self.combine(h, out.out), r._replace(keep=out.kept), out.needed
+
+
+def scaled_input(h: jax.Array, r: routing.Routing) -> tuple[jax.Array, routing.Routing]:
+    """Llama 4's routing, for every experts backend: the token times its router score goes into its expert,
+    whose output joins with weight 1. Exact for one expert per token, the only routing it is computed for."""
+    if r.experts.shape[-1] != 1:
+        raise ValueError(f"this router scales the expert's input (Llama 4), computed for one expert per token; "
+                         f"the routing has {r.experts.shape[-1]} per token (expanded drop adds the local experts)")
+    return (h * r.weights.astype(h.dtype)).astype(h.dtype), r._replace(weights=jnp.ones_like(r.weights))
 
 
 def _held_as(variable, storage: str):
