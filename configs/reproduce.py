@@ -1,16 +1,21 @@
-"""experiments/reproduce.py: both papers on one model, five stages, one report.
+"""experiments/reproduce.py: both papers on a decoder LM and an encoder-decoder MT model, one report.
 
   ./launch.sh reproduce --quick                                   # the trained default model, quick sweeps
   ./launch.sh reproduce --config=configs/reproduce.py:quick       # the same
   ./launch.sh reproduce --config=configs/reproduce.py:olmoe --config.checkpoint=/data/OLMoE-1B-7B-0924
   ./launch.sh reproduce --config=configs/reproduce.py:mixtral,quick --config.checkpoint=/data/Mixtral-8x7B-v0.1
   ./launch.sh reproduce --quick --config.capacity.tasks='()' --config.placement.devices='(4, 8)'
+  ./launch.sh reproduce --config=configs/reproduce.py:nllb_moe --config.mt_checkpoint=/data/nllb-moe-54b
 
 The argument after the colon names a model preset (default, olmoe, qwen_moe, deepseek_v2, mixtral, qwen3_moe,
-deepseek_v3, glm4_moe, granitemoe, ernie4_5_moe, dots1, minimax_m2) and/or "quick". Each stage's settings are the
+deepseek_v3, glm4_moe, granitemoe, ernie4_5_moe, dots1, minimax_m2; nllb_moe: the MT stages only, on an NLLB-MoE
+checkpoint) and/or "quick". The LM stages run on `checkpoint`, the MT stages (translation: quality, decoder routing,
+buffering, placement and capacity-aware drop on MT; mt_gating: static vs dynamic gating on MT layer shapes) on
+`mt_checkpoint` (the default preset: the trained default MT model, experiments/mt_model; the LM presets run the LM
+stages only). Each stage's settings are the
 config of its script (configs/<script>.py, its "quick" variant under quick), nested here as config.<stage>:
 override any of them with --config.<stage>.FIELD=VALUE. checkpoint and num_devices are set once at the top and
-shared by every stage that has them. A real checkpoint needs its own directory (config.json, safetensors,
+shared by every LM stage that has them. A real checkpoint needs its own directory (config.json, safetensors,
 tokenizer.json; FP8 and MXFP4 releases are dequantized at load); the evaluation text is the Python standard
 library corpus of moejax.data, tokenised with the checkpoint's tokenizer.
 """
@@ -22,7 +27,7 @@ import ml_collections
 
 # expert-parallel devices the papers used per model (capacity scope, straggler model, placement)
 PRESETS = {
-    "default": dict(checkpoint="experiments/default_model", num_devices=8),
+    "default": dict(checkpoint="experiments/default_model", num_devices=8, mt_checkpoint="experiments/mt_model"),
     "olmoe": dict(checkpoint="", num_devices=8),          # 64 experts on 8 GPUs, as He et al.
     "qwen_moe": dict(checkpoint="", num_devices=8),
     "deepseek_v2": dict(checkpoint="", num_devices=8),
@@ -34,10 +39,14 @@ PRESETS = {
     "dots1": dict(checkpoint="", num_devices=8),          # dots.llm1: 128 experts
     "minimax_m2": dict(checkpoint="", num_devices=8),     # MiniMax-M2: 256 experts (its FP8 release loads dequantized)
     "mixtral": dict(checkpoint="", num_devices=8),        # one expert per GPU, as He et al.
+    "nllb_moe": dict(checkpoint=None, num_devices=8, mt_checkpoint=""),  # NLLB-MoE-54B (128 experts): MT stages only
 }
 # stage -> the script that runs it (experiments/<script>.py, configured by configs/<script>.py), in run order
 STAGES = {"straggler": "evaluate", "capacity": "capacity_sweep", "gating": "gating_throughput",
-          "buffering": "buffering", "placement": "placement"}
+          "buffering": "buffering", "placement": "placement", "translation": "translation",
+          "mt_gating": "gating_throughput"}
+MT_STAGES = ("translation", "mt_gating")
+MT_LAYERS = ("mt_encoder", "mt_decoder")  # experiments/gating_throughput.LAYERS: NLLB-MoE's layer shapes, scaled
 
 
 def _script_config(script: str, variant: str) -> ml_collections.ConfigDict:
@@ -57,14 +66,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = models[0]
     config.quick = quick
-    config.checkpoint = PRESETS[config.model]["checkpoint"]
-    config.num_devices = PRESETS[config.model]["num_devices"]
-    config.stages = tuple(STAGES)
-    for stage, script in STAGES.items():
+    preset = PRESETS[config.model]
+    # the LM stages run where the preset names an LM (checkpoint), the MT stages where it names an MT model
+    lm, mt = preset["checkpoint"] is not None, preset.get("mt_checkpoint") is not None
+    config.checkpoint = preset["checkpoint"] or ""
+    config.mt_checkpoint = preset.get("mt_checkpoint") or ""
+    config.num_devices = preset["num_devices"]
+    config.stages = tuple(s for s in STAGES if (mt if s in MT_STAGES else lm))
+    for stage in config.stages:
+        script = STAGES[stage]
         sub = _script_config(script, "quick" if quick else "")
         for shared in ("checkpoint", "num_devices"):
             if shared in sub:
-                sub[shared] = config.get_ref(shared)
+                sub[shared] = config.get_ref("mt_checkpoint" if shared == "checkpoint" and stage in MT_STAGES
+                                             else shared)
+        if stage == "mt_gating":
+            sub.layers = MT_LAYERS
         sub.script = script
         config[stage] = sub
     return config

@@ -1,7 +1,9 @@
-"""Train a small MoE language model on real text and export it as a Hugging Face checkpoint.
+"""Train a small MoE model on real text and export it as a Hugging Face checkpoint: the language model
+(configs/train_default.py) or, with config.task "translation", the encoder-decoder MT model (configs/train_mt.py).
 
     python experiments/train.py --config=configs/train_default.py --workdir=workdir/train_default
     python experiments/train.py --config=configs/train_default.py:quick --workdir=/tmp/train   # 20 steps
+    python experiments/train.py --config=configs/train_mt.py --workdir=workdir/train_mt
 
 Resumes from --workdir's latest orbax checkpoint when interrupted (same batches as an uninterrupted run).
 Writes --workdir/export/ (config.json, model.safetensors, tokenizer.json: moejax.load_pretrained and
@@ -29,18 +31,25 @@ def main(config, workdir):
 
     os.makedirs(workdir, exist_ok=True)
     print(f"Training on {len(jax.devices())} {jax.default_backend()} device(s); workdir {workdir}")
+    translating = config.get("task", "language_model") == "translation"
+    if translating:
+        from moejax import seq2seq
+        from moejax.training import translation
+
+        run, export_pretrained, load_pretrained = translation.run, seq2seq.export_pretrained, seq2seq.load_pretrained
+    else:
+        run, export_pretrained, load_pretrained = training.run, moejax.export_pretrained, moejax.load_pretrained
     start = time.perf_counter()
-    result = training.run(config, workdir)
+    result = run(config, workdir)
     seconds = time.perf_counter() - start
     export = os.path.join(workdir, "export")
     trained = result["model"]
     # export in float32 first, then reload at the export dtype: the checkpoint's config says its own dtype
-    moejax.export_pretrained(trained, export)
+    export_pretrained(trained, export)
     if config.export_dtype != "float32":
-        moejax.export_pretrained(moejax.load_pretrained(export, dtype=config.export_dtype), export,
-                                 tokenizer=result["tokenizer"])
+        export_pretrained(load_pretrained(export, dtype=config.export_dtype), export, tokenizer=result["tokenizer"])
     else:
-        moejax.export_pretrained(trained, export, tokenizer=result["tokenizer"])
+        export_pretrained(trained, export, tokenizer=result["tokenizer"])
     train = result["history"]["train"]
     rates = [t["tokens_per_s"] for t in train if t["tokens_per_s"]]
     summary = {

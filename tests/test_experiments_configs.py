@@ -51,12 +51,29 @@ def test_every_family_preset_is_a_model_type_moejax_reads_and_takes_the_checkpoi
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model_type = {"qwen_moe": "qwen2_moe"}  # the one preset named for its family rather than its model_type
-    for preset in set(module.PRESETS) - {"default"}:
+    for preset in set(module.PRESETS) - {"default", "nllb_moe"}:
         assert model_type.get(preset, preset) in SUPPORTED_MODEL_TYPES, preset
         config = harness.load_config(f"configs/reproduce.py:{preset},quick")
         assert config.checkpoint == "" and config.num_devices == 8  # a family preset runs on the checkpoint given
         config.checkpoint = f"/data/{preset}"
         assert config.capacity.checkpoint == config.straggler.checkpoint == f"/data/{preset}"
+
+
+def test_mt_stages_run_on_the_mt_checkpoint():
+    from moejax.seq2seq import MODEL_TYPES
+
+    default = harness.load_config("configs/reproduce.py:quick")
+    assert {"translation", "mt_gating"} <= set(default.stages) and default.mt_checkpoint == "experiments/mt_model"
+    assert default.translation.checkpoint == "experiments/mt_model"
+    assert tuple(default.mt_gating.layers) == ("mt_encoder", "mt_decoder")
+    assert default.gating.layers != default.mt_gating.layers  # the LM stage keeps its own shapes
+    nllb = harness.load_config("configs/reproduce.py:nllb_moe,quick")
+    assert tuple(nllb.stages) == ("translation", "mt_gating") and nllb.mt_checkpoint == ""
+    nllb.mt_checkpoint = "/data/nllb-moe-54b"
+    assert nllb.translation.checkpoint == "/data/nllb-moe-54b"
+    assert "nllb-moe" in MODEL_TYPES
+    olmoe = harness.load_config("configs/reproduce.py:olmoe")
+    assert "translation" not in olmoe.stages  # an LM preset names no MT model
 
 
 def _parsed(arguments: list[str]) -> dict:
