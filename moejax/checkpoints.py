@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import uuid
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from moejax import quantization
 from moejax.capacity import MoEPolicy
 from moejax.config import ModelConfig, from_hf_config, to_hf_config
-from moejax.load_plan import plan as load_plan
+from moejax.load_plan import Plan, plan as load_plan
 from moejax.models import with_expert_storage
 from moejax.models.moe import check_expert_storage
 from moejax.models.transformer import CausalLM
@@ -227,12 +228,21 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
     if quantized is not None:  # the plan sees float tensors under the unquantized names, each dequantized on read
         tensors = quantization.DequantizedTensors(tensors, quantized, dtype)
     names = tensors.names()
-    plan = load_plan(model, names)
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in names
+    mtp = tuple(f"model.layers.{config.num_layers + j}." for j in range(config.mtp_layers))  # not run: skipped
+    skipped = lambda name: bool(_IGNORED.match(name)) or (tied_head and name == "lm_head.weight") or name.startswith(mtp)
+    fill_from_checkpoint(load_plan(model, names), tensors, path, config.architecture, skipped)
+    return model
 
-    # Check every name, shape and dtype before reading any data, and report all problems at once.
-    expected = {}
-    for name, shape in plan.sources():
-        expected[name] = shape
+
+def fill_from_checkpoint(plan: Plan, tensors: _Tensors, path: str, architecture: str,
+                         skipped: Callable[[str], bool]) -> None:
+    """Set every parameter of `plan` from the checkpoint's tensors, after checking every name, shape and
+    dtype the plan expects and every tensor the checkpoint holds (one the plan does not read is an error
+    unless `skipped(name)`), all problems reported at once. Every loader's last step (encoder-decoder
+    models' too: moejax.seq2seq.checkpoints)."""
+    names = tensors.names()
+    expected = dict(plan.sources())
     problems = []
     for name, shape in expected.items():
         if name not in names:
@@ -244,21 +254,16 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
             problems.append(f"tensor {name!r} in {os.path.basename(tensors.file_of[name])} has dtype "
                             f"{tensors.dtype(name)}; weights must be floating point {_FLOAT_DTYPES} or in a quantized "
                             f"format config.json's quantization_config names ({', '.join(quantization.SUPPORTED_METHODS)})")
-    tied_head = config.tie_word_embeddings and "lm_head.weight" in names
-    mtp = tuple(f"model.layers.{config.num_layers + j}." for j in range(config.mtp_layers))  # not run: skipped
     for name in sorted(names - set(expected)):
-        if not _IGNORED.match(name) and not (tied_head and name == "lm_head.weight") and not name.startswith(mtp):
+        if not skipped(name):
             problems.append(f"unexpected tensor {name!r} with shape {tensors.shape(name)}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"checkpoint {path!r} does not match its config.json "
-                         f"({config.architecture}):\n  {shown}")
-
+        raise ValueError(f"checkpoint {path!r} does not match its config.json ({architecture}):\n  {shown}")
     for item in plan.items:
         array = item.build(*(tensors.get(name) for name, _ in item.sources))
         # in the parameter's own dtype: `dtype`, but float32 where the model keeps one so (the router's score bias)
         item.param.set_value(jnp.asarray(array, dtype=item.param.get_value().dtype))
-    return model
 
 
 def load_tokenizer(path: str):
@@ -366,15 +371,21 @@ def export_pretrained(model: CausalLM, directory: str, tokenizer=None) -> None:
     """Write `model` as a Hugging Face checkpoint of its family (config.json + model.safetensors, and the
     `tokenizers` tokenizer as tokenizer.json if given): the exact inverse of load_pretrained, which
     transformers loads too. Expert-parallel models are exported from their single-device originals."""
-    from safetensors.numpy import save_file
-
     if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
     model = with_expert_storage(model, "stacked")  # the checkpoint's tensors come from stacked experts
-    hf_config = to_hf_config(model.config, model.dtype)
     mixtral = model.config.architecture == "mixtral"
+    write_checkpoint(load_plan(model, _mixtral_names(model) if mixtral else set()),
+                     to_hf_config(model.config, model.dtype), directory, tokenizer)
+
+
+def write_checkpoint(plan: Plan, hf_config: dict, directory: str, tokenizer=None) -> None:
+    """Every tensor of `plan` split back into the checkpoint's own (model.safetensors), config.json, and the
+    tokenizer as tokenizer.json if given: every export's last step (moejax.seq2seq.checkpoints' too)."""
+    from safetensors.numpy import save_file
+
     tensors = {}
-    for item in load_plan(model, _mixtral_names(model) if mixtral else set()).items:
+    for item in plan.items:
         value = np.asarray(jax.device_get(item.param.get_value()))
         for (name, shape), array in zip(item.sources, item.split(value)):
             assert array.shape == shape, (name, array.shape, shape)

@@ -1,27 +1,26 @@
 """Load NLLB-MoE and Switch Transformers checkpoints (config.json + safetensors) into EncoderDecoderLM, and
 export one as an nllb-moe checkpoint that transformers' NllbMoeForConditionalGeneration loads.
 
-The safetensors reading (`_Tensors`) and the load plan (`Plan`: each parameter, the checkpoint tensors it
-is built from, how to build it and split it back) are moejax.checkpoints' own; this module only says,
-per family, which tensor is which parameter. Every tensor is accounted for before the model is returned:
+The safetensors reading (`_Tensors`), the load plan (moejax.load_plan's `Plan`: each parameter, the
+checkpoint tensors it is built from, how to build it and split it back) and its checked fill and write are
+moejax.checkpoints' own; this module only says, per family, which tensor is which parameter. Every tensor is accounted for before the model is returned:
 a missing, unexpected, mis-shaped or non-floating-point one raises an error naming it and its file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from moejax.capacity import MoEPolicy
-from moejax.checkpoints import _FLOAT_DTYPES, _check_policy, _float_dtype, _read_json, _Tensors, checkpoint_kind
+from moejax.checkpoints import (_check_policy, _float_dtype, _read_json, _Tensors, checkpoint_kind, fill_from_checkpoint,
+                                write_checkpoint)
 from moejax.load_plan import Plan, PlanItem
-from moejax.seq2seq.config import NLLB_MOE, SWITCH, Seq2SeqConfig, from_hf_config
+from moejax.models import with_expert_storage
+from moejax.seq2seq.config import NLLB_MOE, Seq2SeqConfig, from_hf_config
 from moejax.seq2seq.model import EncoderDecoderLM, Seq2SeqLayer
 
 # Tensors a checkpoint may carry that moejax recomputes (NLLB's sinusoid table).
@@ -154,41 +153,17 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     config = read_config(path)
     model = nnx.eval_shape(lambda: EncoderDecoderLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
     tensors = _Tensors(path)
-    _fill(_plan(model, tensors.names()), tensors, path, config)
+    names = tensors.names()
+    # copies of a tied matrix; an untied model's shared matrix where both stacks have their own (unused)
+    copies = {"lm_head.weight", *_stack_embeddings(config)} if config.tie_word_embeddings else {
+        f"{_root(config)}shared.weight"}
+    fill_from_checkpoint(_plan(model, names), tensors, path, config.architecture,
+                         lambda name: bool(_IGNORED.match(name)) or name in copies)
     if mesh is not None:
         from moejax import parallel
 
         model = parallel.expert_parallel(model, mesh, "dynamic" if gating is None else gating, **parallel_options)
     return model
-
-
-def _fill(plan: Plan, tensors: _Tensors, path: str, config: Seq2SeqConfig) -> None:
-    """Check every tensor the plan expects (name, shape, dtype) and every tensor the checkpoint holds, all
-    problems reported at once; then set each parameter from its tensors."""
-    names = tensors.names()
-    expected = {name: shape for item in plan.items for name, shape in item.sources}
-    problems = []
-    for name, shape in expected.items():
-        if name not in names:
-            problems.append(f"missing tensor {name!r} (expected shape {shape})")
-            continue
-        if tensors.shape(name) != shape:
-            problems.append(f"tensor {name!r} has shape {tensors.shape(name)}, expected {shape}")
-        if tensors.dtype(name) not in _FLOAT_DTYPES:
-            problems.append(f"tensor {name!r} in {os.path.basename(tensors.file_of[name])} has dtype "
-                            f"{tensors.dtype(name)}; weights must be floating point {_FLOAT_DTYPES}")
-    # copies of a tied matrix; an untied model's shared matrix where both stacks have their own (unused)
-    copies = {"lm_head.weight", *_stack_embeddings(config)} if config.tie_word_embeddings else {
-        f"{_root(config)}shared.weight"}
-    for name in sorted(names - set(expected)):
-        if not _IGNORED.match(name) and name not in copies:
-            problems.append(f"unexpected tensor {name!r} with shape {tensors.shape(name)}")
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"checkpoint {path!r} does not match its config.json ({config.architecture}):\n  {shown}")
-    for item in plan.items:
-        array = item.build(*(tensors.get(name) for name, _ in item.sources))
-        item.param.set_value(jnp.asarray(array, dtype=item.param.get_value().dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,23 +213,11 @@ def export_pretrained(model: EncoderDecoderLM, directory: str, tokenizer=None) -
     `tokenizers` tokenizer as tokenizer.json if given): the inverse of load_pretrained, which transformers'
     NllbMoeForConditionalGeneration loads too. Expert-parallel models are exported from their single-device
     originals."""
-    from safetensors.numpy import save_file
-
     if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
+    model = with_expert_storage(model, "stacked")  # the checkpoint's tensors come from stacked experts
     hf_config = to_hf_config(model.config, model.dtype)
-    tensors = {}
-    for item in _plan(model, set(_stack_embeddings(model.config))).items:
-        value = np.asarray(jax.device_get(item.param.get_value()))
-        for (name, shape), array in zip(item.sources, item.split(value)):
-            assert array.shape == shape, (name, array.shape, shape)
-            tensors[name] = np.ascontiguousarray(array)
+    plan = _plan(model, set(_stack_embeddings(model.config)))
     if model.decoder_embed_tokens is not None:  # transformers keeps the (then unused) shared matrix too
-        tensors["model.shared.weight"] = tensors["model.encoder.embed_tokens.weight"]
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        plan.copy(model.embed_tokens, f"{_root(model.config)}shared.weight")
+    write_checkpoint(plan, hf_config, directory, tokenizer)
