@@ -34,6 +34,7 @@ import moejax
 from moejax import evaluation, placement, stats
 from moejax.generate import pad_prompts
 from moejax.kernels import grouped_ffn
+from moejax.kernels.base import stacked
 from moejax.results import Results
 
 STRATEGIES = ("score", "first", "last", "random", "expanded_local", "expanded_global")
@@ -148,7 +149,8 @@ def busiest_device_seconds(block, loads: dict[str, np.ndarray], device_of_expert
                            batches: int, repeats: int) -> dict[str, float]:
     """{name: median time of the expert work of the device with the most pairs (per batch) under those
     per-expert loads}, with the block's real weights, timed side by side (harness.median_seconds)."""
-    fn = jax.jit(grouped_ffn)
+    fn = jax.jit(functools.partial(grouped_ffn, activation=block.activation))
+    weights = stacked(block.expert_weights())  # every FFN kind (gated or not, biases); split storage stacked
     calls = {}
     for name, load in loads.items():
         per_batch = np.ceil(load / batches).astype(np.int32)
@@ -156,9 +158,8 @@ def busiest_device_seconds(block, loads: dict[str, np.ndarray], device_of_expert
         experts = np.flatnonzero(device_of_expert == busiest)
         sizes = jnp.asarray(per_batch[experts])
         rows = jnp.asarray(np.random.default_rng(0).normal(size=(max(1, int(sizes.sum())), block.config.hidden_size)),
-                           block.w_gate[...].dtype)
-        calls[name] = functools.partial(fn, rows, sizes, *(w[...][experts] for w in (block.w_gate, block.w_up,
-                                                                                      block.w_down)))
+                           weights.up.dtype)
+        calls[name] = functools.partial(fn, rows, sizes, jax.tree.map(lambda w: w[experts], weights))
     return harness.median_seconds(calls, repeats)
 
 
