@@ -273,6 +273,20 @@ def test_an_mxfp4_gpt_oss_checkpoint_shows_the_tensors_of_its_float_checkpoint(t
         np.testing.assert_array_equal(hf[name].numpy(), want, err_msg=name)
 
 
+def test_an_mxfp4_gpt_oss_checkpoint_loads_as_its_dequantized_float_checkpoint(tmp_path):
+    """End to end: moejax.load_pretrained of the MXFP4 checkpoint is the model of its dequantized float
+    checkpoint (the same parameters, the same logits), and transformers' MXFP4 loader computes those logits."""
+    mxfp4_checkpoint(tmp_path / "mxfp4", tmp_path / "float")
+    a, b = _params(moejax.load_pretrained(str(tmp_path / "mxfp4"))), _params(moejax.load_pretrained(str(tmp_path / "float")))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    tokens = np.asarray(TOKENS)  # within GPT-OSS's tiny vocabulary (96)
+    logits = np.asarray(moejax.load_pretrained(str(tmp_path / "mxfp4"))(jnp.asarray(tokens)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mxfp4", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def _peak_bytes_while_loading(path) -> int:
     moejax.load_pretrained(path)  # compile and cache once, outside the measurement
     tracemalloc.start()
