@@ -151,12 +151,7 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     expert_storage: how the MoE blocks hold their routed experts, "stacked" or "split" (faster decode on the
     CPU; see moejax.with_expert_storage), split one field of one block at a time once loaded (no second
     copy of the experts)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path={path!r} must be a checkpoint directory (str or os.PathLike)")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
-                                else f"checkpoint path {path!r} is not a directory")
+    path = checkpoint_directory(path)
     dtype = _float_dtype(dtype)
     _check_policy(policy)
     check_expert_storage(expert_storage)
@@ -179,6 +174,17 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     if mesh is not None:
         model = parallel.expert_parallel(model, mesh, "dynamic" if gating is None else gating, **parallel_options)
     return model
+
+
+def checkpoint_directory(path) -> str:
+    """`path` as a str, checked to be an existing directory (the first check of every loader)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path={path!r} must be a checkpoint directory (str or os.PathLike)")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
+                                else f"checkpoint path {path!r} is not a directory")
+    return path
 
 
 def _float_dtype(dtype) -> jnp.dtype:

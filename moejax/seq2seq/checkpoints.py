@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from moejax.capacity import MoEPolicy
-from moejax.checkpoints import (_check_policy, _float_dtype, _read_json, _Tensors, checkpoint_kind, fill_from_checkpoint,
-                                write_checkpoint)
+from moejax.checkpoints import (_check_policy, _float_dtype, _read_json, _Tensors, checkpoint_directory, checkpoint_kind,
+                                fill_from_checkpoint, write_checkpoint)
 from moejax.load_plan import Plan, PlanItem
 from moejax.models import with_expert_storage
 from moejax.seq2seq.config import NLLB_MOE, Seq2SeqConfig, from_hf_config
@@ -138,12 +138,7 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     """An EncoderDecoderLM from a Hugging Face NLLB-MoE or Switch Transformers checkpoint directory, its
     parameters cast to `dtype`. policy None keeps the family's own capacity (moejax.seq2seq.moe); with a
     `mesh` the MoE blocks of both stacks run expert-parallel (moejax.parallel.expert_parallel)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path={path!r} must be a checkpoint directory (str or os.PathLike)")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
-                                else f"checkpoint path {path!r} is not a directory")
+    path = checkpoint_directory(path)
     dtype = _float_dtype(dtype)
     _check_policy(policy)
     if mesh is None and (gating is not None or parallel_options):
