@@ -15,7 +15,6 @@ uses "ragged_dot" or "capacity_buffers".
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -94,20 +93,21 @@ class Xla(Implementation):
         active = jnp.nonzero(group_sizes > 0, size=min(num_groups, n), fill_value=0)[0]
         x_bits = bits(x)
 
-        def rows_of(expert_weights, out, start, end):
-            return group_rows(out, x_bits, x.dtype, start, end, expert_weights, compute, tile, small)
-
         if isinstance(weights, SplitExperts):
-            # branch e closes over expert e's own arrays: its dots read them where they are
-            branches = [functools.partial(rows_of, expert) for expert in weights.experts]
-            pick = lambda e, out: jax.lax.switch(e, branches, out, starts[e], starts[e] + group_sizes[e])
+            # per tile, a switch whose branch e closes over expert e's own arrays: its dots read them where
+            # they are, and only the tile's rows go in and out of the conditional
+            branches = [lambda rows, expert=expert: compute(rows, expert) for expert in weights.experts]
+            expert_compute = lambda rows, e: jax.lax.switch(e, branches, rows)
+            expert_weights = lambda e: e
         else:
             weights_bits = jax.tree.map(bits, weights)
+            expert_compute = compute
+            # one copy per expert, of every leaf (weights: an ExpertWeights, or one matrix)
+            expert_weights = lambda e: jax.tree.map(lambda w, b: unbits(b[e], w.dtype), weights, weights_bits)
 
-            def pick(e, out):
-                # one copy per expert, of every leaf (weights: an ExpertWeights, or one matrix)
-                expert = jax.tree.map(lambda w, b: unbits(b[e], w.dtype), weights, weights_bits)
-                return rows_of(expert, out, starts[e], starts[e] + group_sizes[e])
+        def pick(e, out):
+            return group_rows(out, x_bits, x.dtype, starts[e], starts[e] + group_sizes[e], expert_weights(e),
+                              expert_compute, tile, small)
 
         # f32 output buffer, cast once at the end: XLA:CPU widens bf16 elementwise ops to f32, and the update
         # of a bf16 buffer then copies the whole buffer on every tile instead of writing the tile in place.
@@ -123,10 +123,11 @@ def ffn_rows(activation: Activation):
 
 
 def group_rows(out, x_bits, x_dtype, start, end, expert_weights, compute, tile: int, small: int):
-    """One group's rows [start, end) of x through `compute` with its weights, written into out [N, out_dim]
+    """One group's rows [start, end) of x through `compute(rows, expert_weights)`, written into out [N, out_dim]
     (f32): full tiles, then the remainder in small tiles, the last ending at the group's end and overlapping
-    the one before it rather than computing rows past it. x_bits: x as `bits(x)`. Rows outside the group
-    keep their values."""
+    the one before it rather than computing rows past it. x_bits: x as `bits(x)`. expert_weights: the
+    expert's weights, or whatever else `compute` takes to find them (an index to switch on). Rows outside
+    the group keep their values."""
     n = x_bits.shape[0]
 
     def one_tile(out, row0, size):
