@@ -53,7 +53,7 @@ class Seq2SeqConfig:
     scale_embedding: bool = False  # token embeddings times sqrt(hidden_size) (NLLB)
     tie_word_embeddings: bool = True
     scale_tied_logits: bool = False  # T5: a tied head sees the final hidden times hidden_size ** -0.5
-    # The family's own expert capacity at inference (transformers in eval mode; see moejax.seq2seq.capacity).
+    # The family's own expert capacity at inference (transformers in eval mode; see moejax.seq2seq.moe).
     capacity_fraction: float | None = None  # NLLB: moe_eval_capacity_token_fraction (None: not positive)
     expert_capacity: int | None = None  # NLLB without a positive fraction; Switch: per sequence
     normalize_router_prob_before_dropping: bool = False  # NLLB: top-2 weights normalised before the drop

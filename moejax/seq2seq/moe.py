@@ -10,7 +10,8 @@ The families' capacity rules (transformers' NllbMoeTop2Router and SwitchTransfor
   fills its C slots with all first choices, then all second choices, each in token order, or, with
   batch_prioritized_routing, by the token's highest router probability (ties: the lower token). Padding
   takes no slot. The weights are the top-2 probabilities normalised over the pair before the drop
-  (normalize_router_prob_before_dropping) or over the experts the token kept.
+  (normalize_router_prob_before_dropping) or over the experts the token kept (that sum clamped below at
+  float32's eps, as transformers does). Expert outputs are scaled by 1 - moe_token_dropout.
 - Switch: each sequence of the batch separately, an expert takes its first expert_capacity tokens in token
   order; the weight is the top-1 probability. Padding takes no slot here (transformers routes padding too;
   with padding on the right, as the families' tokenizers pad, no real token is affected).
