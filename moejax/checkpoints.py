@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from moejax import quantization
 from moejax.capacity import MoEPolicy
 from moejax.config import ModelConfig, from_hf_config, to_hf_config
-from moejax.load_plan import Plan, plan as load_plan
+from moejax.load_plan import Plan, unrun_prefixes, plan as load_plan
 from moejax.models import with_expert_storage
 from moejax.models.moe import check_expert_storage
 from moejax.models.transformer import CausalLM
@@ -235,8 +235,8 @@ def _load(path: str, dtype, policy: MoEPolicy | None) -> CausalLM:
         tensors = quantization.DequantizedTensors(tensors, quantized, dtype)
     names = tensors.names()
     tied_head = config.tie_word_embeddings and "lm_head.weight" in names
-    mtp = tuple(f"model.layers.{config.num_layers + j}." for j in range(config.mtp_layers))  # not run: skipped
-    skipped = lambda name: bool(_IGNORED.match(name)) or (tied_head and name == "lm_head.weight") or name.startswith(mtp)
+    unrun = unrun_prefixes(config)
+    skipped = lambda name: bool(_IGNORED.match(name)) or (tied_head and name == "lm_head.weight") or name.startswith(unrun)
     fill_from_checkpoint(load_plan(model, names), tensors, path, config.architecture, skipped)
     return model
 

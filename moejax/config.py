@@ -284,7 +284,7 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "num_nextn_predict_layers", "shared_intermediate_size", "moe_num_experts", "moe_k",
                   "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts",
                   "max_window_layers", "rotary_dim", "intermediate_size_mlp", "interleave_moe_layer_step",
-                  "no_rope_layer_interval", "attention_chunk_size", "floor_scale")
+                  "no_rope_layer_interval", "attention_chunk_size", "floor_scale", "num_shared_experts")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
                  "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min",
                  "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise")
@@ -317,7 +317,8 @@ def _check_json_types(hf: dict) -> None:
 _JSON_LISTS = {"mlp_only_layers": (is_integer, "a list of layer indices"),
                "moe_layers": (is_integer, "a list of layer indices"),  # Llama 4
                "no_rope_layers": (lambda v: v in (0, 1) and not isinstance(v, float), "a list of 0 / 1 flags"),
-               "layer_types": (lambda v: isinstance(v, str), "a list of attention kinds (strings)")}
+               "layer_types": (lambda v: isinstance(v, str), "a list of attention kinds (strings)"),
+               "mlp_layer_types": (lambda v: isinstance(v, str), "a list of 'dense' / 'sparse' (strings)")}
 
 
 SUPPORTED_MODEL_TYPES = frozenset(READERS)

@@ -197,6 +197,16 @@ def _dense_first(hf: dict, experts: int) -> tuple[bool, ...]:
     return tuple(experts > 0 and i >= first_dense for i in range(_get(hf, "num_hidden_layers")))
 
 
+def _mlp_layer_types(hf: dict, default: list[str]) -> tuple[bool, ...]:
+    """The MoE layers from mlp_layer_types ("dense" or "sparse" per layer; EXAONE-MoE, GLM-4.7-Flash, Hy3), else
+    from `default`, the family's derivation transformers applies when the key is absent."""
+    n = _get(hf, "num_hidden_layers")
+    types = hf.get("mlp_layer_types") or default
+    if len(types) != n or not set(types) <= {"dense", "sparse"}:
+        raise ValueError(f"config.json: mlp_layer_types={types!r} needs one 'dense' or 'sparse' per layer ({n})")
+    return tuple(t == "sparse" for t in types)
+
+
 def _deepseek_v3(hf: dict) -> dict:
     experts = _get(hf, "n_routed_experts", 0) or 0
     common = _common(hf)
@@ -233,6 +243,29 @@ def _dots1(hf: dict) -> dict:
                 sliding_window=window if types[0] == "sliding_attention" else None,
                 intermediate_size=_get(hf, "intermediate_size"), moe_layers=_dense_first(hf, experts),
                 **_sigmoid_router(hf, experts, norm_topk_prob=False))
+
+
+def _exaone_moe(hf: dict) -> dict:
+    """K-EXAONE: per-head q/k RMSNorm before rope; sliding and full layers by layer_types (default: every
+    sliding_window_pattern-th layer full), the full ones rope-free (ExaoneMoeConfig always sets a sliding_window); DeepSeek-V3's
+    sigmoid router with shared experts; dense layers by mlp_layer_types (default: the first_k_dense_replace first)."""
+    hf = {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "sliding_window": 4096, "sliding_window_pattern": 4,
+          "first_k_dense_replace": 1, "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 1024,
+          "num_shared_experts": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5, **hf}  # ExaoneMoeConfig's
+    n, window, types = _get(hf, "num_hidden_layers"), _get(hf, "sliding_window"), hf.get("layer_types")
+    if types is None:
+        pattern = hf.get("sliding_window_pattern")
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+            raise ValueError(f"config.json: sliding_window_pattern={pattern!r} is not supported for exaone_moe: "
+                             "transformers derives layer_types from a positive integer; give layer_types instead")
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    first_dense = _get(hf, "first_k_dense_replace")
+    router = {**hf, "n_shared_experts": _get(hf, "num_shared_experts"), "num_nextn_predict_layers": 0}  # mtp.* unread
+    return dict(_common(hf), head_qk_norm=True, sliding_window=window, layer_types=tuple(types),
+                rope_layers=tuple(t == "sliding_attention" for t in types),
+                intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=_mlp_layer_types(hf, ["dense" if i < first_dense else "sparse" for i in range(n)]),
+                **_sigmoid_router(router, _get(hf, "num_experts")))
 
 
 def _minimax_m2(hf: dict) -> dict:
@@ -327,7 +360,7 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "granitemoe": _granitemoe,
     "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1,
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
-    "kimi_k2": _deepseek_v3}
+    "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe}
 # model types whose checkpoints are another family's (Kimi-K2's config.json says kimi_k2 and
 # DeepseekV3ForCausalLM; transformers reads it as deepseek_v3): the model is built as that family
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
@@ -338,4 +371,4 @@ SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": 
                            "GraniteMoeSharedForCausalLM": "granitemoeshared", "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
                            "Dots1ForCausalLM": "dots1", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GptOssForCausalLM": "gpt_oss", "Llama4ForCausalLM": "llama4_text",
-                           "PhimoeForCausalLM": "phimoe"}
+                           "PhimoeForCausalLM": "phimoe", "ExaoneMoeForCausalLM": "exaone_moe"}

@@ -114,6 +114,20 @@ def _ernie4_5_moe(c) -> dict:
                 intermediate_size=c.intermediate_size, use_bias=False)
 
 
+def _mlp_layer_types(c) -> list[str]:
+    return ["sparse" if moe else "dense" for moe in c.moe_layers]
+
+
+def _exaone_moe(c) -> dict:
+    # rope on the sliding layers only: the read-back check refuses a config with rope elsewhere
+    return dict(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                moe_intermediate_size=c.moe_intermediate_size,
+                num_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
+                norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor, n_group=c.n_group,
+                topk_group=c.topk_group, intermediate_size=c.intermediate_size, sliding_window=c.sliding_window,
+                layer_types=[c.attention_kind(i) for i in range(c.num_layers)], mlp_layer_types=_mlp_layer_types(c))
+
+
 def _minimax_m2(c) -> dict:
     return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 intermediate_size=c.moe_intermediate_size, rotary_dim=c.rope_dim, qk_norm_type="per_layer",
@@ -157,4 +171,4 @@ WRITERS: dict[str, Callable] = {
     "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "deepseek_v2": _deepseek,
     "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "dots1": _dots1, "ernie4_5_moe": _ernie4_5_moe,
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
-    "llama4_text": _llama4_text, "phimoe": _phimoe}
+    "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe}

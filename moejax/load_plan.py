@@ -16,7 +16,8 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 
 Source = tuple[str, tuple[int, ...]]
 _GRANITE = ("granitemoe", "granitemoeshared")
-_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1")  # ...shared_experts.*
+_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe")
+_SCORE_BIAS_ON_BLOCK = ("minimax_m2", "exaone_moe")  # mlp.e_score_correction_bias, not mlp.gate.e_score_...
 _BLOCK_SPARSE_MOE = ("mixtral", "minimax_m2", "phimoe")  # block_sparse_moe.{gate, experts.{i}.w1 / w3 / w2}
 
 
@@ -167,8 +168,8 @@ def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
     if moe.score_bias is not None and c.architecture == "ernie4_5_moe":  # [1, E], beside the gate
         bias = [(f"{prefix}.moe_statics.e_score_correction_bias", (1, c.num_experts))]
         plan.items.append(PlanItem(moe.score_bias, bias, lambda b: b.reshape(-1), lambda b: [b.reshape(1, -1)]))
-    elif moe.score_bias is not None:  # on the gate, or on the block (MiniMax-M2)
-        on_block = c.architecture == "minimax_m2"
+    elif moe.score_bias is not None:  # on the gate, or on the block
+        on_block = c.architecture in _SCORE_BIAS_ON_BLOCK
         plan.copy(moe.score_bias, f"{prefix}.{'' if on_block else 'gate.'}e_score_correction_bias")
     _experts(plan, moe, prefix, names, block_sparse)
     if moe.shared is not None:
@@ -176,6 +177,14 @@ def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
         _mlp(plan, moe.shared, f"{prefix}.{shared}")
     if moe.shared_gate is not None:
         plan.copy(moe.shared_gate, f"{prefix}.shared_expert_gate.weight", transpose=True)
+
+
+def unrun_prefixes(c) -> tuple[str, ...]:
+    """The name prefixes of checkpoint tensors a forward never runs, transformers' as moejax's: the
+    multi-token-prediction layers, after the decoder's (DeepSeek-V3, GLM-4.5) or under mtp. (EXAONE-MoE, whose
+    transformers implementation ignores them whatever its config says)."""
+    after_decoder = tuple(f"model.layers.{c.num_layers + j}." for j in range(c.mtp_layers))
+    return after_decoder + (("mtp.",) if c.architecture == "exaone_moe" else ())
 
 
 def plan(model: CausalLM, names: set[str]) -> Plan:

@@ -115,12 +115,21 @@ VARIANTS = {
     "phimoe-e8k2-wide-band-window-tied-mqa": ("PhimoeConfig", "PhimoeForCausalLM", dict(
         num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, router_jitter_noise=0.3, sliding_window=6,
         tie_word_embeddings=True, num_key_value_heads=1, num_hidden_layers=3)),
+    # K-EXAONE: layers sliding, full (rope-free), sliding; then sliding (rope) layers only, all MoE
+    "exaone_moe-e8k2-groups-sliding-nope-dense-first": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16, num_shared_experts=1,
+        first_k_dense_replace=1, num_hidden_layers=3, sliding_window=4, sliding_window_pattern=2)),
+    "exaone_moe-e6k3-nonorm-sliding-mlp-types-tied-mqa": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict(
+        num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, num_shared_experts=2, sliding_window=6,
+        layer_types=["sliding_attention"] * 2, mlp_layer_types=["sparse", "sparse"], norm_topk_prob=False,
+        routed_scaling_factor=1.5, num_key_value_heads=1, tie_word_embeddings=True)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
 # modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
 # it moves the choice.
-_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig")
+_SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig",
+                    "ExaoneMoeConfig")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
 _RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig")

@@ -4,6 +4,7 @@ equals moejax.generate; and their bad input."""
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,8 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "glm4_moe-e8k2-groups-partial-qknorm-bias-dense-first", "granitemoeshared-e8k3-shared-bias",
             "ernie4_5_moe-e8k2-shared-start1", "dots1-e8k2-groups-norm-dense-first-head_dim",
             "minimax_m2-e8k2-partial-head_dim", "gpt_oss-e8k3-full-first-default-rope-mqa-nobias",
-            "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa"]
+            "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa",
+            "exaone_moe-e8k2-groups-sliding-nope-dense-first"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
@@ -85,17 +87,21 @@ def test_a_router_transformers_would_not_compute_is_refused_by_name(tmp_path, ke
         moejax.load_pretrained(tmp_path)
 
 
-def test_multi_token_prediction_layers_are_skipped_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("name, mtp_tensor, other_tensor", [
+    ("glm4_moe-e8k2-groups-partial-qknorm-bias-dense-first", "model.layers.3.eh_proj.weight",  # 3 layers, 1 MTP
+     "model.layers.4.eh_proj.weight"),
+    ("exaone_moe-e8k2-groups-sliding-nope-dense-first", "mtp.eh_proj.weight", "model.layers.3.eh_proj.weight")])
+def test_multi_token_prediction_layers_are_skipped_and_nothing_else(tmp_path, name, mtp_tensor, other_tensor):
     from safetensors.numpy import load_file, save_file
 
-    hf_models.save("glm4_moe-e8k2-groups-partial-qknorm-bias-dense-first", tmp_path)  # 3 layers, 1 MTP layer
+    hf_models.save(name, tmp_path)
     file = os.path.join(tmp_path, "model.safetensors")
     tensors = load_file(file)
     ref = np.asarray(moejax.load_pretrained(tmp_path)(TOKENS))
-    save_file({**tensors, "model.layers.3.eh_proj.weight": np.ones((4, 4), np.float32)}, file)
+    save_file({**tensors, mtp_tensor: np.ones((4, 4), np.float32)}, file)
     np.testing.assert_array_equal(np.asarray(moejax.load_pretrained(tmp_path)(TOKENS)), ref)
-    save_file({**tensors, "model.layers.4.eh_proj.weight": np.ones((4, 4), np.float32)}, file)
-    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.4\.eh_proj\.weight'"):
+    save_file({**tensors, other_tensor: np.ones((4, 4), np.float32)}, file)
+    with pytest.raises(ValueError, match=f"unexpected tensor '{re.escape(other_tensor)}'"):
         moejax.load_pretrained(tmp_path)
 
 
@@ -145,6 +151,10 @@ def _config_json(name, **changes):
         long_mscale=1.0, original_max_position_embeddings=64)), r"short_factor=\(1.0, 1.0, 1.0\) is invalid"),
     ("gpt_oss-e4k2-window-yarn-clamped", dict(swiglu_limit="7"), "swiglu_limit='7' is invalid: must be a number"),
     ("gpt_oss-e4k2-window-yarn-clamped", dict(sliding_window=None), "sliding_window=None is invalid: sliding_attention"),
+    ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(layer_types=None, sliding_window_pattern="LLLG"),
+     "sliding_window_pattern='LLLG' is not supported for exaone_moe"),
+    ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(mlp_layer_types=["dense", "moe", "sparse"]),
+     r"mlp_layer_types=\['dense', 'moe', 'sparse'\] needs one 'dense' or 'sparse' per layer \(3\)"),
 ])
 def test_bad_config_json_of_the_new_families_is_named(name, changes, message):
     from moejax.config import from_hf_config
