@@ -219,11 +219,15 @@ def _deepseek_v3(hf: dict) -> dict:
                 **_sigmoid_router(hf, experts))
 
 
+def _partial_rotary_factor(hf: dict, default: float) -> float:
+    # transformers v5 keeps partial_rotary_factor in rope_parameters; the Hub's configs at the top level
+    return (hf.get("rope_parameters") or {}).get("partial_rotary_factor", _get(hf, "partial_rotary_factor", default))
+
+
 def _glm4_moe(hf: dict) -> dict:
     experts = _get(hf, "n_routed_experts", 0) or 0
     common = _common(hf)
-    # transformers v5 keeps partial_rotary_factor in rope_parameters; the Hub's configs at the top level
-    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", _get(hf, "partial_rotary_factor", 0.5))
+    factor = _partial_rotary_factor(hf, 0.5)
     return dict(common, qkv_bias=bool(_get(hf, "attention_bias", False)), head_qk_norm=bool(_get(hf, "use_qk_norm", False)),
                 rotary_dim=int(common["head_dim"] * factor), intermediate_size=_get(hf, "intermediate_size"),
                 moe_layers=_dense_first(hf, experts), **_sigmoid_router(hf, experts))
@@ -266,6 +270,20 @@ def _exaone_moe(hf: dict) -> dict:
                 intermediate_size=_get(hf, "intermediate_size"),
                 moe_layers=_mlp_layer_types(hf, ["dense" if i < first_dense else "sparse" for i in range(n)]),
                 **_sigmoid_router(router, _get(hf, "num_experts")))
+
+
+def _solar_open(hf: dict) -> dict:
+    """Solar Open: Llama's attention (biases on q, k, v only; full rotary) and GLM-4.5's MoE block in every
+    layer (sigmoid router, shared experts)."""
+    hf = {"rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "head_dim": 128, "max_position_embeddings": 131072,
+          "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1280, "n_shared_experts": 1,
+          "norm_topk_prob": True, **hf}  # SolarOpenConfig's defaults
+    if _partial_rotary_factor(hf, 1.0) != 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor={_partial_rotary_factor(hf, 1.0)!r} is not supported for "
+                         "solar_open (its attention rotates every dimension of a head); supported: 1.0")
+    router = {**hf, "num_nextn_predict_layers": 0}  # transformers builds no multi-token-prediction layers here
+    return dict(_common(hf), qkv_bias=bool(_get(hf, "attention_bias", False)),
+                moe_layers=(True,) * _get(hf, "num_hidden_layers"), **_sigmoid_router(router, _get(hf, "n_routed_experts")))
 
 
 def _minimax_m2(hf: dict) -> dict:
@@ -360,7 +378,7 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "granitemoe": _granitemoe,
     "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1,
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
-    "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe}
+    "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open}
 # model types whose checkpoints are another family's (Kimi-K2's config.json says kimi_k2 and
 # DeepseekV3ForCausalLM; transformers reads it as deepseek_v3): the model is built as that family
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
@@ -371,4 +389,5 @@ SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": 
                            "GraniteMoeSharedForCausalLM": "granitemoeshared", "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
                            "Dots1ForCausalLM": "dots1", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GptOssForCausalLM": "gpt_oss", "Llama4ForCausalLM": "llama4_text",
-                           "PhimoeForCausalLM": "phimoe", "ExaoneMoeForCausalLM": "exaone_moe"}
+                           "PhimoeForCausalLM": "phimoe", "ExaoneMoeForCausalLM": "exaone_moe",
+                           "SolarOpenForCausalLM": "solar_open"}

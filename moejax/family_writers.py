@@ -128,6 +128,11 @@ def _exaone_moe(c) -> dict:
                 layer_types=[c.attention_kind(i) for i in range(c.num_layers)], mlp_layer_types=_mlp_layer_types(c))
 
 
+def _solar_open(c) -> dict:
+    return dict(_routed(c), n_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
+                attention_bias=c.qkv_bias)
+
+
 def _minimax_m2(c) -> dict:
     return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 intermediate_size=c.moe_intermediate_size, rotary_dim=c.rope_dim, qk_norm_type="per_layer",
@@ -171,4 +176,5 @@ WRITERS: dict[str, Callable] = {
     "mixtral": _mixtral, "olmoe": _olmoe, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "deepseek_v2": _deepseek,
     "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "dots1": _dots1, "ernie4_5_moe": _ernie4_5_moe,
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
-    "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe}
+    "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
+    "solar_open": _solar_open}

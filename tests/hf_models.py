@@ -123,13 +123,19 @@ VARIANTS = {
         num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, num_shared_experts=2, sliding_window=6,
         layer_types=["sliding_attention"] * 2, mlp_layer_types=["sparse", "sparse"], norm_topk_prob=False,
         routed_scaling_factor=1.5, num_key_value_heads=1, tie_word_embeddings=True)),
+    "solar_open-e8k2-groups-qkv-bias": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16, n_shared_experts=1,
+        attention_bias=True, head_dim=8, routed_scaling_factor=2.5)),
+    "solar_open-e6k3-nonorm-shared2-head_dim-tied-mqa": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
+        n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2, norm_topk_prob=False,
+        head_dim=12, num_key_value_heads=1, tie_word_embeddings=True, num_hidden_layers=3)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
 # modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
 # it moves the choice.
 _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig",
-                    "ExaoneMoeConfig")
+                    "ExaoneMoeConfig", "SolarOpenConfig")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
 _RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig")

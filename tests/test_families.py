@@ -24,7 +24,7 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "ernie4_5_moe-e8k2-shared-start1", "dots1-e8k2-groups-norm-dense-first-head_dim",
             "minimax_m2-e8k2-partial-head_dim", "gpt_oss-e8k3-full-first-default-rope-mqa-nobias",
             "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa",
-            "exaone_moe-e8k2-groups-sliding-nope-dense-first"]
+            "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
@@ -151,6 +151,9 @@ def _config_json(name, **changes):
         long_mscale=1.0, original_max_position_embeddings=64)), r"short_factor=\(1.0, 1.0, 1.0\) is invalid"),
     ("gpt_oss-e4k2-window-yarn-clamped", dict(swiglu_limit="7"), "swiglu_limit='7' is invalid: must be a number"),
     ("gpt_oss-e4k2-window-yarn-clamped", dict(sliding_window=None), "sliding_window=None is invalid: sliding_attention"),
+    ("solar_open-e8k2-groups-qkv-bias", dict(rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                                   partial_rotary_factor=0.5)),
+     "partial_rotary_factor=0.5 is not supported for solar_open"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(layer_types=None, sliding_window_pattern="LLLG"),
      "sliding_window_pattern='LLLG' is not supported for exaone_moe"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(mlp_layer_types=["dense", "moe", "sparse"]),
