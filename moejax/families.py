@@ -107,11 +107,8 @@ def _deepseek_v2(hf: dict) -> dict:
     sparse = _dense_first(hf, experts)  # transformers ignores moe_layer_freq: refused unless 1
     common = _common(hf)
     common["rope"] = _rope(hf, interleaved=True)
-    bias = bool(_get(hf, "attention_bias", False))
-    return dict(common, qkv_bias=bias, o_bias=bias, q_lora_rank=hf.get("q_lora_rank"),
-                kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=_get(hf, "qk_nope_head_dim"),
-                qk_rope_head_dim=_get(hf, "qk_rope_head_dim"), v_head_dim=_get(hf, "v_head_dim"),
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=sparse, num_experts=experts,
+    return dict(common, **_latent_attention(hf), intermediate_size=_get(hf, "intermediate_size"), moe_layers=sparse,
+                num_experts=experts,
                 num_experts_per_tok=_get(hf, "num_experts_per_tok", 0) or 0,
                 moe_intermediate_size=_get(hf, "moe_intermediate_size", 0),
                 norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)),
@@ -207,16 +204,39 @@ def _mlp_layer_types(hf: dict, default: list[str]) -> tuple[bool, ...]:
     return tuple(t == "sparse" for t in types)
 
 
+def _latent_attention(hf: dict) -> dict:
+    """DeepSeek's multi-head latent attention fields (DeepSeek-V2 / V3, GLM-4.7-Flash)."""
+    bias = bool(_get(hf, "attention_bias", False))
+    return dict(qkv_bias=bias, o_bias=bias, q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=_get(hf, "kv_lora_rank"),
+                qk_nope_head_dim=_get(hf, "qk_nope_head_dim"), qk_rope_head_dim=_get(hf, "qk_rope_head_dim"),
+                v_head_dim=_get(hf, "v_head_dim"))
+
+
 def _deepseek_v3(hf: dict) -> dict:
     experts = _get(hf, "n_routed_experts", 0) or 0
     common = _common(hf)
     common["rope"] = _rope(hf, interleaved=bool(_get(hf, "rope_interleave", True)))
-    bias = bool(_get(hf, "attention_bias", False))
-    return dict(common, qkv_bias=bias, o_bias=bias, q_lora_rank=hf.get("q_lora_rank"),
-                kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=_get(hf, "qk_nope_head_dim"),
-                qk_rope_head_dim=_get(hf, "qk_rope_head_dim"), v_head_dim=_get(hf, "v_head_dim"),
-                intermediate_size=_get(hf, "intermediate_size"), moe_layers=_dense_first(hf, experts),
-                **_sigmoid_router(hf, experts))
+    return dict(common, **_latent_attention(hf), intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=_dense_first(hf, experts), **_sigmoid_router(hf, experts))
+
+
+def _glm4_moe_lite(hf: dict) -> dict:
+    """GLM-4.7-Flash: DeepSeek-V3's latent attention with GLM-4.5's MoE block; dense layers by mlp_layer_types
+    (default: the first)."""
+    hf = {"rms_norm_eps": 1e-5, "max_position_embeddings": 202752, "kv_lora_rank": 512, "q_lora_rank": 768,
+          "qk_rope_head_dim": 64, "v_head_dim": 256, "qk_nope_head_dim": 192, "n_routed_experts": 64,
+          "n_shared_experts": 1, "num_experts_per_tok": 4, "routed_scaling_factor": 1.8, "norm_topk_prob": True,
+          **hf}  # Glm4MoeLiteConfig's defaults
+    if _partial_rotary_factor(hf, 1.0) != 1.0:  # transformers would shorten the rope key's angles
+        raise ValueError(f"config.json: partial_rotary_factor={_partial_rotary_factor(hf, 1.0)!r} is not supported for "
+                         "glm4_moe_lite (latent attention rotates all of qk_rope_head_dim); supported: 1.0")
+    n = _get(hf, "num_hidden_layers")
+    common = _common(hf)
+    # Glm4MoeLiteConfig maps head_dim to qk_rope_head_dim, as DeepseekV3Config sets it
+    common.update(head_dim=_get(hf, "qk_rope_head_dim"), rope=_rope(hf, interleaved=bool(_get(hf, "rope_interleave", True))))
+    return dict(common, **_latent_attention(hf), intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=_mlp_layer_types(hf, ["dense"] + ["sparse"] * (n - 1)),
+                **_sigmoid_router(hf, _get(hf, "n_routed_experts")))
 
 
 def _partial_rotary_factor(hf: dict, default: float) -> float:
@@ -378,7 +398,8 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "granitemoe": _granitemoe,
     "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1,
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
-    "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open}
+    "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open,
+    "glm4_moe_lite": _glm4_moe_lite}
 # model types whose checkpoints are another family's (Kimi-K2's config.json says kimi_k2 and
 # DeepseekV3ForCausalLM; transformers reads it as deepseek_v3): the model is built as that family
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
@@ -390,4 +411,4 @@ SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": 
                            "Dots1ForCausalLM": "dots1", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GptOssForCausalLM": "gpt_oss", "Llama4ForCausalLM": "llama4_text",
                            "PhimoeForCausalLM": "phimoe", "ExaoneMoeForCausalLM": "exaone_moe",
-                           "SolarOpenForCausalLM": "solar_open"}
+                           "SolarOpenForCausalLM": "solar_open", "Glm4MoeLiteForCausalLM": "glm4_moe_lite"}

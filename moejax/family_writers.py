@@ -67,13 +67,16 @@ def _qwen3_moe(c) -> dict:
                 sliding_window=c.sliding_window)
 
 
+def _latent_attention(c) -> dict:
+    return dict(attention_bias=c.qkv_bias, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+                qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim)
+
+
 def _deepseek(c) -> dict:
     """DeepSeek-V2's and -V3's keys: latent attention, routed and shared experts, dense first layers."""
     shared = c.shared_expert_intermediate_size // c.moe_intermediate_size if c.moe_intermediate_size else 0
-    return dict(attention_bias=c.qkv_bias, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
-                qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-                intermediate_size=c.intermediate_size, first_k_dense_replace=_first_moe_layer(c), moe_layer_freq=1,
-                **_routed(c), n_shared_experts=shared)
+    return dict(_latent_attention(c), intermediate_size=c.intermediate_size, first_k_dense_replace=_first_moe_layer(c),
+                moe_layer_freq=1, **_routed(c), n_shared_experts=shared)
 
 
 def _routed(c) -> dict:
@@ -133,6 +136,12 @@ def _solar_open(c) -> dict:
                 attention_bias=c.qkv_bias)
 
 
+def _glm4_moe_lite(c) -> dict:
+    return dict(_latent_attention(c), **_routed(c), n_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
+                intermediate_size=c.intermediate_size, mlp_layer_types=_mlp_layer_types(c),
+                rope_interleave=c.rope.interleaved, num_nextn_predict_layers=c.mtp_layers)
+
+
 def _minimax_m2(c) -> dict:
     return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 intermediate_size=c.moe_intermediate_size, rotary_dim=c.rope_dim, qk_norm_type="per_layer",
@@ -177,4 +186,4 @@ WRITERS: dict[str, Callable] = {
     "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "dots1": _dots1, "ernie4_5_moe": _ernie4_5_moe,
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
     "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
-    "solar_open": _solar_open}
+    "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite}

@@ -17,7 +17,7 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 Source = tuple[str, tuple[int, ...]]
 _GRANITE = ("granitemoe", "granitemoeshared")
 _SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe",
-                         "solar_open")
+                         "solar_open", "glm4_moe_lite")
 _SCORE_BIAS_ON_BLOCK = ("minimax_m2", "exaone_moe")  # mlp.e_score_correction_bias, not mlp.gate.e_score_...
 _BLOCK_SPARSE_MOE = ("mixtral", "minimax_m2", "phimoe")  # block_sparse_moe.{gate, experts.{i}.w1 / w3 / w2}
 

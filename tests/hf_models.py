@@ -129,13 +129,22 @@ VARIANTS = {
     "solar_open-e6k3-nonorm-shared2-head_dim-tied-mqa": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(
         n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2, norm_topk_prob=False,
         head_dim=12, num_key_value_heads=1, tie_word_embeddings=True, num_hidden_layers=3)),
+    "glm4_moe_lite-e8k2-groups-dense-first-qlora": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16, n_shared_experts=1,
+        num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+        num_key_value_heads=4)),
+    "glm4_moe_lite-e6k3-nonorm-all-sparse-halfsplit": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(
+        n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=2,
+        mlp_layer_types=["sparse", "sparse"], kv_lora_rank=12, q_lora_rank=None, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4, norm_topk_prob=False, routed_scaling_factor=1.0,
+        rope_interleave=False)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
 # modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
 # it moves the choice.
 _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig",
-                    "ExaoneMoeConfig", "SolarOpenConfig")
+                    "ExaoneMoeConfig", "SolarOpenConfig", "Glm4MoeLiteConfig")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
 _RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig")

@@ -24,7 +24,8 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "ernie4_5_moe-e8k2-shared-start1", "dots1-e8k2-groups-norm-dense-first-head_dim",
             "minimax_m2-e8k2-partial-head_dim", "gpt_oss-e8k3-full-first-default-rope-mqa-nobias",
             "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa",
-            "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias"]
+            "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias",
+            "glm4_moe_lite-e8k2-groups-dense-first-qlora"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
