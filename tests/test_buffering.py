@@ -313,7 +313,7 @@ def test_buffered_generation_in_bfloat16():
     m.lm_head[...] = m.lm_head[...] * 20
     want = np.asarray(moejax.generate(m, PROMPTS, max_new_tokens=NEW_TOKENS))
     run = buffering.generate(m, PROMPTS, NEW_TOKENS, cache_size=3, policy="lifo", prefetch=True)
-    assert all(s.dtype == jnp.bfloat16 for c in run.caches.values() for s in c.slots)
+    assert all(s.dtype == jnp.bfloat16 for c in run.caches.values() for s in jax.tree.leaves(c.slots))
     np.testing.assert_array_equal(run.tokens, want)
     _check_slots_hold_their_experts(m, run, 3)
 
