@@ -31,5 +31,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         extra_slots_per_device=1, anti_correlation_weight=0.5, search_restarts=4 if quick else 16))
     config.capacity_factors = (2.0, 1.5, 1.0) if not quick else (1.5, 1.0)
     config.drops = ("score", "first") if not quick else ("score",)
+    config.in_decode = (True, False)  # the capacity in decode steps too, or in the encoder and the prefill only
     config.devices = 4  # the expert-parallel devices of the modelled speedup
     return config

@@ -17,8 +17,9 @@ pairs (moejax.data.function_pairs), split by file as the default MT model was tr
    cache) for each policy and cache size: miss rates (the paper: LIFO close to Belady).
 4. placement: per stack, per MoE layer, each method fitted on the first half of the per-batch expert loads
    (encoder: per source batch; decoder: per decode step), Avg Max Load on the second half.
-5. capacity: MoEPolicy(capacity_factor, drop) in every MoE layer, encoder and decoder: chrF, the kept
-   fraction of routed pairs, and the modelled MoE-layer speedup on config.devices devices.
+5. capacity: MoEPolicy(capacity_factor, drop, in_decode) in every MoE layer, encoder and decoder: chrF, the
+   kept fraction of routed pairs (teacher-forced), and the modelled MoE-layer speedup on config.devices
+   devices; in_decode False leaves the one-token-per-row decode steps dropless (their capacity is tiny).
 
 Results JSON is written after every cell (a rerun skips finished ones). Settings: configs/translation.py.
 """
@@ -61,8 +62,12 @@ def moe_stacks(model) -> list[str]:
 
 def quality_cell(model, tokenizer, pairs, encoded, config, name: str = "dropless") -> dict:
     hypotheses = translation.translate(model, tokenizer, encoded, config.max_target_tokens, config.batch_size)
+    # the targets scored against other pairs' sources: how much the model reads its source at all
+    shuffled = np.random.default_rng(0).permutation(len(pairs))
+    mismatched = encoded._replace(source=encoded.source[shuffled], source_mask=encoded.source_mask[shuffled])
     return {"cell": "quality", "model": name, **translation.quality(hypotheses, [p.target for p in pairs]),
             "perplexity": translation.target_perplexity(model, encoded, config.batch_size),
+            "perplexity_other_sources": translation.target_perplexity(model, mismatched, config.batch_size),
             "examples": [{"source": p.source, "reference": p.target, "moejax": h}
                          for p, h in list(zip(pairs, hypotheses))[:config.examples]]}
 
@@ -119,20 +124,24 @@ def placement_cell(model, traces, stack: str, method: str, devices: int, config)
     else:  # one per decode step
         trace = np.concatenate([loads[1:steps + 1][:, blocks] for loads, steps in traces])
         tokens = config.batch_size
+    if trace.shape[0] < 2:
+        raise ValueError(f"placement fits on half of the {stack}'s batches and tests on the other: it needs at least "
+                         f"2, and {len(traces)} source batch(es) of batch_size={config.batch_size} give {trace.shape[0]}")
     cell, _ = placement_stage.balance_cell(method, devices, trace, max(tokens, 1), config.placement)
     cell.pop("placements")
     return {"cell": "placement", "stack": stack, "batches": int(trace.shape[0]), **cell}
 
 
-def capacity_cell(model, tokenizer, pairs, encoded, factor: float, drop: str, config) -> dict:
+def capacity_cell(model, tokenizer, pairs, encoded, factor: float, drop: str, in_decode: bool, config) -> dict:
     from moejax import capacity
 
-    policy = capacity.MoEPolicy(capacity_factor=factor, drop=drop, in_decode=True)
+    policy = capacity.MoEPolicy(capacity_factor=factor, drop=drop, in_decode=in_decode)
     dropping = moejax.with_policy(model, policy)
-    cell = quality_cell(dropping, tokenizer, pairs, encoded, config, name=f"{drop} drop at {factor}")
+    name = f"{drop} drop at {factor}" + ("" if in_decode else ", not in decode steps")
+    cell = quality_cell(dropping, tokenizer, pairs, encoded, config, name=name)
     routed, kept = _routed_and_kept(dropping, encoded, config.batch_size)
     device_of_expert = np.arange(model.config.num_experts) * config.devices // model.config.num_experts
-    cell.update(cell="capacity", capacity_factor=factor, drop=drop, kept_fraction=float(kept.sum() / routed.sum()),
+    cell.update(cell="capacity", capacity_factor=factor, drop=drop, in_decode=in_decode, kept_fraction=float(kept.sum() / routed.sum()),
                 modelled_speedup=stats.modelled_speedup(routed, kept, device_of_expert, config.devices))
     cell.pop("examples")
     return cell
@@ -198,10 +207,10 @@ def main(config, workdir):
                             for m in config.placement.methods],
                   lambda key: placement_cell(model, trace, key["stack"], key["method"], key["devices"], config),
                   describe, "placement")
-    harness.sweep(results, [{"cell": "capacity", "capacity_factor": f, "drop": d}
-                            for f in config.capacity_factors for d in config.drops],
+    harness.sweep(results, [{"cell": "capacity", "capacity_factor": f, "drop": d, "in_decode": i}
+                            for f in config.capacity_factors for d in config.drops for i in config.in_decode],
                   lambda key: capacity_cell(model, tokenizer, pairs, encoded, key["capacity_factor"], key["drop"],
-                                            config), describe, "capacity")
+                                            key["in_decode"], config), describe, "capacity")
 
 
 def report_section(r: dict) -> list[str]:
@@ -211,10 +220,10 @@ def report_section(r: dict) -> list[str]:
     lines = ["## Machine translation (Huang et al. B; capacity-aware drop of He et al. A on MT)", "",
              f"{base['pairs']} held-out pairs; {base['num_experts']} experts, top-{base['top_k']}; MoE layers "
              f"{base['moe_layers']}. " + harness.PAPERS["buffering"], "",
-             "| model | chrF | BLEU | target perplexity |", "|---|---|---|---|",
-             f"| copy the source | {base['chrf']:.1f} | {base['bleu']:.1f} | - |"]
-    lines += [f"| {c['model']} | {c['chrf']:.1f} | {c['bleu']:.1f} | {c['perplexity']:.2f} |"
-              for c in find("quality") + find("capacity")]
+             "| model | chrF | BLEU | target perplexity | ... given other pairs' sources |", "|---|---|---|---|---|",
+             f"| copy the source | {base['chrf']:.1f} | {base['bleu']:.1f} | - | - |"]
+    lines += [f"| {c['model']} | {c['chrf']:.1f} | {c['bleu']:.1f} | {c['perplexity']:.2f} | "
+              f"{c.get('perplexity_other_sources', float('nan')):.2f} |" for c in find("quality") + find("capacity")]
     lines += ["", "| decode batch | experts idle per decode step (paper ~0.75) | active next step, given active | "
               "any expert active |", "|---|---|---|---|"]
     for c in find("routing"):
@@ -232,9 +241,10 @@ def report_section(r: dict) -> list[str]:
               "| stack | devices | method | avg max load |", "|---|---|---|---|"]
     lines += [f"| {c['stack']} | {c['devices']} | {c['method']} | {c['avg_max_load']:.3f} |" for c in find("placement")]
     lines += ["", "Capacity-aware drop in every MoE layer: kept pairs and modelled MoE-layer speedup:", "",
-              "| capacity factor | drop | kept | modelled speedup | chrF |", "|---|---|---|---|---|"]
-    lines += [f"| {c['capacity_factor']} | {c['drop']} | {c['kept_fraction']:.3f} | {c['modelled_speedup']:.2f}x | "
-              f"{c['chrf']:.1f} |" for c in find("capacity")]
+              "| capacity factor | drop | in decode steps | kept (teacher-forced) | modelled speedup | chrF |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {c['capacity_factor']} | {c['drop']} | {'yes' if c.get('in_decode', True) else 'no'} | "
+              f"{c['kept_fraction']:.3f} | {c['modelled_speedup']:.2f}x | {c['chrf']:.1f} |" for c in find("capacity")]
     return lines
 
 
