@@ -244,13 +244,51 @@ def _partial_rotary_factor(hf: dict, default: float) -> float:
     return (hf.get("rope_parameters") or {}).get("partial_rotary_factor", _get(hf, "partial_rotary_factor", default))
 
 
-def _glm4_moe(hf: dict) -> dict:
+def _glm4_moe(hf: dict, partial_rotary_factor: float = 0.5) -> dict:
+    """GLM-4.5; `partial_rotary_factor`: the default where config.json gives none (Glm4MoeConfig's 0.5)."""
     experts = _get(hf, "n_routed_experts", 0) or 0
     common = _common(hf)
-    factor = _partial_rotary_factor(hf, 0.5)
+    factor = _partial_rotary_factor(hf, partial_rotary_factor)
     return dict(common, qkv_bias=bool(_get(hf, "attention_bias", False)), head_qk_norm=bool(_get(hf, "use_qk_norm", False)),
                 rotary_dim=int(common["head_dim"] * factor), intermediate_size=_get(hf, "intermediate_size"),
                 moe_layers=_dense_first(hf, experts), **_sigmoid_router(hf, experts))
+
+
+def _aliased(hf: dict, attribute_map: dict[str, str]) -> dict:
+    """hf with each alias key of a config class's attribute_map renamed to the key it stands for (the Hub's
+    configs write the alias; transformers reads either), the key itself winning where both are given."""
+    hf = dict(hf)
+    for alias, key in attribute_map.items():
+        value = hf.pop(alias, None)
+        if value is not None and hf.get(key) is None:
+            hf[key] = value
+    return hf
+
+
+def _sarvam_moe(hf: dict) -> dict:
+    """Sarvam-30B: GLM-4.5's model (transformers builds Glm4MoeForCausalLM for it), with per-head q/k norm and
+    full rotary by default; its checkpoints name the attention's tensors their own way (the load plan)."""
+    hf = _aliased(hf, {"num_experts": "n_routed_experts", "num_local_experts": "n_routed_experts",
+                       "num_shared_experts": "n_shared_experts", "use_qkv_bias": "attention_bias",
+                       "num_mtp_layers": "num_nextn_predict_layers"})
+    hf = {"rope_theta": 8000000.0, "head_dim": 64, "intermediate_size": 8192, "moe_intermediate_size": 1024,
+          "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 6, "routed_scaling_factor": 2.5,
+          "first_k_dense_replace": 1, "norm_topk_prob": True, "use_qk_norm": True, **hf}  # SarvamMoEConfig's
+    return _glm4_moe(hf, partial_rotary_factor=1.0)
+
+
+def _sarvam_mla(hf: dict) -> dict:
+    """Sarvam-105B: DeepSeek-V3's model; its older config.json's keys converted as SarvamMLAConfig converts them
+    (head_dim and q_head_dim dropped, rope type deepseek_yarn read as yarn)."""
+    hf = _aliased(hf, {"num_experts": "n_routed_experts", "num_local_experts": "n_routed_experts",
+                       "num_shared_experts": "n_shared_experts", "num_mtp_layers": "num_nextn_predict_layers"})
+    hf = {"n_routed_experts": 128, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, **hf}  # SarvamMLAConfig's
+    hf = {k: v for k, v in hf.items() if k != "q_head_dim"}
+    hf["head_dim"] = _get(hf, "qk_rope_head_dim")  # as DeepseekV3Config sets it
+    scaling = hf.get("rope_scaling") or {}
+    if "deepseek_yarn" in (scaling.get("type"), scaling.get("rope_type")):
+        hf["rope_scaling"] = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "yarn"}
+    return _deepseek_v3(hf)
 
 
 def _dots1(hf: dict) -> dict:
@@ -399,10 +437,10 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1,
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
     "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open,
-    "glm4_moe_lite": _glm4_moe_lite}
+    "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _sarvam_moe, "sarvam_mla": _sarvam_mla}
 # model types whose checkpoints are another family's (Kimi-K2's config.json says kimi_k2 and
 # DeepseekV3ForCausalLM; transformers reads it as deepseek_v3): the model is built as that family
-MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3", "sarvam_mla": "deepseek_v3"}
 SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe",
                            "Qwen2MoeForCausalLM": "qwen2_moe", "DeepseekV2ForCausalLM": "deepseek_v2",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
@@ -411,4 +449,5 @@ SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": 
                            "Dots1ForCausalLM": "dots1", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GptOssForCausalLM": "gpt_oss", "Llama4ForCausalLM": "llama4_text",
                            "PhimoeForCausalLM": "phimoe", "ExaoneMoeForCausalLM": "exaone_moe",
-                           "SolarOpenForCausalLM": "solar_open", "Glm4MoeLiteForCausalLM": "glm4_moe_lite"}
+                           "SolarOpenForCausalLM": "solar_open", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+                           "SarvamMoEForCausalLM": "sarvam_moe", "SarvamMLAForCausalLM": "deepseek_v3"}

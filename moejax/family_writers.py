@@ -186,4 +186,4 @@ WRITERS: dict[str, Callable] = {
     "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "dots1": _dots1, "ernie4_5_moe": _ernie4_5_moe,
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
     "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
-    "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite}
+    "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe}

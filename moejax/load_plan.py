@@ -17,8 +17,10 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 Source = tuple[str, tuple[int, ...]]
 _GRANITE = ("granitemoe", "granitemoeshared")
 _SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe",
-                         "solar_open", "glm4_moe_lite")
-_SCORE_BIAS_ON_BLOCK = ("minimax_m2", "exaone_moe")  # mlp.e_score_correction_bias, not mlp.gate.e_score_...
+                         "solar_open", "glm4_moe_lite", "sarvam_moe")
+# where the router's e_score_correction_bias is, under the MoE block, where not on its gate
+_SCORE_BIAS_NAMES = {"minimax_m2": "e_score_correction_bias", "exaone_moe": "e_score_correction_bias",
+                     "sarvam_moe": "gate.expert_bias"}
 _BLOCK_SPARSE_MOE = ("mixtral", "minimax_m2", "phimoe")  # block_sparse_moe.{gate, experts.{i}.w1 / w3 / w2}
 
 
@@ -56,25 +58,33 @@ class Plan:
                                    lambda *ws: np.stack([w.T for w in ws]), lambda w: [we.T for we in w]))
 
     def fused(self, params: Sequence[nnx.Param], name: str, *, transposed: bool = False, interleaved: bool = False):
-        """Two parameters (gate, up) stored as one tensor: their last axes joined (`interleaved`: gate, up,
-        gate, up, ... column by column, as GPT-OSS stores them; else the gate's first), the last two axes
-        swapped where `transposed` (HF Linear rows). Each item's split rebuilds the whole tensor from both."""
+        """Parameters stored as one tensor: their last axes joined one after another (gate then up; q, k then
+        v), or (`interleaved`, two of one size) gate, up, gate, up, ... column by column, as GPT-OSS stores them;
+        the last two axes swapped where `transposed` (HF Linear rows). Each item's split rebuilds the whole
+        tensor from all of them."""
+        sizes = [p.shape[-1] for p in params]
+
         def unfuse(w):
             w = np.swapaxes(w, -1, -2) if transposed else w
-            return (w[..., 0::2], w[..., 1::2]) if interleaved else tuple(np.split(w, 2, axis=-1))
+            return (w[..., 0::2], w[..., 1::2]) if interleaved else tuple(np.split(w, np.cumsum(sizes)[:-1], axis=-1))
 
         def fuse(_):
-            gate, up = (np.asarray(jax.device_get(p.get_value())) for p in params)
-            w = np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1) if interleaved else np.concatenate(
-                [gate, up], axis=-1)
+            parts = [np.asarray(jax.device_get(p.get_value())) for p in params]
+            w = (np.stack(parts, axis=-1).reshape(*parts[0].shape[:-1], -1) if interleaved
+                 else np.concatenate(parts, axis=-1))
             return [np.swapaxes(w, -1, -2) if transposed else w]
 
-        shape = list(params[0].shape)
-        shape[-1] *= 2
+        shape = [*params[0].shape[:-1], sum(sizes)]
         if transposed:
             shape[-1], shape[-2] = shape[-2], shape[-1]
         for i, param in enumerate(params):
             self.items.append(PlanItem(param, [(name, tuple(shape))], lambda w, i=i: unfuse(w)[i], fuse))
+
+    def fused_linear(self, denses: Sequence[Dense], name: str):
+        """Dense layers stored as one HF Linear (their output rows one after another: q, k, v), biases too."""
+        self.fused([d.kernel for d in denses], f"{name}.weight", transposed=True)
+        if denses[0].bias is not None:
+            self.fused([d.bias for d in denses], f"{name}.bias")
 
     def sources(self) -> Iterator[Source]:
         for item in self.items:
@@ -96,8 +106,7 @@ def _granite_moe(plan: Plan, layer, p: str):
     plan.copy(moe.router, f"{p}.block_sparse_moe.router.layer.weight", transpose=True)
     _fused_experts(plan, moe, f"{p}.block_sparse_moe.input_linear.weight", f"{p}.block_sparse_moe.output_linear.weight")
     if moe.shared is not None:
-        plan.fused((moe.shared.gate_proj.kernel, moe.shared.up_proj.kernel), f"{p}.shared_mlp.input_linear.weight",
-                   transposed=True)
+        plan.fused_linear((moe.shared.gate_proj, moe.shared.up_proj), f"{p}.shared_mlp.input_linear")
         plan.linear(moe.shared.down_proj, f"{p}.shared_mlp.output_linear")
 
 
@@ -150,6 +159,11 @@ def _attention(plan: Plan, attn, c, p: str):
         plan.linear(attn.kv_a_proj_with_mqa, f"{p}.self_attn.kv_a_proj_with_mqa")
         plan.copy(attn.kv_a_layernorm.weight, f"{p}.self_attn.kv_a_layernorm.weight")
         plan.linear(attn.kv_b_proj, f"{p}.self_attn.kv_b_proj")
+    elif c.architecture == "sarvam_moe":  # the Hub's names: q, k and v rows in one tensor
+        plan.fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), f"{p}.attention.query_key_value")
+        if attn.q_norm is not None:
+            plan.copy(attn.q_norm.weight, f"{p}.attention.query_layernorm.weight")
+            plan.copy(attn.k_norm.weight, f"{p}.attention.key_layernorm.weight")
     else:
         for proj in ("q_proj", "k_proj", "v_proj"):
             plan.linear(getattr(attn, proj), f"{p}.self_attn.{proj}")
@@ -158,7 +172,7 @@ def _attention(plan: Plan, attn, c, p: str):
             plan.copy(attn.k_norm.weight, f"{p}.self_attn.k_norm.weight")
         if attn.sinks is not None:
             plan.copy(attn.sinks, f"{p}.self_attn.sinks")
-    plan.linear(attn.o_proj, f"{p}.self_attn.o_proj")
+    plan.linear(attn.o_proj, f"{p}.attention.dense" if c.architecture == "sarvam_moe" else f"{p}.self_attn.o_proj")
 
 
 def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
@@ -170,8 +184,8 @@ def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
         bias = [(f"{prefix}.moe_statics.e_score_correction_bias", (1, c.num_experts))]
         plan.items.append(PlanItem(moe.score_bias, bias, lambda b: b.reshape(-1), lambda b: [b.reshape(1, -1)]))
     elif moe.score_bias is not None:  # on the gate, or on the block
-        on_block = c.architecture in _SCORE_BIAS_ON_BLOCK
-        plan.copy(moe.score_bias, f"{prefix}.{'' if on_block else 'gate.'}e_score_correction_bias")
+        name = _SCORE_BIAS_NAMES.get(c.architecture, "gate.e_score_correction_bias")
+        plan.copy(moe.score_bias, f"{prefix}.{name}")
     _experts(plan, moe, prefix, names, block_sparse)
     if moe.shared is not None:
         shared = "shared_experts" if c.architecture in _SHARED_EXPERTS_PLURAL else "shared_expert"
@@ -193,7 +207,8 @@ def plan(model: CausalLM, names: set[str]) -> Plan:
     of two layouts (Mixtral's block_sparse_moe or mlp, per-expert or v5-fused experts)."""
     c = model.config
     result = Plan()
-    result.copy(model.embed_tokens, "model.embed_tokens.weight")
+    embed = "model.word_embeddings.weight" if c.architecture == "sarvam_moe" else "model.embed_tokens.weight"
+    result.copy(model.embed_tokens, embed)
     result.norm(model.norm, "model.norm")
     if model.lm_head is not None:
         result.copy(model.lm_head, "lm_head.weight", transpose=True)

@@ -138,13 +138,21 @@ VARIANTS = {
         mlp_layer_types=["sparse", "sparse"], kv_lora_rank=12, q_lora_rank=None, qk_nope_head_dim=8,
         qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4, norm_topk_prob=False, routed_scaling_factor=1.0,
         rope_interleave=False)),
+    # Sarvam: GLM-4.5's and DeepSeek-V3's models, with their own configs (and Sarvam-30B's tensor names)
+    "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first": ("SarvamMoEConfig", "Glm4MoeForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16, n_shared_experts=1,
+        first_k_dense_replace=1, num_hidden_layers=3, head_dim=8, attention_bias=True)),
+    "sarvam_mla-e6k3-dense-first": ("SarvamMLAConfig", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=1, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_key_value_heads=4, routed_scaling_factor=2.5)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
 # modestly. Every e_score_correction_bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) is set to random values so that
 # it moves the choice.
 _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig",
-                    "ExaoneMoeConfig", "SolarOpenConfig", "Glm4MoeLiteConfig")
+                    "ExaoneMoeConfig", "SolarOpenConfig", "Glm4MoeLiteConfig",
+                    "SarvamMoEConfig", "SarvamMLAConfig")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
 _RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig")

@@ -25,7 +25,7 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "minimax_m2-e8k2-partial-head_dim", "gpt_oss-e8k3-full-first-default-rope-mqa-nobias",
             "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa",
             "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias",
-            "glm4_moe_lite-e8k2-groups-dense-first-qlora"]
+            "glm4_moe_lite-e8k2-groups-dense-first-qlora", "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
@@ -180,6 +180,25 @@ def test_kimi_k2_config_json_loads_as_deepseek_v3():
     config = from_hf_config(kimi)
     assert config.architecture == "deepseek_v3" and config.rope.kind == "yarn" and config.rope.theta == 50000.0
     assert config == from_hf_config({**kimi, "model_type": "deepseek_v3"})
+
+
+def test_sarvam_config_json_as_the_hub_writes_it_reads_as_transformers_maps_it():
+    """Sarvam-30B's config.json names keys by SarvamMoEConfig's attribute_map aliases; Sarvam-105B's older one
+    says rope type deepseek_yarn and a head_dim that is not qk_rope_head_dim."""
+    from moejax.config import from_hf_config
+
+    moe = _config_json("sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first")
+    hub = {{"n_routed_experts": "num_experts", "n_shared_experts": "num_shared_experts", "attention_bias": "use_qkv_bias",
+            "num_nextn_predict_layers": "num_mtp_layers"}.get(k, k): v for k, v in moe.items()}
+    assert "n_routed_experts" not in hub and from_hf_config(hub) == from_hf_config(moe)
+    mla = _config_json("sarvam_mla-e6k3-dense-first")
+    yarn = dict(factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+                mscale_all_dim=1.0, rope_theta=10000.0)
+    legacy = {**{k: v for k, v in mla.items() if k != "rope_parameters"}, "head_dim": 128, "q_head_dim": 12,
+              "rope_scaling": {"type": "deepseek_yarn", **yarn}}
+    config = from_hf_config(legacy)
+    assert config.architecture == "deepseek_v3" and config.rope.kind == "yarn"
+    assert config == from_hf_config({**mla, "rope_parameters": {"rope_type": "yarn", **yarn}})
 
 
 def test_the_parameters_of_the_new_families_are_each_read_from_the_checkpoint(tmp_path):
