@@ -23,6 +23,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "olmoe": dict(family="olmoe", hidden=512, ffn=256, experts=64, top_k=8, layers=4, vocab=4096,
                       heads=8, kv_heads=8),
     }
+    # how moejax's MoE blocks hold their experts (load_pretrained's expert_storage), each timed side by side:
+    # "split" experts are read in place by the CPU's experts step, "stacked" ones (the default) copied first
+    config.expert_storages = ("split", "stacked")
     config.batches = (1,) if quick else (1, 8)
     config.prompt_tokens = 64  # per row (equal lengths: no padding on either side)
     config.new_tokens = 8 if quick else 32  # greedy, min_new_tokens = max_new_tokens on the transformers side

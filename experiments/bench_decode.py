@@ -1,14 +1,18 @@
 """Greedy decode speed of moejax against transformers, and batch-1 decode against the memory roofline.
 
 Per model family and batch, measured side by side in one run (harness.interleaved_seconds times every call
-round robin, so a slow spell of this shared machine hits both sides alike):
-  * moejax.generate and transformers' generate (torch, eager, its default KV cache; in a helper process, see
-    TransformersSide) on the same checkpoint and
-    prompts, greedy, exactly `new_tokens` new tokens each (min_new_tokens on the transformers side, no stop
-    tokens on ours), and each again with one new token (the prefill and its token alone). A decode step's time
-    is the difference over new_tokens - 1 steps, so decode tokens/s = batch / step time; ratio = moejax step
-    time / transformers step time (target <= 0.8). End-to-end tokens/s (prefill included) are recorded too;
-  * the tokens-equal check: the fraction of new tokens on which the two agree (1.0 expected);
+round robin, so a slow spell of this shared machine hits every side alike):
+  * moejax.generate, once per expert storage of the config's `expert_storages` (load_pretrained's
+    expert_storage: "split" experts read in place, the default "stacked" ones copied per active expert on the
+    CPU), and transformers' generate (torch, eager, its default KV cache; in a helper process, see
+    TransformersSide) on the same checkpoint and prompts, greedy, exactly `new_tokens` new tokens each
+    (min_new_tokens on the transformers side, no stop tokens on ours), and each again with one new token (the
+    prefill and its token alone). A decode step's time is the difference over new_tokens - 1 steps, so decode
+    tokens/s = batch / step time; ratio = moejax step time / transformers step time (target <= 0.8).
+    End-to-end tokens/s (prefill included) and each storage's first call (compiling the prefill and the decode
+    loop) are recorded too;
+  * the tokens-equal check: per storage, the fraction of new tokens on which moejax and transformers agree
+    (1.0 expected);
   * the memory roofline at batch 1: the bytes one decode step must read (every weight but the embedding
     table and the experts not chosen: top_k experts per MoE layer; one embedding row; the KV cache's filled
     slots, on average over the steps), over the memory bandwidth measured in the same rounds (the faster of a
@@ -26,6 +30,7 @@ Needs the test extras (torch, transformers). Settings: configs/bench_decode.py; 
 from __future__ import annotations
 
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -121,42 +126,52 @@ def bench_cell(config, name: str, batch: int) -> dict:
                       layers=shape.layers, experts=shape.experts, top_k=shape.top_k, heads=shape.heads,
                       kv_heads=shape.kv_heads, max_positions=1024, router_scale=config.router_scale,
                       eos_token_id=None, pad_token_id=0)
-        model = moejax.load_pretrained(directory)
+        models = {storage: moejax.load_pretrained(directory, expert_storage=storage)
+                  for storage in config.expert_storages}
         hf = TransformersSide(directory, config.torch_threads)
     try:
-        return timed_cell(config, name, batch, model, hf, prompt)
+        return timed_cell(config, name, batch, models, hf, prompt)
     finally:
         hf.close()
 
 
-def timed_cell(config, name: str, batch: int, model, hf: TransformersSide, prompt: np.ndarray) -> dict:
+def timed_cell(config, name: str, batch: int, models: dict, hf: TransformersSide, prompt: np.ndarray) -> dict:
+    """models: expert storage -> the moejax model loaded with it."""
     shape = config.models[name]
     p, n = config.prompt_tokens, config.new_tokens
 
-    def ours(new):
-        return lambda: moejax.generate(model, prompt, new, stop_tokens=(), cache_size=p + n)
+    def ours(storage, new):
+        return lambda: np.asarray(moejax.generate(models[storage], prompt, new, stop_tokens=(), cache_size=p + n))
 
     def theirs(new):
         return lambda: hf.generate(prompt, new)
 
-    equal = float(np.mean(np.asarray(ours(n)()) == theirs(n)()))
-    need = step_bytes(model, p, n)  # the probes read an array of a token's bytes (as cached as the weights are)
+    expected = theirs(n)()
+    equal, first_call = {}, {}
+    for storage in models:  # each storage's first call compiles its prefill and decode loop
+        start = time.perf_counter()
+        tokens = ours(storage, n)()
+        first_call[storage] = time.perf_counter() - start
+        equal[storage] = float(np.mean(tokens == expected))
+    need = step_bytes(next(iter(models.values())), p, n)  # the probes read an array of a token's bytes
     probes, moved = bandwidth_calls({"token": need["total"], "large": config.copy_mib * 2**20})
-    calls = {"moejax": ours(n), "moejax_prefill": ours(1), "transformers": theirs(n), "transformers_prefill": theirs(1),
-             **probes}
+    sides = [f"moejax_{storage}" for storage in models] + ["transformers"]
+    calls = {**{f"moejax_{s}": ours(s, n) for s in models}, **{f"moejax_{s}_prefill": ours(s, 1) for s in models},
+             "transformers": theirs(n), "transformers_prefill": theirs(1), **probes}
     rounds = harness.interleaved_seconds(calls, config.repeats)
     times = {k: float(np.median(t)) for k, t in rounds.items()}
     cell = {"model": name, "batch": batch, "shape": shape.to_dict(), "tokens_equal": equal,
-            **hf.info, "transformers_in": "a helper process (see TransformersSide)",
+            "first_call_seconds": first_call, **hf.info, "transformers_in": "a helper process (see TransformersSide)",
             "seconds": times, "min_seconds": {k: float(np.min(t)) for k, t in rounds.items()}}
     best = cell["min_seconds"]
     step = {(side, of): max(t[side] - t[f"{side}_prefill"], 1e-9) / (n - 1)
-            for side in ("moejax", "transformers") for of, t in (("median", times), ("best", best))}
-    for side in ("moejax", "transformers"):
+            for side in sides for of, t in (("median", times), ("best", best))}
+    for side in sides:
         cell[side] = {"step_ms": step[side, "median"] * 1e3, "decode_tokens_per_s": batch / step[side, "median"],
                       "end_to_end_tokens_per_s": batch * n / times[side],
                       "best_step_ms": step[side, "best"] * 1e3}
-    cell["ratio_moejax_over_transformers"] = cell["moejax"]["step_ms"] / cell["transformers"]["step_ms"]
+    cell["ratio_moejax_over_transformers"] = {s: cell[f"moejax_{s}"]["step_ms"] / cell["transformers"]["step_ms"]
+                                              for s in models}
     cell["bandwidth_gb_s"] = {k: moved[k] / times[k] / 1e9 for k in probes}
     cell["best_bandwidth_gb_s"] = {k: moved[k] / best[k] / 1e9 for k in probes}
     if batch == 1:
@@ -164,26 +179,29 @@ def timed_cell(config, name: str, batch: int, model, hf: TransformersSide, promp
         # machine at its least loaded (the stricter roofline on a shared machine)
         roofline = max(cell["bandwidth_gb_s"].values()) * 1e9 / need["total"]
         best_roofline = max(cell["best_bandwidth_gb_s"].values()) * 1e9 / need["total"]
-        cell["roofline"] = {"bytes_per_token": need, "tokens_per_s": roofline,
-                            "fraction": cell["moejax"]["decode_tokens_per_s"] / roofline,
-                            "best_tokens_per_s": best_roofline,
-                            "best_fraction": 1e3 / cell["moejax"]["best_step_ms"] / best_roofline}
+        cell["roofline"] = {"bytes_per_token": need, "tokens_per_s": roofline, "best_tokens_per_s": best_roofline,
+                            "fraction": {s: cell[f"moejax_{s}"]["decode_tokens_per_s"] / roofline for s in models},
+                            "best_fraction": {s: 1e3 / cell[f"moejax_{s}"]["best_step_ms"] / best_roofline
+                                              for s in models}}
     return cell
 
 
 def describe(cell: dict) -> str:
-    ours, theirs = cell["moejax"], cell["transformers"]
-    line = (f"{cell['model']:>8} batch {cell['batch']:>2}: moejax {ours['decode_tokens_per_s']:7.1f} tok/s "
-            f"({ours['step_ms']:.2f} ms/step)  transformers {theirs['decode_tokens_per_s']:7.1f} tok/s "
-            f"({theirs['step_ms']:.2f} ms/step)  ratio {cell['ratio_moejax_over_transformers']:.2f} (target <= 0.8)  "
-            f"tokens equal {cell['tokens_equal']:.3f}")
+    theirs = cell["transformers"]
+    lines = [f"{cell['model']:>8} batch {cell['batch']:>2}: transformers {theirs['decode_tokens_per_s']:7.1f} tok/s "
+             f"({theirs['step_ms']:.2f} ms/step)"]
+    for storage, ratio in cell["ratio_moejax_over_transformers"].items():
+        ours = cell[f"moejax_{storage}"]
+        lines.append(f"{'':>8}  moejax, {storage} experts: {ours['decode_tokens_per_s']:7.1f} tok/s "
+                     f"({ours['step_ms']:.2f} ms/step)  ratio {ratio:.2f} (target <= 0.8)  tokens equal "
+                     f"{cell['tokens_equal'][storage]:.3f}  first call {cell['first_call_seconds'][storage]:.1f} s")
     if "roofline" in cell:
         r = cell["roofline"]
-        line += (f"\n{'':>8}          roofline: {r['bytes_per_token']['total'] / 1e6:.1f} MB/token at "
-                 f"{max(cell['bandwidth_gb_s'].values()):.1f} GB/s -> {r['tokens_per_s']:.0f} tok/s; moejax at "
-                 f"{r['fraction']:.2f} of it (target >= 0.5); best rounds: {r['best_fraction']:.2f} of "
-                 f"{r['best_tokens_per_s']:.0f} tok/s")
-    return line
+        fractions = ", ".join(f"{s} {f:.2f} (best rounds {r['best_fraction'][s]:.2f})" for s, f in r["fraction"].items())
+        lines.append(f"{'':>8}  roofline: {r['bytes_per_token']['total'] / 1e6:.1f} MB/token at "
+                     f"{max(cell['bandwidth_gb_s'].values()):.1f} GB/s -> {r['tokens_per_s']:.0f} tok/s (best rounds "
+                     f"{r['best_tokens_per_s']:.0f}); moejax at {fractions} of it (target >= 0.5)")
+    return "\n".join(lines)
 
 
 def main(config, workdir):
