@@ -72,7 +72,9 @@ class ModelConfig:
     attn_temperature_tuning: bool = False
     floor_scale: int = 8192
     attn_scale: float = 0.1
-    norm_type: str = "rms_norm"  # "layer_norm" (with bias, eps rms_norm_eps: Phi-3.5-MoE) for every norm but q/k's
+    # every norm but q/k's, eps rms_norm_eps: "rms_norm", "layer_norm" (with bias: Phi-3.5-MoE) or
+    # "unbiased_layer_norm" (DBRX)
+    norm_type: str = "rms_norm"
     lm_head_bias: bool = False  # Phi-3.5-MoE
     qkv_bias: bool = False
     o_bias: bool = False
@@ -214,8 +216,7 @@ class ModelConfig:
                self.sliding_window, "sliding_attention layers need a positive sliding_window")
         _check("chunked_attention" not in kinds or (self.attention_chunk_size or 0) > 0, "attention_chunk_size",
                self.attention_chunk_size, "chunked_attention layers need a positive attention_chunk_size")
-        _check(self.norm_type in ("rms_norm", "layer_norm"), "norm_type", self.norm_type,
-               "supported: 'rms_norm', 'layer_norm'")
+        _check(self.norm_type in NORM_TYPES, "norm_type", self.norm_type, f"supported: {NORM_TYPES}")
         if self.moe_scales_input and any(self.moe_layers):  # x * score before the expert is exact for one expert
             _check(self.num_experts_per_tok == 1, "num_experts_per_tok", self.num_experts_per_tok,
                    "a router that scales the expert's input (Llama 4) is computed for top-1 routing only")
@@ -254,6 +255,7 @@ _INTEGER_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "sparsemixer")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+NORM_TYPES = ("rms_norm", "layer_norm", "unbiased_layer_norm")
 
 # Activation names as HF configs spell them -> the name our expert kernel takes.
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu_exact", "gelu_new": "gelu",
@@ -284,18 +286,19 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "num_nextn_predict_layers", "shared_intermediate_size", "moe_num_experts", "moe_k",
                   "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts",
                   "max_window_layers", "rotary_dim", "intermediate_size_mlp", "interleave_moe_layer_step",
-                  "no_rope_layer_interval", "attention_chunk_size", "floor_scale", "num_shared_experts")
+                  "no_rope_layer_interval", "attention_chunk_size", "floor_scale", "num_shared_experts",
+                  "d_model", "n_heads", "n_layers", "max_seq_len", "kv_n_heads", "ffn_hidden_size", "moe_top_k")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
                  "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min",
-                 "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise")
+                 "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise", "moe_normalize_expert_weights")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
                "use_sliding_window", "use_qk_norm", "rope_interleave", "use_bias", "attn_temperature_tuning",
                "lm_head_bias")
 
 
-def _check_json_types(hf: dict) -> None:
+def _check_json_types(hf: dict, within: str = "") -> None:
     def bad(key, what):
-        raise ValueError(f"config.json: {key}={hf[key]!r} is invalid: must be {what}")
+        raise ValueError(f"config.json: {within}{key}={hf[key]!r} is invalid: must be {what}")
 
     for key in _JSON_INTEGERS:
         if hf.get(key) is not None and not is_integer(hf[key]):
@@ -312,6 +315,11 @@ def _check_json_types(hf: dict) -> None:
     for key, (element_ok, what) in _JSON_LISTS.items():
         if hf.get(key) is not None and not (isinstance(hf[key], list) and all(map(element_ok, hf[key]))):
             bad(key, what)
+    for key in _JSON_SUB_CONFIGS:  # their keys checked as the top level's
+        if hf.get(key) is not None:
+            if not isinstance(hf[key], dict):
+                bad(key, "an object")
+            _check_json_types(hf[key], f"{within}{key}.")
 
 
 _JSON_LISTS = {"mlp_only_layers": (is_integer, "a list of layer indices"),
@@ -319,6 +327,7 @@ _JSON_LISTS = {"mlp_only_layers": (is_integer, "a list of layer indices"),
                "no_rope_layers": (lambda v: v in (0, 1) and not isinstance(v, float), "a list of 0 / 1 flags"),
                "layer_types": (lambda v: isinstance(v, str), "a list of attention kinds (strings)"),
                "mlp_layer_types": (lambda v: isinstance(v, str), "a list of 'dense' / 'sparse' (strings)")}
+_JSON_SUB_CONFIGS = ("attn_config", "ffn_config")  # DBRX
 
 
 SUPPORTED_MODEL_TYPES = frozenset(READERS)

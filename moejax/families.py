@@ -344,6 +344,33 @@ def _solar_open(hf: dict) -> dict:
                 moe_layers=(True,) * _get(hf, "num_hidden_layers"), **_sigmoid_router(router, _get(hf, "n_routed_experts")))
 
 
+def _dbrx(hf: dict) -> dict:
+    """DBRX: LayerNorms without bias; one q|k|v projection clipped to attn_config.clip_qkv; every layer MoE, a
+    softmax router whose top-k weights are divided by their L1 norm (ffn_config.moe_normalize_expert_weights 1)
+    or kept as they are (null)."""
+    attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
+    norm_p = ffn.get("moe_normalize_expert_weights", 1.0)
+    if norm_p not in (None, 1):
+        raise ValueError(f"config.json: ffn_config.moe_normalize_expert_weights={norm_p!r} is not supported for dbrx "
+                         "(top-k weights divided by another norm than their sum); supported: 1 or null")
+    theta = attn.get("rope_theta")
+    if not hf.get("rope_parameters") and not hf.get("rope_scaling") and theta not in (None, 10000.0):
+        raise ValueError(f"config.json: attn_config.rope_theta={theta!r} without rope_parameters: transformers 5 "
+                         "ignores it (its rope computes with theta 10000) where DBRX was trained with it; add "
+                         f'"rope_parameters": {{"rope_type": "default", "rope_theta": {theta}}} to say which')
+    if _get(hf, "tie_word_embeddings", False):
+        raise ValueError("config.json: tie_word_embeddings=True is not supported for dbrx (transformers refuses it)")
+    hf = {"d_model": 2048, "n_heads": 16, "n_layers": 24, "max_seq_len": 2048, **hf}  # DbrxConfig's defaults
+    hf = _aliased(hf, {"d_model": "hidden_size", "n_heads": "num_attention_heads", "n_layers": "num_hidden_layers",
+                       "max_seq_len": "max_position_embeddings"})
+    hf.update(num_key_value_heads=attn.get("kv_n_heads", 1), rms_norm_eps=1e-5,  # torch.nn.LayerNorm's eps
+              hidden_act=(ffn.get("ffn_act_fn") or {}).get("name", "silu"))
+    return dict(_common(hf), norm_type="unbiased_layer_norm", clip_qkv=attn.get("clip_qkv"),
+                moe_layers=(True,) * _get(hf, "num_hidden_layers"), num_experts=ffn.get("moe_num_experts", 4),
+                num_experts_per_tok=ffn.get("moe_top_k", 1), moe_intermediate_size=ffn.get("ffn_hidden_size", 3584),
+                norm_topk_prob=norm_p is not None)
+
+
 def _minimax_m2(hf: dict) -> dict:
     """MiniMax-M2: q/k RMSNorm over the whole projection (as OLMoE), partial rotary, every layer MoE with a
     sigmoid router whose choice adds e_score_correction_bias (one group), weights renormalised."""
@@ -437,7 +464,8 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "granitemoeshared": _granitemoe, "ernie4_5_moe": _ernie4_5_moe, "dots1": _dots1,
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
     "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open,
-    "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _sarvam_moe, "sarvam_mla": _sarvam_mla}
+    "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _sarvam_moe, "sarvam_mla": _sarvam_mla,
+    "dbrx": _dbrx}
 # model types whose checkpoints are another family's (Kimi-K2's config.json says kimi_k2 and
 # DeepseekV3ForCausalLM; transformers reads it as deepseek_v3): the model is built as that family
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3", "sarvam_mla": "deepseek_v3"}
@@ -450,4 +478,5 @@ SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": 
                            "GptOssForCausalLM": "gpt_oss", "Llama4ForCausalLM": "llama4_text",
                            "PhimoeForCausalLM": "phimoe", "ExaoneMoeForCausalLM": "exaone_moe",
                            "SolarOpenForCausalLM": "solar_open", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
-                           "SarvamMoEForCausalLM": "sarvam_moe", "SarvamMLAForCausalLM": "deepseek_v3"}
+                           "SarvamMoEForCausalLM": "sarvam_moe", "SarvamMLAForCausalLM": "deepseek_v3",
+                           "DbrxForCausalLM": "dbrx"}

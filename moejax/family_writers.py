@@ -142,6 +142,15 @@ def _glm4_moe_lite(c) -> dict:
                 rope_interleave=c.rope.interleaved, num_nextn_predict_layers=c.mtp_layers)
 
 
+def _dbrx(c) -> dict:
+    # DbrxConfig's own names too: it sizes the experts from d_model, not from its alias hidden_size
+    return dict(d_model=c.hidden_size, n_heads=c.num_heads, n_layers=c.num_layers, max_seq_len=c.max_position_embeddings,
+                attn_config=dict(kv_n_heads=c.num_kv_heads, clip_qkv=c.clip_qkv, rope_theta=c.rope.theta),
+                ffn_config=dict(ffn_hidden_size=c.moe_intermediate_size, moe_num_experts=c.num_experts,
+                                moe_top_k=c.num_experts_per_tok, ffn_act_fn={"name": c.hidden_act},
+                                moe_normalize_expert_weights=1.0 if c.norm_topk_prob else None))
+
+
 def _minimax_m2(c) -> dict:
     return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 intermediate_size=c.moe_intermediate_size, rotary_dim=c.rope_dim, qk_norm_type="per_layer",
@@ -186,4 +195,4 @@ WRITERS: dict[str, Callable] = {
     "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "dots1": _dots1, "ernie4_5_moe": _ernie4_5_moe,
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
     "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
-    "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe}
+    "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe, "dbrx": _dbrx}

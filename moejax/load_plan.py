@@ -194,6 +194,32 @@ def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
         plan.copy(moe.shared_gate, f"{prefix}.shared_expert_gate.weight", transpose=True)
 
 
+def _dbrx(model: CausalLM) -> Plan:
+    """DBRX's names: transformer.{wte, norm_f, blocks.{i}}; a block's norm_attn_norm.{norm_1, attn.{Wqkv (q|k|v
+    rows), out_proj}, norm_2} and ffn.{router.layer, experts.mlp.{w1, v1, w2}}, each expert weight [E * f, d]
+    (w1 and v1 rows of each expert's gate and up, w2 its down projection as moejax orients it)."""
+    result = Plan()
+    result.copy(model.embed_tokens, "transformer.wte.weight")
+    result.norm(model.norm, "transformer.norm_f")
+    result.copy(model.lm_head, "lm_head.weight", transpose=True)
+    for i, layer in enumerate(model.layers):
+        p = f"transformer.blocks.{i}"
+        attn, moe = layer.self_attn, layer.mlp
+        result.norm(layer.input_layernorm, f"{p}.norm_attn_norm.norm_1")
+        result.norm(layer.post_attention_layernorm, f"{p}.norm_attn_norm.norm_2")
+        result.fused_linear((attn.q_proj, attn.k_proj, attn.v_proj), f"{p}.norm_attn_norm.attn.Wqkv")
+        result.linear(attn.o_proj, f"{p}.norm_attn_norm.attn.out_proj")
+        result.copy(moe.router, f"{p}.ffn.router.layer.weight", transpose=True)
+        e, f, d = moe.w_down.shape
+        rows = lambda w: np.swapaxes(w.reshape(e, f, d), 1, 2)  # [E * f, d] -> [E, d, f]
+        unrows = lambda w: [np.swapaxes(w, 1, 2).reshape(e * f, d)]
+        for param, name in ((moe.w_gate, "w1"), (moe.w_up, "v1")):
+            result.items.append(PlanItem(param, [(f"{p}.ffn.experts.mlp.{name}", (e * f, d))], rows, unrows))
+        result.items.append(PlanItem(moe.w_down, [(f"{p}.ffn.experts.mlp.w2", (e * f, d))],
+                                     lambda w: w.reshape(e, f, d), lambda w: [w.reshape(e * f, d)]))
+    return result
+
+
 def unrun_prefixes(c) -> tuple[str, ...]:
     """The name prefixes of checkpoint tensors a forward never runs, transformers' as moejax's: the
     multi-token-prediction layers, after the decoder's (DeepSeek-V3, GLM-4.5) or under mtp. (EXAONE-MoE, whose
@@ -206,6 +232,8 @@ def plan(model: CausalLM, names: set[str]) -> Plan:
     """The load plan of `model`; `names`: the checkpoint's tensor names, where a family stores a layer in one
     of two layouts (Mixtral's block_sparse_moe or mlp, per-expert or v5-fused experts)."""
     c = model.config
+    if c.architecture == "dbrx":
+        return _dbrx(model)
     result = Plan()
     embed = "model.word_embeddings.weight" if c.architecture == "sarvam_moe" else "model.embed_tokens.weight"
     result.copy(model.embed_tokens, embed)

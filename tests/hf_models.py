@@ -145,6 +145,15 @@ VARIANTS = {
     "sarvam_mla-e6k3-dense-first": ("SarvamMLAConfig", "DeepseekV3ForCausalLM", dict(
         n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=1, kv_lora_rank=16,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_key_value_heads=4, routed_scaling_factor=2.5)),
+    # DBRX: d_model given (DbrxConfig sizes its experts from it), attn_config's rope_theta (DbrxAttention reads it,
+    # though its rope does not) and clip_qkv (DbrxAttention clamps with it whether set or not)
+    "dbrx-e4k2-clip": ("DbrxConfig", "DbrxForCausalLM", dict(
+        d_model=32, attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000.0),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))),
+    "dbrx-e8k3-unnormalised-gelu-mqa": ("DbrxConfig", "DbrxForCausalLM", dict(
+        d_model=32, attn_config=dict(kv_n_heads=1, clip_qkv=2.0, rope_theta=10000.0), num_hidden_layers=3,
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=3, moe_normalize_expert_weights=None,
+                        ffn_act_fn=dict(name="gelu")))),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
@@ -157,7 +166,7 @@ _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMax
 # to matter: every bias and sink is set to random values.
 _RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig")
 _ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "block_sparse_moe.router.weight", "mlp.router.weight",
-            "feed_forward.router.weight")
+            "feed_forward.router.weight", "ffn.router.layer.weight")
 
 
 def build(name: str, seed: int = 0, router_scale: float | None = None):

@@ -25,7 +25,8 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "minimax_m2-e8k2-partial-head_dim", "gpt_oss-e8k3-full-first-default-rope-mqa-nobias",
             "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa",
             "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias",
-            "glm4_moe_lite-e8k2-groups-dense-first-qlora", "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first"]
+            "glm4_moe_lite-e8k2-groups-dense-first-qlora", "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first",
+            "dbrx-e8k3-unnormalised-gelu-mqa"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
@@ -155,6 +156,12 @@ def _config_json(name, **changes):
     ("solar_open-e8k2-groups-qkv-bias", dict(rope_parameters=dict(rope_type="default", rope_theta=1e6,
                                                                    partial_rotary_factor=0.5)),
      "partial_rotary_factor=0.5 is not supported for solar_open"),
+    ("dbrx-e4k2-clip", dict(ffn_config=dict(moe_normalize_expert_weights=2.0)),
+     "ffn_config.moe_normalize_expert_weights=2.0 is not supported for dbrx"),
+    ("dbrx-e4k2-clip", dict(rope_parameters=None, attn_config=dict(kv_n_heads=2, clip_qkv=8, rope_theta=500000)),
+     "attn_config.rope_theta=500000 without rope_parameters: transformers 5 ignores it"),
+    ("dbrx-e4k2-clip", dict(attn_config=dict(kv_n_heads="2")), "attn_config.kv_n_heads='2' is invalid: must be an integer"),
+    ("dbrx-e4k2-clip", dict(ffn_config=[16]), r"ffn_config=\[16\] is invalid: must be an object"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(layer_types=None, sliding_window_pattern="LLLG"),
      "sliding_window_pattern='LLLG' is not supported for exaone_moe"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(mlp_layer_types=["dense", "moe", "sparse"]),

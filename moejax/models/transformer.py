@@ -70,9 +70,10 @@ class DecoderLayer(nnx.Module):
 
 
 def norm(config: ModelConfig, dtype) -> RMSNorm | LayerNorm:
-    """A layer's (and the final) norm: RMSNorm, or LayerNorm with bias (Phi-3.5-MoE), eps rms_norm_eps."""
-    if config.norm_type == "layer_norm":
-        return LayerNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    """A layer's (and the final) norm: RMSNorm, or LayerNorm with bias (Phi-3.5-MoE) or without (DBRX), eps
+    rms_norm_eps."""
+    if config.norm_type in ("layer_norm", "unbiased_layer_norm"):
+        return LayerNorm(config.hidden_size, config.rms_norm_eps, bias=config.norm_type == "layer_norm", dtype=dtype)
     return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
 
