@@ -119,8 +119,7 @@ def _transformers_helper(directory: str, threads: int, connection) -> None:
 
 def bench_cell(config, name: str, batch: int) -> dict:
     shape = config.models[name]
-    p, n = config.prompt_tokens, config.new_tokens
-    prompt = np.random.default_rng(batch).integers(1, shape.vocab, size=(batch, p)).astype(np.int32)
+    prompt = np.random.default_rng(batch).integers(1, shape.vocab, size=(batch, config.prompt_tokens)).astype(np.int32)
     with tempfile.TemporaryDirectory() as directory:
         hf_checkpoint(directory, shape.family, vocab=shape.vocab, hidden=shape.hidden, ffn=shape.ffn,
                       layers=shape.layers, experts=shape.experts, top_k=shape.top_k, heads=shape.heads,
