@@ -1,7 +1,7 @@
 """Model configuration, read from a Hugging Face `config.json`.
 
 Every architectural detail the model needs is a field of `ModelConfig`, filled from the checkpoint's
-config by the family's reader (moejax.families): nothing is assumed from the family name alone, so variants
+config by the family's reader (moejax.family_readers): nothing is assumed from the family name alone, so variants
 within a family (numbers of experts, k, sizes, flags) work because they are read.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moejax.families import MODEL_TYPE_ALIASES, READERS, SUPPORTED_ARCHITECTURES
+from moejax.families import MODEL_TYPE_ALIASES, READERS, SUPPORTED_ARCHITECTURES, reader
 from moejax.family_writers import WRITERS, rope_parameters
 from moejax.quantization import read_format
 
@@ -274,7 +274,7 @@ def is_integer(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading Hugging Face config.json: the types of its keys here, one reader per family in moejax.families.
+# Reading Hugging Face config.json: the types of its keys here, one reader per family in moejax.family_readers.
 # The types of the config.json keys the readers use (a string "4" or a "false" would compute silently wrong:
 # bool("false") is True). Keys that may be null are checked only when set.
 _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -336,7 +336,8 @@ ENCODER_DECODER_MODEL_TYPES = ("nllb-moe", "switch_transformers")
 
 
 def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
-    """ModelConfig from the dict of a Hugging Face config.json; unknown families fail with the supported list.
+    """ModelConfig from the dict of a Hugging Face config.json; other model types fail with the supported list
+    (and a refused one with why: moejax.families.REFUSED).
     `generation`: the checkpoint's generation_config.json, whose bos / eos / pad token ids win over
     config.json's where it names them (transformers generates with them)."""
     if not isinstance(hf, dict):
@@ -349,14 +350,12 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
     if model_type in ENCODER_DECODER_MODEL_TYPES:
         raise ValueError(f"config.json: model_type {model_type!r} is an encoder-decoder model: load it with "
                          "moejax.seq2seq.load_pretrained")
-    if model_type not in READERS:
-        raise ValueError(f"config.json: unknown model_type {model_type!r}; supported model types: "
-                         f"{sorted(READERS)}")
+    read = reader(model_type)
     for arch in hf.get("architectures") or []:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"config.json: unsupported architecture {arch!r}; supported architectures: "
                              f"{sorted(SUPPORTED_ARCHITECTURES)}")
-    fields = READERS[model_type](hf)
+    fields = read(hf)
     architecture = MODEL_TYPE_ALIASES.get(model_type, model_type)
     return ModelConfig(architecture=architecture, **dict(fields, rope=RopeConfig(**fields["rope"])))
 

@@ -1,5 +1,5 @@
 """The family writers: a ModelConfig -> the keys of its family's Hugging Face config.json, the inverse of
-moejax.families' readers. moejax.config.to_hf_config adds the keys every family shares and reads the result
+moejax.family_readers. moejax.config.to_hf_config adds the keys every family shares and reads the result
 back with the family's reader: a config the family cannot express is refused there, naming the field, so a
 writer only says where each value goes.
 """

@@ -174,6 +174,24 @@ def test_bad_config_json_of_the_new_families_is_named(name, changes, message):
         from_hf_config(_config_json(name, **changes))
 
 
+def test_every_refused_model_type_is_refused_by_name_with_its_reason_and_the_supported_list():
+    """moejax.families.REFUSED: transformers' other MoE model types, each a model type transformers has, refused
+    naming what it needs; an unknown type lists the supported ones too."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from moejax.config import SUPPORTED_MODEL_TYPES, from_hf_config
+    from moejax.families import REFUSED
+
+    assert not set(REFUSED) & SUPPORTED_MODEL_TYPES and set(REFUSED) <= set(CONFIG_MAPPING_NAMES)
+    supported = re.escape(str(sorted(SUPPORTED_MODEL_TYPES)))
+    for model_type, why in REFUSED.items():
+        with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported: {re.escape(why)}; "
+                                             f"supported model types: {supported}"):
+            from_hf_config({"model_type": model_type})
+    with pytest.raises(ValueError, match=f"unknown model_type 'llama'; supported model types: {supported}"):
+        from_hf_config({"model_type": "llama"})
+
+
 def test_kimi_k2_config_json_loads_as_deepseek_v3():
     """Kimi-K2's config.json says model_type kimi_k2 (architectures DeepseekV3ForCausalLM, rope_scaling with
     "type"): the model is DeepSeek-V3's, its fields read from the same keys."""
