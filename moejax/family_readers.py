@@ -134,7 +134,7 @@ def _qwen3_moe(hf: dict) -> dict:
 
 def _granitemoe(hf: dict) -> dict:
     bias = bool(_get(hf, "attention_bias", False))
-    shared = _get(hf, "shared_intermediate_size", 0) if hf.get("model_type") == "granitemoeshared" else 0
+    shared = _get(hf, "shared_intermediate_size", 0) if hf.get("model_type") != "granitemoe" else 0
     return dict(_common(hf), qkv_bias=bias, o_bias=bias, intermediate_size=_get(hf, "intermediate_size"),
                 moe_layers=(True,) * _get(hf, "num_hidden_layers"), num_experts=_get(hf, "num_local_experts"),
                 num_experts_per_tok=_get(hf, "num_experts_per_tok"), moe_intermediate_size=_get(hf, "intermediate_size"),
@@ -144,6 +144,22 @@ def _granitemoe(hf: dict) -> dict:
                 residual_multiplier=float(_get(hf, "residual_multiplier", 1.0)),
                 attention_multiplier=float(_get(hf, "attention_multiplier", 1.0)),
                 logits_scaling=float(_get(hf, "logits_scaling", 1.0)))
+
+
+def _granitemoe_swa(hf: dict) -> dict:
+    """Granite-MoE with shared experts, attention sinks, sliding and full layers by layer_types (default: every
+    fourth from the first full) and rope per layer by layer_rope_theta (0: no rope), one theta for all the rest."""
+    hf = {"sliding_window": 128, **hf}  # GraniteMoeSWAConfig's default
+    n = _get(hf, "num_hidden_layers")
+    types = hf.get("layer_types") or ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+    fields = _granitemoe(hf)
+    thetas = hf.get("layer_rope_theta") or [fields["rope"]["theta"]] * n
+    if len(thetas) != n or len({t for t in thetas if t}) > 1:
+        raise ValueError(f"config.json: layer_rope_theta={thetas!r} is not supported: moejax rotates every rope layer "
+                         f"with one theta (and no rope where 0); one entry per layer ({n})")
+    fields["rope"]["theta"] = float(next((t for t in thetas if t), fields["rope"]["theta"]))
+    return dict(fields, attention_sinks=True, layer_types=tuple(types), sliding_window=hf.get("sliding_window"),
+                rope_layers=tuple(bool(t) for t in thetas))
 
 
 def _ernie4_5_moe(hf: dict) -> dict:
@@ -466,4 +482,4 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
     "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open,
     "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _sarvam_moe, "sarvam_mla": _sarvam_mla,
-    "dbrx": _dbrx}
+    "dbrx": _dbrx, "granitemoe_swa": _granitemoe_swa}

@@ -162,9 +162,14 @@ def _granitemoe(c) -> dict:
                 intermediate_size=c.moe_intermediate_size, attention_bias=c.qkv_bias,
                 embedding_multiplier=c.embedding_multiplier, residual_multiplier=c.residual_multiplier,
                 attention_multiplier=c.attention_scale, logits_scaling=c.logits_scaling)
-    if c.architecture == "granitemoeshared":
+    if c.architecture != "granitemoe":
         keys["shared_intermediate_size"] = c.shared_expert_intermediate_size
     return keys
+
+
+def _granitemoe_swa(c) -> dict:
+    return dict(_granitemoe(c), sliding_window=c.sliding_window, layer_types=[c.attention_kind(i) for i in range(c.num_layers)],
+                layer_rope_theta=[c.rope.theta if c.uses_rope(i) else 0 for i in range(c.num_layers)])
 
 
 def _gpt_oss(c) -> dict:
@@ -195,4 +200,5 @@ WRITERS: dict[str, Callable] = {
     "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe, "dots1": _dots1, "ernie4_5_moe": _ernie4_5_moe,
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
     "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
-    "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe, "dbrx": _dbrx}
+    "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe, "dbrx": _dbrx,
+    "granitemoe_swa": _granitemoe_swa}

@@ -15,7 +15,7 @@ from flax import nnx
 from moejax.models.transformer import CausalLM, Dense, MoEBlock
 
 Source = tuple[str, tuple[int, ...]]
-_GRANITE = ("granitemoe", "granitemoeshared")
+_GRANITE = ("granitemoe", "granitemoeshared", "granitemoe_swa")
 _SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe",
                          "solar_open", "glm4_moe_lite", "sarvam_moe")
 # where the router's e_score_correction_bias is, under the MoE block, where not on its gate
@@ -99,12 +99,15 @@ def _fused_experts(plan: Plan, moe: MoEBlock, gate_up: str, down: str):
     plan.items.append(PlanItem(moe.w_down, [(down, (e, d, f))], swap, lambda w: [swap(w)]))
 
 
-def _granite_moe(plan: Plan, layer, p: str):
-    """Granite's parallel-experts layout: block_sparse_moe.{router.layer, input_linear, output_linear} and the
-    layer's shared_mlp.{input_linear [2s, d] (gate rows first), output_linear}."""
-    moe = layer.mlp
-    plan.copy(moe.router, f"{p}.block_sparse_moe.router.layer.weight", transpose=True)
-    _fused_experts(plan, moe, f"{p}.block_sparse_moe.input_linear.weight", f"{p}.block_sparse_moe.output_linear.weight")
+def _granite_moe(plan: Plan, layer, c, p: str):
+    """Granite's parallel-experts layout: block_sparse_moe.{router.layer, input_linear, output_linear} (Granite-MoE-SWA:
+    transformers' own {router, experts.gate_up_proj, experts.down_proj}) and the layer's shared_mlp.{input_linear
+    [2s, d] (gate rows first), output_linear}."""
+    moe, b = layer.mlp, f"{p}.block_sparse_moe"
+    swa = c.architecture == "granitemoe_swa"
+    plan.copy(moe.router, f"{b}.router.weight" if swa else f"{b}.router.layer.weight", transpose=True)
+    _fused_experts(plan, moe, *((f"{b}.experts.gate_up_proj", f"{b}.experts.down_proj") if swa
+                                else (f"{b}.input_linear.weight", f"{b}.output_linear.weight")))
     if moe.shared is not None:
         plan.fused_linear((moe.shared.gate_proj, moe.shared.up_proj), f"{p}.shared_mlp.input_linear")
         plan.linear(moe.shared.down_proj, f"{p}.shared_mlp.output_linear")
@@ -251,7 +254,7 @@ def plan(model: CausalLM, names: set[str]) -> Plan:
         if not layer.is_moe:
             _mlp(result, layer.mlp, f"{p}.{feed_forward}")
         elif c.architecture in _GRANITE:
-            _granite_moe(result, layer, p)
+            _granite_moe(result, layer, c, p)
         elif c.architecture == "gpt_oss":
             _gpt_oss_moe(result, layer.mlp, p)
         elif c.architecture == "llama4_text":

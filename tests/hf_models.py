@@ -154,6 +154,15 @@ VARIANTS = {
         d_model=32, attn_config=dict(kv_n_heads=1, clip_qkv=2.0, rope_theta=10000.0), num_hidden_layers=3,
         ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=3, moe_normalize_expert_weights=None,
                         ffn_act_fn=dict(name="gelu")))),
+    # Granite-MoE-SWA: full layer 0 without rope, sliding layers 1-2; then full / sliding, rope everywhere
+    "granitemoe_swa-e4k2-window-nope-shared": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=24, sliding_window=4,
+        num_hidden_layers=3, layer_rope_theta=[0, 10000.0, 10000.0], embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.3, logits_scaling=6.0)),
+    "granitemoe_swa-e8k3-noshared-rope-theta-tied-mqa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=3, intermediate_size=16, shared_intermediate_size=0, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], layer_rope_theta=[50000.0, 50000.0], num_key_value_heads=1,
+        tie_word_embeddings=True, attention_multiplier=0.25)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
@@ -164,7 +173,7 @@ _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMax
                     "SarvamMoEConfig", "SarvamMLAConfig")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
-_RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig")
+_RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig", "GraniteMoeSWAConfig")
 _ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "block_sparse_moe.router.weight", "mlp.router.weight",
             "feed_forward.router.weight", "ffn.router.layer.weight")
 

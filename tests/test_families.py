@@ -26,7 +26,7 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa",
             "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias",
             "glm4_moe_lite-e8k2-groups-dense-first-qlora", "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first",
-            "dbrx-e8k3-unnormalised-gelu-mqa"]
+            "dbrx-e8k3-unnormalised-gelu-mqa", "granitemoe_swa-e8k3-noshared-rope-theta-tied-mqa"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
@@ -162,6 +162,8 @@ def _config_json(name, **changes):
      "attn_config.rope_theta=500000 without rope_parameters: transformers 5 ignores it"),
     ("dbrx-e4k2-clip", dict(attn_config=dict(kv_n_heads="2")), "attn_config.kv_n_heads='2' is invalid: must be an integer"),
     ("dbrx-e4k2-clip", dict(ffn_config=[16]), r"ffn_config=\[16\] is invalid: must be an object"),
+    ("granitemoe_swa-e4k2-window-nope-shared", dict(layer_rope_theta=[0, 1e4, 5e4]),
+     r"layer_rope_theta=\[0, 10000.0, 50000.0\] is not supported: moejax rotates every rope layer with one theta"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(layer_types=None, sliding_window_pattern="LLLG"),
      "sliding_window_pattern='LLLG' is not supported for exaone_moe"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(mlp_layer_types=["dense", "moe", "sparse"]),
