@@ -50,25 +50,37 @@ def prepare_corpus(config, workdir: str) -> Corpus:
     """Read and split config.corpus; train the tokenizer on the train split, or reuse workdir/tokenizer.json
     (so that a resumed run sees the same token ids)."""
     from moejax import data
-    from tokenizers import Tokenizer
 
     documents = data.load_documents(config.corpus)
     splits = data.split_documents(documents, config.validation_fraction, config.test_fraction)
-    for name in ("train", "validation"):
-        if not splits[name]:
-            raise ValueError(f"corpus {config.corpus!r} ({len(documents)} documents) leaves the {name} split empty; "
-                             "add documents or change the split fractions")
-    path = os.path.join(workdir, "tokenizer.json")
-    if os.path.isfile(path):
-        tokenizer = Tokenizer.from_file(path)
-    else:
-        tokenizer = data.train_tokenizer((d.text for d in splits["train"]), config.vocab_size)
-        os.makedirs(workdir, exist_ok=True)
-        tokenizer.save(path)
+    check_splits(config, splits, f"{len(documents)} documents")
+    tokenizer = workdir_tokenizer(workdir, lambda: data.train_tokenizer((d.text for d in splits["train"]),
+                                                                        config.vocab_size))
     separator = tokenizer.token_to_id(data.END_OF_DOCUMENT)
     streams = [data.token_stream(data.encode_documents(tokenizer, splits[s]), separator)
                for s in ("train", "validation")]
     return Corpus(tokenizer, splits, *streams)
+
+
+def check_splits(config, splits: dict, what: str) -> None:
+    for name in ("train", "validation"):
+        if not splits[name]:
+            raise ValueError(f"corpus {config.corpus!r} ({what}) leaves the {name} split empty; add documents or "
+                             "change the split fractions")
+
+
+def workdir_tokenizer(workdir: str, train):
+    """workdir/tokenizer.json where an earlier call left one (a resumed run sees the same token ids), else
+    train() saved there."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(workdir, "tokenizer.json")
+    if os.path.isfile(path):
+        return Tokenizer.from_file(path)
+    tokenizer = train()
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer.save(path)
+    return tokenizer
 
 
 def build_model(config, tokenizer) -> CausalLM:

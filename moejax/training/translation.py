@@ -4,7 +4,6 @@ moejax.training with the sequence-to-sequence loss, validated and checkpointed l
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -12,7 +11,7 @@ from flax import nnx
 
 from moejax import data, translation
 from moejax.training.losses import seq2seq_loss
-from moejax.training.run import loss_weights, optimizer, train_loop
+from moejax.training.run import check_splits, loss_weights, optimizer, train_loop, workdir_tokenizer
 from moejax.training.trainer import Trainer, data_mesh
 
 
@@ -24,22 +23,11 @@ class PairCorpus(NamedTuple):
 def prepare_pairs(config, workdir: str) -> PairCorpus:
     """The pairs of config.corpus split by document; the tokenizer trained on the train split, or reused
     from workdir/tokenizer.json (so that a resumed run sees the same token ids)."""
-    from tokenizers import Tokenizer
-
     pairs = data.function_pairs(data.load_documents(config.corpus))
     splits = data.split_pairs(pairs, config.validation_fraction, config.test_fraction)
-    for name in ("train", "validation"):
-        if not splits[name]:
-            raise ValueError(f"corpus {config.corpus!r} ({len(pairs)} function / docstring pairs) leaves the {name} "
-                             "split empty; add documents or change the split fractions")
-    path = os.path.join(workdir, "tokenizer.json")
-    if os.path.isfile(path):
-        tokenizer = Tokenizer.from_file(path)
-    else:
-        tokenizer = translation.train_tokenizer(splits["train"], config.vocab_size)
-        os.makedirs(workdir, exist_ok=True)
-        tokenizer.save(path)
-    return PairCorpus(tokenizer, splits)
+    check_splits(config, splits, f"{len(pairs)} function / docstring pairs")
+    return PairCorpus(workdir_tokenizer(workdir, lambda: translation.train_tokenizer(splits["train"], config.vocab_size)),
+                      splits)
 
 
 def nllb_moe_config(m, vocab_size: int, max_positions: int) -> dict:
