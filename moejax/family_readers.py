@@ -361,6 +361,25 @@ def _solar_open(hf: dict) -> dict:
                 moe_layers=(True,) * _get(hf, "num_hidden_layers"), **_sigmoid_router(router, _get(hf, "n_routed_experts")))
 
 
+def _hy_v3(hf: dict) -> dict:
+    """Hy3: Llama's attention with per-head q/k RMSNorm before rope; a sigmoid router whose choice adds the block's
+    e_score_correction_bias, top-k weights renormalised and scaled by router_scaling_factor; shared experts; dense
+    layers by mlp_layer_types (default: the first). enable_moe_fp32_combine changes rounding only."""
+    hf = {"rope_theta": 11158840.0, "rms_norm_eps": 1e-5, "head_dim": 128, "max_position_embeddings": 131072,
+          "num_experts": 192, "num_experts_per_tok": 8, "num_shared_experts": 1, "moe_intermediate_size": 1536,
+          "router_scaling_factor": 2.826, **hf}  # HYV3Config's defaults
+    if _get(hf, "mlp_bias", False):
+        raise ValueError("config.json: mlp_bias=True is not supported for hy_v3 (biased dense and shared MLPs)")
+    n, bias = _get(hf, "num_hidden_layers"), bool(_get(hf, "attention_bias", False))
+    router = {**hf, "n_shared_experts": _get(hf, "num_shared_experts"), "norm_topk_prob": True, "n_group": 1,
+              "topk_group": 1, "routed_scaling_factor": _get(hf, "router_scaling_factor"),
+              # transformers skips the one multi-token-prediction layer after the decoder's (model.layers.80.*)
+              "num_nextn_predict_layers": 1}
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, head_qk_norm=True, intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=_mlp_layer_types(hf, ["dense"] + ["sparse"] * (n - 1)),
+                **_sigmoid_router(router, _get(hf, "num_experts")))
+
+
 def _dbrx(hf: dict) -> dict:
     """DBRX: LayerNorms without bias; one q|k|v projection clipped to attn_config.clip_qkv; every layer MoE, a
     softmax router whose top-k weights are divided by their L1 norm (ffn_config.moe_normalize_expert_weights 1)
@@ -482,4 +501,4 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
     "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open,
     "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _sarvam_moe, "sarvam_mla": _sarvam_mla,
-    "dbrx": _dbrx, "granitemoe_swa": _granitemoe_swa}
+    "dbrx": _dbrx, "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3}

@@ -151,6 +151,14 @@ def _dbrx(c) -> dict:
                                 moe_normalize_expert_weights=1.0 if c.norm_topk_prob else None))
 
 
+def _hy_v3(c) -> dict:
+    return dict(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                moe_intermediate_size=c.moe_intermediate_size,
+                num_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
+                router_scaling_factor=c.routed_scaling_factor, attention_bias=c.qkv_bias,
+                intermediate_size=c.intermediate_size, mlp_layer_types=_mlp_layer_types(c))
+
+
 def _minimax_m2(c) -> dict:
     return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 intermediate_size=c.moe_intermediate_size, rotary_dim=c.rope_dim, qk_norm_type="per_layer",
@@ -201,4 +209,4 @@ WRITERS: dict[str, Callable] = {
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
     "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
     "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe, "dbrx": _dbrx,
-    "granitemoe_swa": _granitemoe_swa}
+    "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3}

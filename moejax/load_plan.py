@@ -16,11 +16,14 @@ from moejax.models.transformer import CausalLM, Dense, MoEBlock
 
 Source = tuple[str, tuple[int, ...]]
 _GRANITE = ("granitemoe", "granitemoeshared", "granitemoe_swa")
-_SHARED_EXPERTS_PLURAL = ("deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe",
-                         "solar_open", "glm4_moe_lite", "sarvam_moe")
-# where the router's e_score_correction_bias is, under the MoE block, where not on its gate
+# the names under a MoE block (mlp) of its router, shared experts and e_score_correction_bias where a family's are
+# not gate, shared_expert and gate.e_score_correction_bias
+_ROUTER_NAMES = {"hy_v3": "router.gate"}
+_SHARED_EXPERT_NAMES = {"hy_v3": "shared_mlp", **{a: "shared_experts" for a in (
+    "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe", "solar_open", "glm4_moe_lite",
+    "sarvam_moe")}}
 _SCORE_BIAS_NAMES = {"minimax_m2": "e_score_correction_bias", "exaone_moe": "e_score_correction_bias",
-                     "sarvam_moe": "gate.expert_bias"}
+                     "sarvam_moe": "gate.expert_bias", "hy_v3": "expert_bias"}
 _BLOCK_SPARSE_MOE = ("mixtral", "minimax_m2", "phimoe")  # block_sparse_moe.{gate, experts.{i}.w1 / w3 / w2}
 
 
@@ -182,7 +185,7 @@ def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
     """The MoE blocks of the families that name them mlp (or block_sparse_moe) with a gate as router."""
     block_sparse = c.architecture in _BLOCK_SPARSE_MOE
     prefix = f"{p}.block_sparse_moe" if block_sparse and f"{p}.block_sparse_moe.gate.weight" in names else f"{p}.mlp"
-    plan.copy(moe.router, f"{prefix}.gate.weight", transpose=True)
+    plan.copy(moe.router, f"{prefix}.{_ROUTER_NAMES.get(c.architecture, 'gate')}.weight", transpose=True)
     if moe.score_bias is not None and c.architecture == "ernie4_5_moe":  # [1, E], beside the gate
         bias = [(f"{prefix}.moe_statics.e_score_correction_bias", (1, c.num_experts))]
         plan.items.append(PlanItem(moe.score_bias, bias, lambda b: b.reshape(-1), lambda b: [b.reshape(1, -1)]))
@@ -191,7 +194,7 @@ def _moe(plan: Plan, moe: MoEBlock, c, p: str, names: set[str]):
         plan.copy(moe.score_bias, f"{prefix}.{name}")
     _experts(plan, moe, prefix, names, block_sparse)
     if moe.shared is not None:
-        shared = "shared_experts" if c.architecture in _SHARED_EXPERTS_PLURAL else "shared_expert"
+        shared = _SHARED_EXPERT_NAMES.get(c.architecture, "shared_expert")
         _mlp(plan, moe.shared, f"{prefix}.{shared}")
     if moe.shared_gate is not None:
         plan.copy(moe.shared_gate, f"{prefix}.shared_expert_gate.weight", transpose=True)

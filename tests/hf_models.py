@@ -163,6 +163,12 @@ VARIANTS = {
         num_local_experts=8, num_experts_per_tok=3, intermediate_size=16, shared_intermediate_size=0, sliding_window=6,
         layer_types=["sliding_attention", "full_attention"], layer_rope_theta=[50000.0, 50000.0], num_key_value_heads=1,
         tie_word_embeddings=True, attention_multiplier=0.25)),
+    "hy_v3-e8k2-dense-first-qkv-bias": ("HYV3Config", "HYV3ForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_shared_experts=1, head_dim=8,
+        attention_bias=True, num_hidden_layers=3)),
+    "hy_v3-e6k3-all-sparse-shared2-head_dim-tied-mqa": ("HYV3Config", "HYV3ForCausalLM", dict(
+        num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, num_shared_experts=2, head_dim=12,
+        mlp_layer_types=["sparse", "sparse"], num_key_value_heads=1, tie_word_embeddings=True, router_scaling_factor=1.0)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
@@ -170,7 +176,7 @@ VARIANTS = {
 # it moves the choice.
 _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig",
                     "ExaoneMoeConfig", "SolarOpenConfig", "Glm4MoeLiteConfig",
-                    "SarvamMoEConfig", "SarvamMLAConfig")
+                    "SarvamMoEConfig", "SarvamMLAConfig", "HYV3Config")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
 _RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig", "GraniteMoeSWAConfig")

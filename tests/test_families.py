@@ -26,7 +26,8 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "llama4_text-e8-every-layer-llama3-rope-tied-mqa", "phimoe-e8k2-wide-band-window-tied-mqa",
             "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias",
             "glm4_moe_lite-e8k2-groups-dense-first-qlora", "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first",
-            "dbrx-e8k3-unnormalised-gelu-mqa", "granitemoe_swa-e8k3-noshared-rope-theta-tied-mqa"]
+            "dbrx-e8k3-unnormalised-gelu-mqa", "granitemoe_swa-e8k3-noshared-rope-theta-tied-mqa",
+            "hy_v3-e8k2-dense-first-qkv-bias"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
