@@ -380,6 +380,26 @@ def _hy_v3(hf: dict) -> dict:
                 **_sigmoid_router(router, _get(hf, "num_experts")))
 
 
+def _flint(hf: dict) -> dict:
+    """Flint: Qwen3's attention (per-head q/k norm) with sinks, sliding and full layers by layer_types (default: full
+    at layers 0 and 1, every fourth from 1 and the last), the full ones rope-free; a sigmoid router without bias
+    (renormalised by norm_topk_prob), an ungated shared expert; Qwen's MoE layers (decoder_sparse_step,
+    mlp_only_layers)."""
+    hf = {"head_dim": 128, "max_position_embeddings": 262144, "sliding_window": 513, "num_experts": 256,
+          "num_experts_per_tok": 6, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 1024,
+          "norm_topk_prob": True, "mlp_only_layers": [0, 1], **hf}  # FlintConfig's defaults
+    n, experts, bias = _get(hf, "num_hidden_layers"), _get(hf, "num_experts"), bool(_get(hf, "attention_bias", False))
+    types = hf.get("layer_types") or ["full_attention" if i < 2 or i % 4 == 1 or i == n - 1 else "sliding_attention"
+                                      for i in range(n)]
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, head_qk_norm=True, attention_sinks=True,
+                layer_types=tuple(types), sliding_window=_get(hf, "sliding_window"),
+                rope_layers=tuple(t == "sliding_attention" for t in types), intermediate_size=_get(hf, "intermediate_size"),
+                moe_layers=_qwen_sparse_layers(hf, experts), num_experts=experts,
+                num_experts_per_tok=_get(hf, "num_experts_per_tok"), moe_intermediate_size=_get(hf, "moe_intermediate_size"),
+                norm_topk_prob=bool(_get(hf, "norm_topk_prob")), scoring_func="sigmoid",
+                shared_expert_intermediate_size=_get(hf, "shared_expert_intermediate_size"))
+
+
 def _dbrx(hf: dict) -> dict:
     """DBRX: LayerNorms without bias; one q|k|v projection clipped to attn_config.clip_qkv; every layer MoE, a
     softmax router whose top-k weights are divided by their L1 norm (ffn_config.moe_normalize_expert_weights 1)
@@ -501,4 +521,5 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "llama4_text": _llama4_text, "phimoe": _phimoe,
     "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open,
     "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _sarvam_moe, "sarvam_mla": _sarvam_mla,
-    "dbrx": _dbrx, "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3}
+    "dbrx": _dbrx, "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3,
+    "flint": _flint}

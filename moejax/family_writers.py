@@ -159,6 +159,11 @@ def _hy_v3(c) -> dict:
                 intermediate_size=c.intermediate_size, mlp_layer_types=_mlp_layer_types(c))
 
 
+def _flint(c) -> dict:
+    return dict(_qwen_moe(c), shared_expert_intermediate_size=c.shared_expert_intermediate_size, attention_bias=c.qkv_bias,
+                sliding_window=c.sliding_window, layer_types=[c.attention_kind(i) for i in range(c.num_layers)])
+
+
 def _minimax_m2(c) -> dict:
     return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 intermediate_size=c.moe_intermediate_size, rotary_dim=c.rope_dim, qk_norm_type="per_layer",
@@ -209,4 +214,5 @@ WRITERS: dict[str, Callable] = {
     "minimax_m2": _minimax_m2, "granitemoe": _granitemoe, "granitemoeshared": _granitemoe, "gpt_oss": _gpt_oss,
     "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
     "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe, "dbrx": _dbrx,
-    "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3}
+    "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3,
+    "flint": _flint}

@@ -176,8 +176,8 @@ def _attention(plan: Plan, attn, c, p: str):
         if attn.q_norm is not None:
             plan.copy(attn.q_norm.weight, f"{p}.self_attn.q_norm.weight")
             plan.copy(attn.k_norm.weight, f"{p}.self_attn.k_norm.weight")
-        if attn.sinks is not None:
-            plan.copy(attn.sinks, f"{p}.self_attn.sinks")
+        if attn.sinks is not None:  # Flint's checkpoints call them softmax_offset
+            plan.copy(attn.sinks, f"{p}.self_attn.{'softmax_offset' if c.architecture == 'flint' else 'sinks'}")
     plan.linear(attn.o_proj, f"{p}.attention.dense" if c.architecture == "sarvam_moe" else f"{p}.self_attn.o_proj")
 
 

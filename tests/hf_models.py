@@ -169,6 +169,14 @@ VARIANTS = {
     "hy_v3-e6k3-all-sparse-shared2-head_dim-tied-mqa": ("HYV3Config", "HYV3ForCausalLM", dict(
         num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, num_shared_experts=2, head_dim=12,
         mlp_layer_types=["sparse", "sparse"], num_key_value_heads=1, tie_word_embeddings=True, router_scaling_factor=1.0)),
+    # Flint: layers full (rope-free), full, sliding, full by its default layer_types; then sliding, sparse step 2
+    "flint-e8k2-sinks-window-nope-shared": ("FlintConfig", "FlintForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+        sliding_window=4, num_hidden_layers=4, mlp_only_layers=[0])),
+    "flint-e6k3-nonorm-sparse-step-bias-tied-mqa": ("FlintConfig", "FlintForCausalLM", dict(
+        num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, shared_expert_intermediate_size=16, head_dim=8,
+        norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[], layer_types=["sliding_attention"] * 2,
+        sliding_window=6, attention_bias=True, num_key_value_heads=1, tie_word_embeddings=True)),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
@@ -176,10 +184,10 @@ VARIANTS = {
 # it moves the choice.
 _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMaxM2Config", "Llama4TextConfig",
                     "ExaoneMoeConfig", "SolarOpenConfig", "Glm4MoeLiteConfig",
-                    "SarvamMoEConfig", "SarvamMLAConfig", "HYV3Config")
+                    "SarvamMoEConfig", "SarvamMLAConfig", "HYV3Config", "FlintConfig")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
-_RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig", "GraniteMoeSWAConfig")
+_RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig", "GraniteMoeSWAConfig", "FlintConfig")
 _ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "block_sparse_moe.router.weight", "mlp.router.weight",
             "feed_forward.router.weight", "ffn.router.layer.weight")
 

@@ -27,7 +27,7 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias",
             "glm4_moe_lite-e8k2-groups-dense-first-qlora", "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first",
             "dbrx-e8k3-unnormalised-gelu-mqa", "granitemoe_swa-e8k3-noshared-rope-theta-tied-mqa",
-            "hy_v3-e8k2-dense-first-qkv-bias"]
+            "hy_v3-e8k2-dense-first-qkv-bias", "flint-e8k2-sinks-window-nope-shared"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
