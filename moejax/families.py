@@ -23,7 +23,8 @@ SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": 
                            "SolarOpenForCausalLM": "solar_open", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                            "SarvamMoEForCausalLM": "sarvam_moe", "SarvamMLAForCausalLM": "deepseek_v3",
                            "DbrxForCausalLM": "dbrx", "GraniteMoeSWAForCausalLM": "granitemoe_swa",
-                           "HYV3ForCausalLM": "hy_v3", "FlintForCausalLM": "flint"}
+                           "HYV3ForCausalLM": "hy_v3", "FlintForCausalLM": "flint",
+                           "AriaTextForCausalLM": "aria_text"}
 
 _MULTIMODAL = "a multimodal model (vision or audio encoders around its decoder): moejax loads text-only models"
 # Every other MoE model type of transformers (5.24) by name, with what it needs that moejax does not implement.

@@ -400,6 +400,22 @@ def _flint(hf: dict) -> dict:
                 shared_expert_intermediate_size=_get(hf, "shared_expert_intermediate_size"))
 
 
+def _aria_text(hf: dict) -> dict:
+    """Aria's text model: Llama's attention and rope, every layer MoE (experts of intermediate_size, the top-k
+    logits softmaxed) with moe_num_shared_experts shared experts beside them."""
+    hf = {"intermediate_size": 4096, "moe_num_experts": 8, "moe_topk": 2, "moe_num_shared_experts": 2, **hf}  # AriaTextConfig's
+    if _get(hf, "mlp_bias", False):
+        raise ValueError("config.json: mlp_bias=True is not supported for aria_text (biased shared experts)")
+    if _get(hf, "hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported for aria_text: its routed "
+                         "experts are SiLU whatever hidden_act says, moejax runs one activation; supported: 'silu'")
+    bias, size = bool(_get(hf, "attention_bias", False)), _get(hf, "intermediate_size")
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, moe_layers=(True,) * _get(hf, "num_hidden_layers"),
+                num_experts=_get(hf, "moe_num_experts"), num_experts_per_tok=_get(hf, "moe_topk"),
+                moe_intermediate_size=size, norm_topk_prob=True,  # softmax of the top-k logits
+                shared_expert_intermediate_size=size * _get(hf, "moe_num_shared_experts"))
+
+
 def _dbrx(hf: dict) -> dict:
     """DBRX: LayerNorms without bias; one q|k|v projection clipped to attn_config.clip_qkv; every layer MoE, a
     softmax router whose top-k weights are divided by their L1 norm (ffn_config.moe_normalize_expert_weights 1)
@@ -522,4 +538,4 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "kimi_k2": _deepseek_v3, "exaone_moe": _exaone_moe, "solar_open": _solar_open,
     "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _sarvam_moe, "sarvam_mla": _sarvam_mla,
     "dbrx": _dbrx, "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3,
-    "flint": _flint}
+    "flint": _flint, "aria_text": _aria_text}

@@ -164,6 +164,12 @@ def _flint(c) -> dict:
                 sliding_window=c.sliding_window, layer_types=[c.attention_kind(i) for i in range(c.num_layers)])
 
 
+def _aria_text(c) -> dict:
+    return dict(moe_num_experts=c.num_experts, moe_topk=c.num_experts_per_tok, intermediate_size=c.moe_intermediate_size,
+                moe_num_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
+                attention_bias=c.qkv_bias)
+
+
 def _minimax_m2(c) -> dict:
     return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                 intermediate_size=c.moe_intermediate_size, rotary_dim=c.rope_dim, qk_norm_type="per_layer",
@@ -215,4 +221,4 @@ WRITERS: dict[str, Callable] = {
     "llama4_text": _llama4_text, "phimoe": _phimoe, "exaone_moe": _exaone_moe,
     "solar_open": _solar_open, "glm4_moe_lite": _glm4_moe_lite, "sarvam_moe": _glm4_moe, "dbrx": _dbrx,
     "granitemoe_swa": _granitemoe_swa, "hy_v3": _hy_v3,
-    "flint": _flint}
+    "flint": _flint, "aria_text": _aria_text}

@@ -128,14 +128,14 @@ def _gpt_oss_moe(plan: Plan, moe: MoEBlock, p: str):
     plan.copy(moe.down_bias, f"{experts}.down_proj_bias")
 
 
-def _llama4_moe(plan: Plan, moe: MoEBlock, p: str):
-    """Llama 4: feed_forward.router, experts.gate_up_proj [E, d, 2f] (gate first) and down_proj [E, f, d] in
-    moejax's orientation, shared_expert.{gate, up, down}_proj."""
-    prefix = f"{p}.feed_forward"
+def _in_out_moe(plan: Plan, moe: MoEBlock, prefix: str, gate_up: str, down: str, shared: str):
+    """A router [E, d], experts stored in moejax's orientation: gate_up [E, d, 2f] (gate first) and down [E, f, d]
+    (Llama 4: feed_forward.{router, experts.gate_up_proj, experts.down_proj, shared_expert}; Aria:
+    mlp.{router, experts.fc1.weight, experts.fc2.weight, shared_experts}), and the shared experts' MLP."""
     plan.copy(moe.router, f"{prefix}.router.weight", transpose=True)
-    plan.fused((moe.w_gate, moe.w_up), f"{prefix}.experts.gate_up_proj")
-    plan.copy(moe.w_down, f"{prefix}.experts.down_proj")
-    _mlp(plan, moe.shared, f"{prefix}.shared_expert")
+    plan.fused((moe.w_gate, moe.w_up), f"{prefix}.{gate_up}")
+    plan.copy(moe.w_down, f"{prefix}.{down}")
+    _mlp(plan, moe.shared, f"{prefix}.{shared}")
 
 
 def _experts(plan: Plan, moe: MoEBlock, prefix: str, names: set[str], block_sparse: bool):
@@ -261,7 +261,9 @@ def plan(model: CausalLM, names: set[str]) -> Plan:
         elif c.architecture == "gpt_oss":
             _gpt_oss_moe(result, layer.mlp, p)
         elif c.architecture == "llama4_text":
-            _llama4_moe(result, layer.mlp, p)
+            _in_out_moe(result, layer.mlp, f"{p}.feed_forward", "experts.gate_up_proj", "experts.down_proj", "shared_expert")
+        elif c.architecture == "aria_text":
+            _in_out_moe(result, layer.mlp, f"{p}.mlp", "experts.fc1.weight", "experts.fc2.weight", "shared_experts")
         else:
             _moe(result, layer.mlp, c, p, names)
     return result

@@ -177,6 +177,13 @@ VARIANTS = {
         num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16, shared_expert_intermediate_size=16, head_dim=8,
         norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[], layer_types=["sliding_attention"] * 2,
         sliding_window=6, attention_bias=True, num_key_value_heads=1, tie_word_embeddings=True)),
+    "aria_text-e4k2-shared-bias": ("AriaTextConfig", "AriaTextForCausalLM", dict(
+        moe_num_experts=4, moe_topk=2, intermediate_size=16, moe_num_shared_experts=1, attention_bias=True)),
+    "aria_text-e8k3-shared2-llama3-rope-tied-mqa": ("AriaTextConfig", "AriaTextForCausalLM", dict(
+        moe_num_experts=8, moe_topk=3, intermediate_size=16, moe_num_shared_experts=2, num_key_value_heads=1,
+        tie_word_embeddings=True, num_hidden_layers=3, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16))),
 }
 
 # Sigmoid routers (noaux_tc) saturate where a softmax router's margins widen: their weights are scaled
@@ -187,7 +194,8 @@ _SIGMOID_ROUTERS = ("DeepseekV3Config", "Glm4MoeConfig", "Dots1Config", "MiniMax
                     "SarvamMoEConfig", "SarvamMLAConfig", "HYV3Config", "FlintConfig")
 # Families whose transformers init leaves biases at 0 (and GPT-OSS's sinks small) where the checks need them
 # to matter: every bias and sink is set to random values.
-_RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig", "GraniteMoeSWAConfig", "FlintConfig")
+_RANDOM_BIASES = ("GptOssConfig", "PhimoeConfig", "GraniteMoeSWAConfig", "FlintConfig",
+                  "AriaTextConfig")
 _ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "block_sparse_moe.router.weight", "mlp.router.weight",
             "feed_forward.router.weight", "ffn.router.layer.weight")
 

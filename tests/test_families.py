@@ -27,7 +27,8 @@ FAMILIES = ["qwen3_moe-e8k2-head_dim", "deepseek_v3-e8k2-groups-dense-first",
             "exaone_moe-e8k2-groups-sliding-nope-dense-first", "solar_open-e8k2-groups-qkv-bias",
             "glm4_moe_lite-e8k2-groups-dense-first-qlora", "sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first",
             "dbrx-e8k3-unnormalised-gelu-mqa", "granitemoe_swa-e8k3-noshared-rope-theta-tied-mqa",
-            "hy_v3-e8k2-dense-first-qkv-bias", "flint-e8k2-sinks-window-nope-shared"]
+            "hy_v3-e8k2-dense-first-qkv-bias", "flint-e8k2-sinks-window-nope-shared",
+            "aria_text-e8k3-shared2-llama3-rope-tied-mqa"]
 
 forward = nnx.jit(lambda m, t: m.forward(t))
 
@@ -165,6 +166,7 @@ def _config_json(name, **changes):
     ("dbrx-e4k2-clip", dict(ffn_config=[16]), r"ffn_config=\[16\] is invalid: must be an object"),
     ("granitemoe_swa-e4k2-window-nope-shared", dict(layer_rope_theta=[0, 1e4, 5e4]),
      r"layer_rope_theta=\[0, 10000.0, 50000.0\] is not supported: moejax rotates every rope layer with one theta"),
+    ("aria_text-e4k2-shared-bias", dict(hidden_act="gelu"), "hidden_act='gelu' is not supported for aria_text"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(layer_types=None, sliding_window_pattern="LLLG"),
      "sliding_window_pattern='LLLG' is not supported for exaone_moe"),
     ("exaone_moe-e8k2-groups-sliding-nope-dense-first", dict(mlp_layer_types=["dense", "moe", "sparse"]),
