@@ -74,12 +74,14 @@ REFUSED: dict[str, str] = {
     "qwen3_vl_moe_text": "multimodal rotary positions (M-RoPE)",
     "glm4v_moe_text": "multimodal rotary positions (M-RoPE)",
     "ernie4_5_vl_moe_text": "multimodal rotary positions (M-RoPE) and experts per modality",
+    "qwen3_omni_moe_text": "multimodal rotary positions (M-RoPE)",
     # multimodal
     "llama4": f"{_MULTIMODAL}; its text model saved as Llama4ForCausalLM (model_type llama4_text) is read",
     "kimi_k25": f"{_MULTIMODAL} (DeepSeek-V3's text model inside)",
     **{t: _MULTIMODAL for t in ("aria", "ernie4_5_vl_moe", "glm4v_moe", "qwen3_vl_moe", "qwen3_omni_moe", "qwen3_5_moe",
                                 "qwen4_exp", "step3p7", "dots3_note", "gemma4", "minimax_m3_vl", "inkling_mm_model",
-                                "inkling2", "inkling2_loop", "glm5_next", "mistral_large4", "hy_v4_vl")},
+                                "inkling2", "inkling2_loop", "glm5_next", "mistral_large4", "hy_v4_vl", "deepseek_ocr2",
+                                "unlimited_ocr", "muse_spark", "qwen3_omni_moe_thinker")},
 }
 
 
