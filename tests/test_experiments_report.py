@@ -28,6 +28,8 @@ def _without_tasks(results: dict) -> dict:
 
 def test_a_capacity_stage_without_tasks_renders_and_so_do_the_others(tmp_path):
     shutil.copytree(COMMITTED, tmp_path, dirs_exist_ok=True)
+    for stage in ("translation", "mt_gating"):  # the MT stages' committed results come from their own runs
+        shutil.copytree(os.path.join(ROOT, "experiments", "results", stage), tmp_path / stage, dirs_exist_ok=True)
     path = tmp_path / "capacity" / "results.json"
     results = _without_tasks(json.loads(path.read_text()))
     path.write_text(json.dumps(results))
@@ -35,7 +37,7 @@ def test_a_capacity_stage_without_tasks_renders_and_so_do_the_others(tmp_path):
 
     assert "could not render" not in text and "not run" not in text
     for heading in ("Straggler effect", "Capacity-aware token drop", "Static versus dynamic gating",
-                    "Expert buffering", "Expert placement"):
+                    "Expert buffering", "Expert placement", "Machine translation"):
         assert f"## {heading}" in text
     dropless = results["cells"][0]
     assert f"Dropless: perplexity {dropless['perplexity']:.2f}. Cells: perplexity / measured" in text
