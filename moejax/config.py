@@ -287,10 +287,12 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts",
                   "max_window_layers", "rotary_dim", "intermediate_size_mlp", "interleave_moe_layer_step",
                   "no_rope_layer_interval", "attention_chunk_size", "floor_scale", "num_shared_experts",
-                  "d_model", "n_heads", "n_layers", "max_seq_len", "kv_n_heads", "ffn_hidden_size", "moe_top_k")
+                  "d_model", "n_heads", "n_layers", "max_seq_len", "kv_n_heads", "ffn_hidden_size", "moe_top_k",
+                  "moe_topk")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
                  "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min",
-                 "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise", "moe_normalize_expert_weights")
+                 "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise", "moe_normalize_expert_weights",
+                 "router_scaling_factor")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
                "use_sliding_window", "use_qk_norm", "rope_interleave", "use_bias", "attn_temperature_tuning",
                "lm_head_bias")
@@ -326,7 +328,9 @@ _JSON_LISTS = {"mlp_only_layers": (is_integer, "a list of layer indices"),
                "moe_layers": (is_integer, "a list of layer indices"),  # Llama 4
                "no_rope_layers": (lambda v: v in (0, 1) and not isinstance(v, float), "a list of 0 / 1 flags"),
                "layer_types": (lambda v: isinstance(v, str), "a list of attention kinds (strings)"),
-               "mlp_layer_types": (lambda v: isinstance(v, str), "a list of 'dense' / 'sparse' (strings)")}
+               "mlp_layer_types": (lambda v: isinstance(v, str), "a list of 'dense' / 'sparse' (strings)"),
+               "layer_rope_theta": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                                    "a list of numbers (0: no rope)")}
 _JSON_SUB_CONFIGS = ("attn_config", "ffn_config")  # DBRX
 
 

@@ -250,7 +250,8 @@ def _glm4_moe_lite(hf: dict) -> dict:
     n = _get(hf, "num_hidden_layers")
     common = _common(hf)
     # Glm4MoeLiteConfig maps head_dim to qk_rope_head_dim, as DeepseekV3Config sets it
-    common.update(head_dim=_get(hf, "qk_rope_head_dim"), rope=_rope(hf, interleaved=bool(_get(hf, "rope_interleave", True))))
+    common.update(head_dim=_get(hf, "qk_rope_head_dim"),
+                  rope=_rope(hf, interleaved=bool(_get(hf, "rope_interleave", True))))
     return dict(common, **_latent_attention(hf), intermediate_size=_get(hf, "intermediate_size"),
                 moe_layers=_mlp_layer_types(hf, ["dense"] + ["sparse"] * (n - 1)),
                 **_sigmoid_router(hf, _get(hf, "n_routed_experts")))
@@ -326,8 +327,9 @@ def _dots1(hf: dict) -> dict:
 
 def _exaone_moe(hf: dict) -> dict:
     """K-EXAONE: per-head q/k RMSNorm before rope; sliding and full layers by layer_types (default: every
-    sliding_window_pattern-th layer full), the full ones rope-free (ExaoneMoeConfig always sets a sliding_window); DeepSeek-V3's
-    sigmoid router with shared experts; dense layers by mlp_layer_types (default: the first_k_dense_replace first)."""
+    sliding_window_pattern-th layer full), the full ones rope-free (ExaoneMoeConfig always sets a sliding_window);
+    DeepSeek-V3's sigmoid router with shared experts; dense layers by mlp_layer_types (default: the
+    first_k_dense_replace first)."""
     hf = {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "sliding_window": 4096, "sliding_window_pattern": 4,
           "first_k_dense_replace": 1, "num_experts": 64, "num_experts_per_tok": 8, "moe_intermediate_size": 1024,
           "num_shared_experts": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5, **hf}  # ExaoneMoeConfig's
@@ -358,7 +360,8 @@ def _solar_open(hf: dict) -> dict:
                          "solar_open (its attention rotates every dimension of a head); supported: 1.0")
     router = {**hf, "num_nextn_predict_layers": 0}  # transformers builds no multi-token-prediction layers here
     return dict(_common(hf), qkv_bias=bool(_get(hf, "attention_bias", False)),
-                moe_layers=(True,) * _get(hf, "num_hidden_layers"), **_sigmoid_router(router, _get(hf, "n_routed_experts")))
+                moe_layers=(True,) * _get(hf, "num_hidden_layers"),
+                **_sigmoid_router(router, _get(hf, "n_routed_experts")))
 
 
 def _hy_v3(hf: dict) -> dict:
@@ -375,7 +378,8 @@ def _hy_v3(hf: dict) -> dict:
               "topk_group": 1, "routed_scaling_factor": _get(hf, "router_scaling_factor"),
               # transformers skips the one multi-token-prediction layer after the decoder's (model.layers.80.*)
               "num_nextn_predict_layers": 1}
-    return dict(_common(hf), qkv_bias=bias, o_bias=bias, head_qk_norm=True, intermediate_size=_get(hf, "intermediate_size"),
+    return dict(_common(hf), qkv_bias=bias, o_bias=bias, head_qk_norm=True,
+                intermediate_size=_get(hf, "intermediate_size"),
                 moe_layers=_mlp_layer_types(hf, ["dense"] + ["sparse"] * (n - 1)),
                 **_sigmoid_router(router, _get(hf, "num_experts")))
 
@@ -393,9 +397,10 @@ def _flint(hf: dict) -> dict:
                                       for i in range(n)]
     return dict(_common(hf), qkv_bias=bias, o_bias=bias, head_qk_norm=True, attention_sinks=True,
                 layer_types=tuple(types), sliding_window=_get(hf, "sliding_window"),
-                rope_layers=tuple(t == "sliding_attention" for t in types), intermediate_size=_get(hf, "intermediate_size"),
-                moe_layers=_qwen_sparse_layers(hf, experts), num_experts=experts,
-                num_experts_per_tok=_get(hf, "num_experts_per_tok"), moe_intermediate_size=_get(hf, "moe_intermediate_size"),
+                rope_layers=tuple(t == "sliding_attention" for t in types),
+                intermediate_size=_get(hf, "intermediate_size"), moe_layers=_qwen_sparse_layers(hf, experts),
+                num_experts=experts, num_experts_per_tok=_get(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_get(hf, "moe_intermediate_size"),
                 norm_topk_prob=bool(_get(hf, "norm_topk_prob")), scoring_func="sigmoid",
                 shared_expert_intermediate_size=_get(hf, "shared_expert_intermediate_size"))
 
@@ -403,7 +408,8 @@ def _flint(hf: dict) -> dict:
 def _aria_text(hf: dict) -> dict:
     """Aria's text model: Llama's attention and rope, every layer MoE (experts of intermediate_size, the top-k
     logits softmaxed) with moe_num_shared_experts shared experts beside them."""
-    hf = {"intermediate_size": 4096, "moe_num_experts": 8, "moe_topk": 2, "moe_num_shared_experts": 2, **hf}  # AriaTextConfig's
+    hf = {"intermediate_size": 4096, "moe_num_experts": 8, "moe_topk": 2, "moe_num_shared_experts": 2,
+          **hf}  # AriaTextConfig's defaults
     if _get(hf, "mlp_bias", False):
         raise ValueError("config.json: mlp_bias=True is not supported for aria_text (biased shared experts)")
     if _get(hf, "hidden_act", "silu") not in ("silu", "swish"):

@@ -137,15 +137,16 @@ def _solar_open(c) -> dict:
 
 
 def _glm4_moe_lite(c) -> dict:
-    return dict(_latent_attention(c), **_routed(c), n_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
+    return dict(_latent_attention(c), **_routed(c),
+                n_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
                 intermediate_size=c.intermediate_size, mlp_layer_types=_mlp_layer_types(c),
                 rope_interleave=c.rope.interleaved, num_nextn_predict_layers=c.mtp_layers)
 
 
 def _dbrx(c) -> dict:
     # DbrxConfig's own names too: it sizes the experts from d_model, not from its alias hidden_size
-    return dict(d_model=c.hidden_size, n_heads=c.num_heads, n_layers=c.num_layers, max_seq_len=c.max_position_embeddings,
-                attn_config=dict(kv_n_heads=c.num_kv_heads, clip_qkv=c.clip_qkv, rope_theta=c.rope.theta),
+    return dict(d_model=c.hidden_size, n_heads=c.num_heads, n_layers=c.num_layers,
+                max_seq_len=c.max_position_embeddings, attn_config=dict(kv_n_heads=c.num_kv_heads, clip_qkv=c.clip_qkv, rope_theta=c.rope.theta),
                 ffn_config=dict(ffn_hidden_size=c.moe_intermediate_size, moe_num_experts=c.num_experts,
                                 moe_top_k=c.num_experts_per_tok, ffn_act_fn={"name": c.hidden_act},
                                 moe_normalize_expert_weights=1.0 if c.norm_topk_prob else None))
@@ -160,13 +161,13 @@ def _hy_v3(c) -> dict:
 
 
 def _flint(c) -> dict:
-    return dict(_qwen_moe(c), shared_expert_intermediate_size=c.shared_expert_intermediate_size, attention_bias=c.qkv_bias,
-                sliding_window=c.sliding_window, layer_types=[c.attention_kind(i) for i in range(c.num_layers)])
+    return dict(_qwen_moe(c), shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+                attention_bias=c.qkv_bias, sliding_window=c.sliding_window, layer_types=[c.attention_kind(i) for i in range(c.num_layers)])
 
 
 def _aria_text(c) -> dict:
-    return dict(moe_num_experts=c.num_experts, moe_topk=c.num_experts_per_tok, intermediate_size=c.moe_intermediate_size,
-                moe_num_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
+    return dict(moe_num_experts=c.num_experts, moe_topk=c.num_experts_per_tok,
+                intermediate_size=c.moe_intermediate_size, moe_num_shared_experts=c.shared_expert_intermediate_size // c.moe_intermediate_size,
                 attention_bias=c.qkv_bias)
 
 
@@ -187,8 +188,8 @@ def _granitemoe(c) -> dict:
 
 
 def _granitemoe_swa(c) -> dict:
-    return dict(_granitemoe(c), sliding_window=c.sliding_window, layer_types=[c.attention_kind(i) for i in range(c.num_layers)],
-                layer_rope_theta=[c.rope.theta if c.uses_rope(i) else 0 for i in range(c.num_layers)])
+    return dict(_granitemoe(c), sliding_window=c.sliding_window,
+                layer_types=[c.attention_kind(i) for i in range(c.num_layers)], layer_rope_theta=[c.rope.theta if c.uses_rope(i) else 0 for i in range(c.num_layers)])
 
 
 def _gpt_oss(c) -> dict:

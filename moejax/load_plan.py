@@ -261,7 +261,8 @@ def plan(model: CausalLM, names: set[str]) -> Plan:
         elif c.architecture == "gpt_oss":
             _gpt_oss_moe(result, layer.mlp, p)
         elif c.architecture == "llama4_text":
-            _in_out_moe(result, layer.mlp, f"{p}.feed_forward", "experts.gate_up_proj", "experts.down_proj", "shared_expert")
+            _in_out_moe(result, layer.mlp, f"{p}.feed_forward", "experts.gate_up_proj", "experts.down_proj",
+                        "shared_expert")
         elif c.architecture == "aria_text":
             _in_out_moe(result, layer.mlp, f"{p}.mlp", "experts.fc1.weight", "experts.fc2.weight", "shared_experts")
         else:

@@ -162,7 +162,8 @@ def _config_json(name, **changes):
      "ffn_config.moe_normalize_expert_weights=2.0 is not supported for dbrx"),
     ("dbrx-e4k2-clip", dict(rope_parameters=None, attn_config=dict(kv_n_heads=2, clip_qkv=8, rope_theta=500000)),
      "attn_config.rope_theta=500000 without rope_parameters: transformers 5 ignores it"),
-    ("dbrx-e4k2-clip", dict(attn_config=dict(kv_n_heads="2")), "attn_config.kv_n_heads='2' is invalid: must be an integer"),
+    ("dbrx-e4k2-clip", dict(attn_config=dict(kv_n_heads="2")),
+     "attn_config.kv_n_heads='2' is invalid: must be an integer"),
     ("dbrx-e4k2-clip", dict(ffn_config=[16]), r"ffn_config=\[16\] is invalid: must be an object"),
     ("granitemoe_swa-e4k2-window-nope-shared", dict(layer_rope_theta=[0, 1e4, 5e4]),
      r"layer_rope_theta=\[0, 10000.0, 50000.0\] is not supported: moejax rotates every rope layer with one theta"),
@@ -218,8 +219,9 @@ def test_sarvam_config_json_as_the_hub_writes_it_reads_as_transformers_maps_it()
     from moejax.config import from_hf_config
 
     moe = _config_json("sarvam_moe-e8k2-groups-qknorm-qkv-bias-dense-first")
-    hub = {{"n_routed_experts": "num_experts", "n_shared_experts": "num_shared_experts", "attention_bias": "use_qkv_bias",
-            "num_nextn_predict_layers": "num_mtp_layers"}.get(k, k): v for k, v in moe.items()}
+    alias = {"n_routed_experts": "num_experts", "n_shared_experts": "num_shared_experts",
+             "attention_bias": "use_qkv_bias", "num_nextn_predict_layers": "num_mtp_layers"}
+    hub = {alias.get(k, k): v for k, v in moe.items()}
     assert "n_routed_experts" not in hub and from_hf_config(hub) == from_hf_config(moe)
     mla = _config_json("sarvam_mla-e6k3-dense-first")
     yarn = dict(factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
