@@ -288,14 +288,14 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "max_window_layers", "rotary_dim", "intermediate_size_mlp", "interleave_moe_layer_step",
                   "no_rope_layer_interval", "attention_chunk_size", "floor_scale", "num_shared_experts",
                   "d_model", "n_heads", "n_layers", "max_seq_len", "kv_n_heads", "ffn_hidden_size", "moe_top_k",
-                  "moe_topk")
+                  "moe_topk", "num_mtp_layers")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
                  "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min",
                  "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise", "moe_normalize_expert_weights",
                  "router_scaling_factor")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
                "use_sliding_window", "use_qk_norm", "rope_interleave", "use_bias", "attn_temperature_tuning",
-               "lm_head_bias")
+               "lm_head_bias", "use_qkv_bias")
 
 
 def _check_json_types(hf: dict, within: str = "") -> None:
