@@ -8,7 +8,8 @@
   ./launch.sh reproduce --config=configs/reproduce.py:nllb_moe --config.mt_checkpoint=/data/nllb-moe-54b
 
 The argument after the colon names a model preset (default, olmoe, qwen_moe, deepseek_v2, mixtral, qwen3_moe,
-deepseek_v3, glm4_moe, granitemoe, ernie4_5_moe, dots1, minimax_m2, gpt_oss, llama4_text, phimoe; nllb_moe: the MT stages only, on an NLLB-MoE
+deepseek_v3, glm4_moe, granitemoe, ernie4_5_moe, dots1, minimax_m2, gpt_oss, llama4_text, phimoe, exaone_moe, solar_open, glm4_moe_lite, sarvam_moe, dbrx, hy_v3, flint,
+aria_text, granitemoe_swa; nllb_moe: the MT stages only, on an NLLB-MoE
 checkpoint) and/or "quick". The LM stages run on `checkpoint`, the MT stages (translation: quality, decoder routing,
 buffering, placement and capacity-aware drop on MT; mt_gating: static vs dynamic gating on MT layer shapes) on
 `mt_checkpoint` (the default preset: the trained default MT model, experiments/mt_model; the LM presets run the LM
@@ -41,6 +42,15 @@ PRESETS = {
     "gpt_oss": dict(checkpoint="", num_devices=8),        # gpt-oss-20b / 120b: 32 / 128 experts (MXFP4 dequantized)
     "llama4_text": dict(checkpoint="", num_devices=8),    # Llama 4 Scout / Maverick text: 16 / 128 experts, top-1
     "phimoe": dict(checkpoint="", num_devices=8),         # Phi-3.5-MoE: 16 experts, top-2
+    "exaone_moe": dict(checkpoint="", num_devices=8),     # K-EXAONE
+    "solar_open": dict(checkpoint="", num_devices=8),     # Solar Open
+    "glm4_moe_lite": dict(checkpoint="", num_devices=8),  # GLM-4.7-Flash
+    "sarvam_moe": dict(checkpoint="", num_devices=8),     # Sarvam-30B
+    "dbrx": dict(checkpoint="", num_devices=8),           # DBRX: 16 experts, top-4
+    "hy_v3": dict(checkpoint="", num_devices=8),          # Hy3
+    "flint": dict(checkpoint="", num_devices=8),
+    "aria_text": dict(checkpoint="", num_devices=8),      # Aria's text model
+    "granitemoe_swa": dict(checkpoint="", num_devices=8),
     "mixtral": dict(checkpoint="", num_devices=8),        # one expert per GPU, as He et al.
     "nllb_moe": dict(checkpoint=None, num_devices=8, mt_checkpoint=""),  # NLLB-MoE-54B (128 experts): MT stages only
 }
