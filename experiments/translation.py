@@ -57,7 +57,7 @@ def load(config):
 
 def moe_stacks(model) -> list[str]:
     """'encoder' or 'decoder' per MoE block, in model.moe_blocks() order (the order of recorded loads)."""
-    return ["encoder" if b.layer < model.config.encoder_layers else "decoder" for b in model.moe_blocks()]
+    return [layer.stack for layer in model.layers if layer.is_moe]
 
 
 def quality_cell(model, tokenizer, pairs, encoded, config, name: str = "dropless") -> dict:
@@ -162,10 +162,10 @@ def _routed_and_kept(model, encoded, batch_size: int) -> tuple[np.ndarray, np.nd
 def _counts(graphdef, state, source, source_mask, target, target_mask):
     model = nnx.merge(graphdef, state)
     out = model.forward(source, target[:, :-1], source_mask=source_mask, decoder_mask=target_mask[:, :-1])
-    masks = {"encoder": source_mask.reshape(-1), "decoder": target_mask[:, :-1].reshape(-1)}
-    moe = list(zip([r for r in out.routings if r is not None], moe_stacks(model)))
+    moe = [(r, source_mask.reshape(-1)) for r in out.encoder_routings if r is not None]
+    moe += [(r, target_mask[:, :-1].reshape(-1)) for r in out.decoder_routings if r is not None]
     k = model.config.num_experts_per_tok
-    routed = jnp.stack([stats.expert_counts(r, kept=False, token_mask=masks[s], top_k=k) for r, s in moe])
+    routed = jnp.stack([stats.expert_counts(r, kept=False, token_mask=m, top_k=k) for r, m in moe])
     return routed, jnp.stack([stats.expert_counts(r) for r, _ in moe])
 
 
