@@ -5,7 +5,7 @@ transformers).
   python experiments/bench_decode.py --workdir=workdir/bench_decode
   python experiments/bench_decode.py --config=configs/bench_decode.py:quick --workdir=workdir/bench_decode_quick
 
-Variants: "" (batches 1 and 8, 32 new tokens, 5 repeats) and "quick" (batch 1, 8 new tokens, 2 repeats).
+Variants: "" (batches 1, 8 and 32, 32 new tokens, 5 repeats) and "quick" (batch 1, 8 new tokens, 2 repeats).
 """
 
 import ml_collections
@@ -26,13 +26,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # how moejax's MoE blocks hold their experts (load_pretrained's expert_storage), each timed side by side:
     # "split" experts are read in place by the CPU's experts step, "stacked" ones (the default) copied first
     config.expert_storages = ("split", "stacked")
-    config.batches = (1,) if quick else (1, 8)
+    config.batches = (1,) if quick else (1, 8, 32)
     config.prompt_tokens = 64  # per row (equal lengths: no padding on either side)
     config.new_tokens = 8 if quick else 32  # greedy, min_new_tokens = max_new_tokens on the transformers side
     config.repeats = 2 if quick else 5  # timed rounds after one warm-up round (median)
     config.copy_mib = 1024  # the larger of the arrays whose copy and sum measure the memory bandwidth
-    # transformers' torch threads (0: torch's default, 2 here). On this shared 2-core machine, under other load,
-    # 2 threads stall at OpenMP barriers: 60-220 ms per decode step against 7 ms with 1 (measured alone)
-    config.torch_threads = 1
+    # transformers is timed once per torch thread count (0: torch's default, one per core), each in a process of
+    # its own, and every ratio is taken against the fastest: on this shared 2-core machine under other load, 2
+    # threads stall at OpenMP barriers (60-220 ms a step against 7 ms with 1); alone, 2 threads are the faster
+    config.torch_threads = (1, 0)
     config.router_scale = 8.0  # routers scaled up so that float rounding cannot flip a top-k choice
     return config

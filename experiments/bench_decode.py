@@ -5,10 +5,11 @@ round robin, so a slow spell of this shared machine hits every side alike):
   * moejax.generate, once per expert storage of the config's `expert_storages` (load_pretrained's
     expert_storage: "split" experts read in place, the default "stacked" ones copied per active expert on the
     CPU), and transformers' generate (torch, eager, its default KV cache; in a helper process, see
-    TransformersSide) on the same checkpoint and prompts, greedy, exactly `new_tokens` new tokens each
+    bench_forward.TransformersSide), once per torch thread count of the config, on the same checkpoint and
+    prompts, greedy, exactly `new_tokens` new tokens each
     (min_new_tokens on the transformers side, no stop tokens on ours), and each again with one new token (the
     prefill and its token alone). A decode step's time is the difference over new_tokens - 1 steps, so decode
-    tokens/s = batch / step time; ratio = moejax step time / transformers step time (target <= 0.8).
+    tokens/s = batch / step time; ratio = moejax step time / the fastest transformers step time (target <= 0.8).
     End-to-end tokens/s (prefill included) and each storage's first call (compiling the prefill and the decode
     loop) are recorded too;
   * the tokens-equal check: per storage, the fraction of new tokens on which moejax and transformers agree
@@ -39,7 +40,7 @@ from flax import nnx
 
 import harness
 import moejax
-from bench_forward import hf_checkpoint, require_test_extras
+from bench_forward import fastest, hf_checkpoint, require_test_extras, transformers_sides
 from moejax.models.attention import init_cache
 from moejax.results import Results
 
@@ -75,48 +76,6 @@ def bandwidth_calls(sizes: dict[str, int]) -> tuple[dict, dict]:
     return calls, moved
 
 
-class TransformersSide:
-    """transformers' generate in a helper process, driven over a pipe: in one process, XLA:CPU's and torch's
-    thread pools spin while the other works and slow both several-fold on a 2-core machine (transformers
-    most). Each call blocks until the helper's generate is done, so round-robin timing works as in-process."""
-
-    def __init__(self, directory: str, threads: int = 0):
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.process = context.Process(target=_transformers_helper, args=(directory, threads, child),
-                                       daemon=True)
-        self.process.start()
-        self.info = self.connection.recv()  # loaded: torch threads, experts implementation
-
-    def generate(self, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
-        self.connection.send((prompt, new_tokens))
-        return self.connection.recv()
-
-    def close(self):
-        self.connection.send(None)
-        self.process.join()
-
-
-def _transformers_helper(directory: str, threads: int, connection) -> None:
-    import torch
-    import transformers
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-    connection.send({"torch_threads": torch.get_num_threads(),
-                     "hf_experts_implementation": getattr(model.config, "_experts_implementation", None)})
-    while (request := connection.recv()) is not None:
-        prompt, new = request
-        prompt = torch.from_numpy(prompt.astype(np.int64))
-        with torch.no_grad():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-        connection.send(out[:, prompt.shape[1]:].numpy())
-
-
 def bench_cell(config, name: str, batch: int) -> dict:
     shape = config.models[name]
     prompt = np.random.default_rng(batch).integers(1, shape.vocab, size=(batch, config.prompt_tokens)).astype(np.int32)
@@ -127,25 +86,26 @@ def bench_cell(config, name: str, batch: int) -> dict:
                       eos_token_id=None, pad_token_id=0)
         models = {storage: moejax.load_pretrained(directory, expert_storage=storage)
                   for storage in config.expert_storages}
-        hf = TransformersSide(directory, config.torch_threads)
+        hf = transformers_sides(directory, config.torch_threads)
     try:
         return timed_cell(config, name, batch, models, hf, prompt)
     finally:
-        hf.close()
+        for side in hf.values():
+            side.close()
 
 
-def timed_cell(config, name: str, batch: int, models: dict, hf: TransformersSide, prompt: np.ndarray) -> dict:
-    """models: expert storage -> the moejax model loaded with it."""
+def timed_cell(config, name: str, batch: int, models: dict, hf: dict, prompt: np.ndarray) -> dict:
+    """models: expert storage -> the moejax model loaded with it; hf: transformers_sides (one per thread count)."""
     shape = config.models[name]
     p, n = config.prompt_tokens, config.new_tokens
 
     def ours(storage, new):
         return lambda: np.asarray(moejax.generate(models[storage], prompt, new, stop_tokens=(), cache_size=p + n))
 
-    def theirs(new):
-        return lambda: hf.generate(prompt, new)
+    def theirs(side, new):
+        return lambda: hf[side].generate(prompt, new)
 
-    expected = theirs(n)()
+    expected = theirs(next(iter(hf)), n)()
     equal, first_call = {}, {}
     for storage in models:  # each storage's first call compiles its prefill and decode loop
         start = time.perf_counter()
@@ -154,13 +114,15 @@ def timed_cell(config, name: str, batch: int, models: dict, hf: TransformersSide
         equal[storage] = float(np.mean(tokens == expected))
     need = step_bytes(next(iter(models.values())), p, n)  # the probes read an array of a token's bytes
     probes, moved = bandwidth_calls({"token": need["total"], "large": config.copy_mib * 2**20})
-    sides = [f"moejax_{storage}" for storage in models] + ["transformers"]
+    sides = [f"moejax_{storage}" for storage in models] + list(hf)
     calls = {**{f"moejax_{s}": ours(s, n) for s in models}, **{f"moejax_{s}_prefill": ours(s, 1) for s in models},
-             "transformers": theirs(n), "transformers_prefill": theirs(1), **probes}
+             **{side: theirs(side, n) for side in hf}, **{f"{side}_prefill": theirs(side, 1) for side in hf},
+             **probes}
     rounds = harness.interleaved_seconds(calls, config.repeats)
     times = {k: float(np.median(t)) for k, t in rounds.items()}
     cell = {"model": name, "batch": batch, "shape": shape.to_dict(), "tokens_equal": equal,
-            "first_call_seconds": first_call, **hf.info, "transformers_in": "a helper process (see TransformersSide)",
+            "first_call_seconds": first_call, "transformers_sides": {side: hf[side].info for side in hf},
+            "transformers_in": "helper processes (bench_forward.TransformersSide)",
             "seconds": times, "min_seconds": {k: float(np.min(t)) for k, t in rounds.items()}}
     best = cell["min_seconds"]
     step = {(side, of): max(t[side] - t[f"{side}_prefill"], 1e-9) / (n - 1)
@@ -169,7 +131,8 @@ def timed_cell(config, name: str, batch: int, models: dict, hf: TransformersSide
         cell[side] = {"step_ms": step[side, "median"] * 1e3, "decode_tokens_per_s": batch / step[side, "median"],
                       "end_to_end_tokens_per_s": batch * n / times[side],
                       "best_step_ms": step[side, "best"] * 1e3}
-    cell["ratio_moejax_over_transformers"] = {s: cell[f"moejax_{s}"]["step_ms"] / cell["transformers"]["step_ms"]
+    baseline = cell["baseline"] = fastest({side: cell[side]["step_ms"] for side in hf})
+    cell["ratio_moejax_over_transformers"] = {s: cell[f"moejax_{s}"]["step_ms"] / cell[baseline]["step_ms"]
                                               for s in models}
     cell["bandwidth_gb_s"] = {k: moved[k] / times[k] / 1e9 for k in probes}
     cell["best_bandwidth_gb_s"] = {k: moved[k] / best[k] / 1e9 for k in probes}
@@ -186,13 +149,13 @@ def timed_cell(config, name: str, batch: int, models: dict, hf: TransformersSide
 
 
 def describe(cell: dict) -> str:
-    theirs = cell["transformers"]
-    lines = [f"{cell['model']:>8} batch {cell['batch']:>2}: transformers {theirs['decode_tokens_per_s']:7.1f} tok/s "
-             f"({theirs['step_ms']:.2f} ms/step)"]
+    theirs = ", ".join(f"{cell[side]['decode_tokens_per_s']:.1f} tok/s ({cell[side]['step_ms']:.2f} ms/step) with "
+                       f"{info['torch_threads']} torch threads" for side, info in cell["transformers_sides"].items())
+    lines = [f"{cell['model']:>8} batch {cell['batch']:>2}: transformers {theirs}"]
     for storage, ratio in cell["ratio_moejax_over_transformers"].items():
         ours = cell[f"moejax_{storage}"]
         lines.append(f"{'':>8}  moejax, {storage} experts: {ours['decode_tokens_per_s']:7.1f} tok/s "
-                     f"({ours['step_ms']:.2f} ms/step)  ratio {ratio:.2f} (target <= 0.8)  tokens equal "
+                     f"({ours['step_ms']:.2f} ms/step)  ratio to the fastest transformers {ratio:.2f} (target <= 0.8)  tokens equal "
                      f"{cell['tokens_equal'][storage]:.3f}  first call {cell['first_call_seconds'][storage]:.1f} s")
     if "roofline" in cell:
         r = cell["roofline"]
