@@ -211,36 +211,52 @@ def tiled_attention(q, k, v, allowed, scale, query_offset: int, block: int = _BL
     """reference_attention in blocks of `block` queries x `block` keys (flash-attention style): each query
     block visits only the key blocks at or before its last slot (query i sits at slot query_offset + i;
     later slots are never allowed, causal by slot), with an online softmax (running max and sum), so no
-    work is done on blocks the causal mask removes and each block's scores stay in cache. `allowed` still
-    masks inside every visited block (padding, sliding windows). Sinks start each query's running max and
-    sum (max = the sink, sum = 1). -> [B,T,H,Dv] f32."""
+    work is done on blocks the causal mask removes and each block's scores stay in cache. `allowed` masks
+    inside the blocks that cross the causal diagonal, and inside a block wholly before it only where it
+    removes a key there (padding, sliding windows, chunks): a run-time check per block, since the select
+    costs a fifth of the attention's time on XLA:CPU (experiments/results/bench_forward_cpu.md). Sinks
+    start each query's running max and sum (max = the sink, sum = 1). -> [B,T,H,Dv] f32."""
     q, k, v = _grouped(q, k, v, scale)
     t, s = q.shape[3], k.shape[2]
     bias = None if bias is None else _grouped_bias(bias, k.shape[1])
+
+    def visit(carry, qb, kb, vb, bias_block, mask, masked: bool):
+        """The online-softmax update of a query block qb by a key block kb, vb (its bias, its mask)."""
+        peak, total, acc = carry
+        logits = jnp.einsum("bkgtd,bksd->bkgts", qb, kb, preferred_element_type=jnp.float32)
+        if bias_block is not None:
+            logits = logits + bias_block
+        if masked:
+            logits = jnp.where(mask[:, None, None], logits, _MASKED)
+        new_peak = jnp.maximum(peak, logits.max(axis=-1, keepdims=True))
+        probs = jnp.exp(logits - new_peak)
+        rescale = jnp.exp(peak - new_peak)
+        total = total * rescale + probs.sum(axis=-1, keepdims=True)
+        acc = acc * rescale + jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), vb,
+                                         preferred_element_type=jnp.float32)
+        return new_peak, total, acc
+
     outs = []
     for q0 in range(0, t, block):
         q1 = min(t, q0 + block)
         qb = q[:, :, :, q0:q1]
-        top = (*qb.shape[:-1], 1)
+        top = (*q.shape[:3], q1 - q0, 1)
         if sinks is None:
             peak, total = jnp.full(top, _MASKED, jnp.float32), jnp.zeros(top, jnp.float32)
         else:
             peak, total = jnp.broadcast_to(_grouped_sinks(sinks, k.shape[1]), top), jnp.ones(top, jnp.float32)
-        acc = jnp.zeros((*qb.shape[:-1], v.shape[-1]), jnp.float32)
+        carry = peak, total, jnp.zeros((*top[:-1], v.shape[-1]), jnp.float32)
         for k0 in range(0, min(s, query_offset + q1), block):
             k1 = min(s, k0 + block, query_offset + q1)
-            logits = jnp.einsum("bkgtd,bksd->bkgts", qb, k[:, :, k0:k1], preferred_element_type=jnp.float32)
-            if bias is not None:
-                logits = logits + bias[..., q0:q1, k0:k1]
-            logits = jnp.where(allowed[:, None, None, q0:q1, k0:k1], logits, _MASKED)
-            new_peak = jnp.maximum(peak, logits.max(axis=-1, keepdims=True))
-            probs = jnp.exp(logits - new_peak)
-            rescale = jnp.exp(peak - new_peak)
-            total = total * rescale + probs.sum(axis=-1, keepdims=True)
-            acc = acc * rescale + jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v[:, :, k0:k1],
-                                             preferred_element_type=jnp.float32)
-            peak = new_peak
-        outs.append(acc / total)
+            # the blocks go into the branches as operands, not closures (which pass the whole k and v)
+            blocks = (qb, k[:, :, k0:k1], v[:, :, k0:k1], None if bias is None else bias[..., q0:q1, k0:k1],
+                      allowed[:, q0:q1, k0:k1])
+            if k1 - 1 <= query_offset + q0:  # every key at or before the block's first query: causal throughout
+                carry = jax.lax.cond(jnp.all(blocks[-1]), lambda c, b: visit(c, *b, masked=False),
+                                     lambda c, b: visit(c, *b, masked=True), carry, blocks)
+            else:
+                carry = visit(carry, *blocks, masked=True)
+        outs.append(carry[2] / carry[1])
     return _ungrouped(jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0])
 
 
