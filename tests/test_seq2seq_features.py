@@ -212,3 +212,17 @@ def test_a_load_trace_of_both_stacks_fits_a_placement(models):
         np.testing.assert_array_equal(trace[0, j], np.bincount(experts.reshape(-1), minlength=8))
     device_of_expert = placement.greedy(trace[:, 0].mean(axis=0), 4)
     assert sorted(np.bincount(device_of_expert, minlength=4)) == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("name", ["nllb-e6-expert-capacity-binding", "switch-e4-one-sparse"])
+def test_split_experts_give_the_stacked_models_logits_and_tokens(tmp_path_factory, name):
+    _, stacked, directory = seq2seq_hf_models.loader(tmp_path_factory)(name)
+    split = seq2seq.load_pretrained(directory, expert_storage="split")
+    assert {b.expert_storage for b in split.moe_blocks()} == {"split"}
+    sources, mask = padded(pad=stacked.config.pad_token_id)
+    np.testing.assert_allclose(np.asarray(split(sources, DECODER_INPUT, source_mask=mask)),
+                               np.asarray(stacked(sources, DECODER_INPUT, source_mask=mask)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(moejax.generate(split, SOURCES, 6)),
+                                  np.asarray(moejax.generate(stacked, SOURCES, 6)))
+    with pytest.raises(ValueError, match="expert_storage='split' is for a model on one device"):
+        seq2seq.load_pretrained(directory, mesh=parallel.make_mesh(), expert_storage="split")

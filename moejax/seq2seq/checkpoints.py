@@ -20,6 +20,7 @@ from moejax.checkpoints import (_check_policy, _float_dtype, _read_json, _Tensor
                                 fill_from_checkpoint, write_checkpoint)
 from moejax.load_plan import Plan, PlanItem
 from moejax.models import with_expert_storage
+from moejax.models.moe import check_expert_storage
 from moejax.seq2seq.config import NLLB_MOE, Seq2SeqConfig, from_hf_config
 from moejax.seq2seq.model import EncoderDecoderLM, Seq2SeqLayer
 
@@ -134,13 +135,19 @@ def _plan(model: EncoderDecoderLM, names: set[str]) -> Plan:
 
 
 def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
-                    gating: str | None = None, **parallel_options) -> EncoderDecoderLM:
+                    gating: str | None = None, expert_storage: str = "stacked",
+                    **parallel_options) -> EncoderDecoderLM:
     """An EncoderDecoderLM from a Hugging Face NLLB-MoE or Switch Transformers checkpoint directory, its
     parameters cast to `dtype`. policy None keeps the family's own capacity (moejax.seq2seq.moe); with a
-    `mesh` the MoE blocks of both stacks run expert-parallel (moejax.parallel.expert_parallel)."""
+    `mesh` the MoE blocks of both stacks run expert-parallel (moejax.parallel.expert_parallel).
+    expert_storage: "stacked" or "split" (faster decode on the CPU), as moejax.load_pretrained's."""
     path = checkpoint_directory(path)
     dtype = _float_dtype(dtype)
     _check_policy(policy)
+    check_expert_storage(expert_storage)
+    if mesh is not None and expert_storage != "stacked":
+        raise ValueError(f"load_pretrained: expert_storage={expert_storage!r} is for a model on one device; "
+                         "expert parallelism (mesh=) shards stacked experts")
     if mesh is None and (gating is not None or parallel_options):
         raise ValueError("load_pretrained: gating and expert-parallel options need a mesh= (moejax.parallel.make_mesh())")
     if checkpoint_kind(path) not in ("huggingface", "both"):
@@ -154,6 +161,8 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
         f"{_root(config)}shared.weight"}
     fill_from_checkpoint(_plan(model, names), tensors, path, config.architecture,
                          lambda name: bool(_IGNORED.match(name)) or name in copies)
+    for block in model.moe_blocks():  # the model is ours alone: each block's stacked experts go once split
+        block.hold_experts(expert_storage)
     if mesh is not None:
         from moejax import parallel
 
