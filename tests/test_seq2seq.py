@@ -3,6 +3,7 @@ built from a config: float32 logits for (source, decoder input) pairs, greedy ge
 different lengths, the families' own capacity where it binds, the config readers' refusals, and an exported
 nllb-moe checkpoint that transformers loads to the same logits."""
 
+import dataclasses
 import json
 import os
 
@@ -136,13 +137,16 @@ def jax_key(seed):
     return jax.random.key(seed)
 
 
-def test_export_nllb_moe_loads_in_transformers_with_identical_logits_and_back(checkpoints, tmp_path):
-    reference, model, _ = checkpoints("nllb-e8-all-sparse-binding-prioritized-untied")
+@pytest.mark.parametrize("name", ["nllb-e8-all-sparse-binding-prioritized-untied", "switch-e4-one-sparse",
+                                  "switch-e8-all-sparse-binding-untied"])
+def test_export_loads_in_transformers_with_identical_logits_and_back(checkpoints, tmp_path, name):
+    reference, model, _ = checkpoints(name)
     seq2seq.export_pretrained(model, tmp_path / "exported")
-    import transformers
-
-    exported = transformers.NllbMoeForConditionalGeneration.from_pretrained(tmp_path / "exported").eval()
-    seq2seq_hf_models.use_fairseq_experts(exported)
+    with open(tmp_path / "exported" / "config.json") as f:
+        assert json.load(f)["model_type"] == model.config.architecture
+    exported = type(reference).from_pretrained(tmp_path / "exported").eval()
+    if model.config.architecture == "nllb-moe":
+        seq2seq_hf_models.use_fairseq_experts(exported)
     sources, mask, decoder_ids = batch(reference, seed=2)
     expected = reference_logits(reference, sources, mask, decoder_ids)
     np.testing.assert_allclose(reference_logits(exported, sources, mask, decoder_ids), expected, rtol=0, atol=0)
@@ -222,3 +226,14 @@ def test_the_decoder_only_loader_points_an_encoder_decoder_checkpoint_to_moejax_
     with pytest.raises(ValueError, match=r"'switch_transformers' is an encoder-decoder model: load it with "
                                          r"moejax.seq2seq.load_pretrained"):
         moejax.load_pretrained(directory)
+
+
+def test_a_layout_switch_transformers_cannot_express_is_refused_naming_the_field(checkpoints):
+    _, model, _ = checkpoints("switch-e4-one-sparse")
+    layers = model.config.encoder_layers
+    # layer 0 alone sparse: SwitchTransformersConfig makes layer i sparse where i % step == 1 (all for step 1)
+    config = dataclasses.replace(model.config, encoder_moe_layers=(True,) + (False,) * (layers - 1))
+    with pytest.raises(ValueError, match=r"encoder_moe_layers=\(True, False.*num_sparse_encoder_layers"):
+        seq2seq.to_hf_config(config)
+    with pytest.raises(ValueError, match="encoder_ffn_dim / decoder_ffn_dim"):
+        seq2seq.to_hf_config(dataclasses.replace(model.config, decoder_ffn_dim=model.config.encoder_ffn_dim + 8))

@@ -21,7 +21,7 @@ from moejax.checkpoints import (_check_policy, _float_dtype, _read_json, _Tensor
 from moejax.load_plan import Plan, PlanItem
 from moejax.models import with_expert_storage
 from moejax.models.moe import check_expert_storage
-from moejax.seq2seq.config import NLLB_MOE, Seq2SeqConfig, from_hf_config
+from moejax.seq2seq.config import NLLB_MOE, SWITCH, Seq2SeqConfig, from_hf_config
 from moejax.seq2seq.model import EncoderDecoderLM, Seq2SeqLayer
 
 # Tensors a checkpoint may carry that moejax recomputes (NLLB's sinusoid table).
@@ -175,10 +175,12 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
 
 
 def to_hf_config(config: Seq2SeqConfig, dtype="float32") -> dict:
-    """The nllb-moe config.json of `config`; fails naming the field NllbMoeConfig cannot express."""
-    c = config
-    if c.architecture != NLLB_MOE:
-        raise ValueError(f"export to {c.architecture} is not supported; supported: {NLLB_MOE}")
+    """The config.json of `config` in its own family (nllb-moe or switch_transformers): the inverse of
+    seq2seq.config.from_hf_config; fails naming the field the family's config cannot express."""
+    return {NLLB_MOE: _nllb_moe_config, SWITCH: _switch_config}[config.architecture](config, str(dtype))
+
+
+def _nllb_moe_config(c: Seq2SeqConfig, dtype: str) -> dict:
 
     def step(flags: tuple[bool, ...], stack: str) -> int:
         # NllbMoeConfig places MoE layers where (i + 1) % step == 0 (none for a step of 0)
@@ -205,17 +207,51 @@ def to_hf_config(config: Seq2SeqConfig, dtype="float32") -> dict:
         "moe_token_dropout": 1.0 - c.expert_output_scale, "pad_token_id": c.pad_token_id,
         "bos_token_id": c.bos_token_id,
         "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
-        "decoder_start_token_id": c.decoder_start_token_id, "dtype": str(dtype),
+        "decoder_start_token_id": c.decoder_start_token_id, "dtype": dtype,
         # training-only settings, at transformers' defaults' inference value (ignored by moejax)
         "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
         "decoder_layerdrop": 0.0,
     }
 
 
+def _switch_config(c: Seq2SeqConfig, dtype: str) -> dict:
+    def sparse_layers(flags: tuple[bool, ...], stack: str) -> int:
+        # SwitchTransformersConfig's rule (seq2seq.config._switch): step = layers // sparse layers (layers for
+        # none), a layer sparse when i % step == 1 or step == 1
+        n = len(flags)
+        for sparse in range(n + 1):
+            step = n // sparse if sparse > 0 else n
+            if flags == tuple(step > 0 and (i % step == 1 or step == 1) for i in range(n)):
+                return sparse
+        raise ValueError(f"cannot export as {SWITCH}: {stack}_moe_layers={flags} is no num_sparse_{stack}_layers' "
+                         "pattern")
+
+    for a, b, name in ((c.encoder_ffn_dim, c.decoder_ffn_dim, "encoder_ffn_dim / decoder_ffn_dim"),
+                       (c.encoder_heads, c.decoder_heads, "encoder_heads / decoder_heads")):
+        if a != b:
+            raise ValueError(f"cannot export as {SWITCH}: {name} = {a} / {b}; SwitchTransformersConfig has one value")
+    return {
+        "model_type": SWITCH, "architectures": ["SwitchTransformersForConditionalGeneration"],
+        "is_encoder_decoder": True, "vocab_size": c.vocab_size, "d_model": c.hidden_size, "d_kv": c.head_dim,
+        "d_ff": c.encoder_ffn_dim, "num_layers": c.encoder_layers, "num_decoder_layers": c.decoder_layers,
+        "num_sparse_encoder_layers": sparse_layers(c.encoder_moe_layers, "encoder"),
+        "num_sparse_decoder_layers": sparse_layers(c.decoder_moe_layers, "decoder"), "num_heads": c.encoder_heads,
+        "num_experts": c.num_experts, "expert_capacity": c.expert_capacity, "router_bias": c.router_bias,
+        "router_dtype": "float32", "router_ignore_padding_tokens": False, "dense_act_fn": c.hidden_act,
+        "layer_norm_epsilon": c.norm_eps, "relative_attention_num_buckets": c.relative_attention_num_buckets,
+        "relative_attention_max_distance": c.relative_attention_max_distance,
+        "tie_word_embeddings": c.tie_word_embeddings, "pad_token_id": c.pad_token_id, "bos_token_id": c.bos_token_id,
+        "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
+        "decoder_start_token_id": c.decoder_start_token_id, "dtype": dtype,
+        # training-only settings at their inference value (ignored by moejax)
+        "dropout_rate": 0.0, "router_jitter_noise": 0.0,
+    }
+
+
 def export_pretrained(model: EncoderDecoderLM, directory: str, tokenizer=None) -> None:
-    """Write `model` as an nllb-moe Hugging Face checkpoint (config.json + model.safetensors, and the
+    """Write `model` as a Hugging Face checkpoint of its family (config.json + model.safetensors, and the
     `tokenizers` tokenizer as tokenizer.json if given): the inverse of load_pretrained, which transformers'
-    NllbMoeForConditionalGeneration loads too. Expert-parallel models are exported from their single-device
+    NllbMoeForConditionalGeneration or SwitchTransformersForConditionalGeneration loads too. Expert-parallel models are exported from their single-device
     originals."""
     if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
