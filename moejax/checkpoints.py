@@ -150,14 +150,11 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     the given gating ("dynamic", the default, or "static") and options (see moejax.parallel.expert_parallel).
     expert_storage: how the MoE blocks hold their routed experts, "stacked" or "split" (faster decode on the
     CPU; see moejax.with_expert_storage), split one field of one block at a time once loaded (no second
-    copy of the experts)."""
+    copy of the experts); with a mesh, each device's local experts split."""
     path = checkpoint_directory(path)
     dtype = _float_dtype(dtype)
     _check_policy(policy)
     check_expert_storage(expert_storage)
-    if mesh is not None and expert_storage != "stacked":
-        raise ValueError(f"load_pretrained: expert_storage={expert_storage!r} is for a model on one device; "
-                         "expert parallelism (mesh=) shards stacked experts")
     if mesh is None:
         if gating is not None or parallel_options:
             given = dict(parallel_options, **({} if gating is None else {"gating": gating}))

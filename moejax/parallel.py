@@ -41,7 +41,8 @@ from moejax import dispatch, experts as experts_lib
 from moejax.config import is_integer
 from moejax import kernels
 from moejax.layout import DATA, EXPERT, Layout, make_mesh  # noqa: F401 (make_mesh: re-exported)
-from moejax.models import with_experts, with_runtime
+from moejax.models import with_expert_storage, with_experts, with_runtime
+from moejax.models.moe import EXPERT_FIELDS
 from moejax.routing import Routing
 
 GATINGS = ("dynamic", "static")
@@ -135,10 +136,19 @@ def expert_parallel_ffn(x: jax.Array, r: Routing, weights: experts_lib.ExpertWei
                          device_of_expert=jnp.asarray(device_of_expert), slot_of_expert=jnp.asarray(slot_of_expert))
     every_leaf_by_expert = jax.tree.map(lambda _: P(EXPERT), expert_weights)  # the ExpertWeights' present leaves
     out, needed, kept = jax.shard_map(
-        body, mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, every_leaf_by_expert),
+        lambda x, e, k, w, experts: body(x, e, k, w, _local(experts)), mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, every_leaf_by_expert),
         out_specs=(tokens, P(), tokens), check_vma=False,
     )(x, experts, keep, weights.astype(jnp.float32), expert_weights)
     return experts_lib.ExpertsOutput(out[:n], kept[:n], needed)
+
+
+def _local(expert_weights):
+    """A device's share of the experts inside shard_map: stacked [local experts, ...] as they are; split
+    ones (expert_parallel of a split model: one array [1, ...] per local slot) as this device's SplitExperts,
+    each array read in place."""
+    if isinstance(expert_weights, kernels.SplitExperts):
+        return kernels.SplitExperts(tuple(jax.tree.map(lambda a: a[0], e) for e in expert_weights.experts))
+    return expert_weights
 
 
 def _dynamic(x, experts, keep, weights, expert_weights, *, ep, num_dev, activation, device_of_expert,
@@ -268,8 +278,10 @@ def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placement=Non
     if backend.gating == "static" and backend.capacity_fraction < 1:  # >= 1: a slot for every token, no drop
         warnings.warn(static_gating_note(backend.capacity_fraction), UserWarning, stacklevel=2)
     blocks = model.moe_blocks()
-    for block in blocks:
-        block.require_stacked_experts("expert parallelism")
+    split = {block.expert_storage for block in blocks} == {"split"}
+    if split:  # permuted and sharded stacked, then each device's local experts split (below)
+        model = with_expert_storage(model, "stacked")
+        blocks = model.moe_blocks()
     if placements is not None:
         if placement is not None:
             raise ValueError("expert_parallel: pass placement= (every block) or placements= (one per block), not both")
@@ -283,11 +295,20 @@ def expert_parallel(model, mesh: Mesh, gating: str = "dynamic", *, placement=Non
         runtimes.append(dataclasses.replace(block.runtime, experts=backend, layout=layout))
     new = nnx.clone(with_runtime(model, runtimes))  # new Variables: set_value below must not touch `model`
     expert_weights = set()
+    by_expert = NamedSharding(mesh, P(EXPERT))
     for block in new.moe_blocks():
         order = np.asarray(block.layout.placement.logical_of_slot)
-        for w in block.expert_variables():
-            if w is not None:
-                w.set_value(global_array(np.asarray(w.get_value())[order], NamedSharding(mesh, P(EXPERT))))
+        local = block.layout.placement.slots_per_device
+        for name, w in zip(EXPERT_FIELDS, block.expert_variables()):
+            if w is None:
+                continue
+            physical = np.asarray(w.get_value())[order]  # slot s sits on device s // local
+            if split:  # local slot j of every device in one array [devices, ...], sharded over "expert"
+                held = nnx.List([nnx.Param(global_array(physical[j::local], by_expert)) for j in range(local)])
+                setattr(block, name, held)
+                expert_weights.update(id(p) for p in held)
+            else:
+                w.set_value(global_array(physical, by_expert))
                 expert_weights.add(id(w))
     for _, var in nnx.iter_graph(new):
         if isinstance(var, nnx.Variable) and id(var) not in expert_weights:

@@ -253,17 +253,32 @@ def test_with_expert_storage_returns_a_new_model_sharing_the_rest():
         moejax.with_expert_storage(model, "rows")
 
 
+def test_expert_parallelism_of_split_experts_splits_each_devices_local_experts():
+    from moejax import parallel
+
+    model = moejax.random_model(tiny_config(num_experts=8, moe_bias=True), seed=0)
+    split = moejax.with_expert_storage(model, "split")
+    for mesh in (parallel.make_mesh(), parallel.make_mesh(expert=4, data=2), parallel.make_mesh(expert=2, data=4)):
+        sharded = parallel.expert_parallel(split, mesh, placement=np.array([3, 6, 1, 0, 7, 2, 5, 4]) % mesh.shape["expert"])
+        block = sharded.moe_blocks()[0]
+        local = 8 // mesh.shape["expert"]
+        assert block.expert_storage == "split" and len(block.w_up) == local
+        assert block.w_up[0][...].shape == (mesh.shape["expert"], *model.moe_blocks()[0].w_up[...].shape[1:])
+        np.testing.assert_allclose(np.asarray(_forward(sharded, TOKENS).logits),
+                                   np.asarray(_forward(model, TOKENS).logits), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="layer 0 is expert-parallel: choose the expert storage before"):
+        moejax.with_expert_storage(sharded, "stacked")
+
+
 def test_what_takes_stacked_experts_refuses_split_ones():
     from moejax import buffering, parallel
 
     split = moejax.with_expert_storage(moejax.random_model(tiny_config(num_experts=8), seed=0), "split")
     fix = r"layer 0 holds each expert's weights split .* moejax.with_expert_storage\(model, 'stacked'\)"
-    with pytest.raises(ValueError, match="expert parallelism needs the routed experts stacked; " + fix):
-        parallel.expert_parallel(split, parallel.make_mesh())
     with pytest.raises(ValueError, match="buffering needs the routed experts stacked; " + fix):
         buffering.buffered(split, cache_size=3)
     with pytest.raises(ValueError, match="moving or replacing the experts' parameters needs the routed experts"):
         split.moe_blocks()[0].expert_variables()
     sharded = parallel.expert_parallel(moejax.random_model(tiny_config(num_experts=8), seed=0), parallel.make_mesh())
-    with pytest.raises(ValueError, match="takes stacked experts; split experts are for a model resident on one device"):
+    with pytest.raises(ValueError, match="layer 0 is expert-parallel: choose the expert storage before"):
         moejax.with_expert_storage(sharded, "split")

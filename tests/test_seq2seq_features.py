@@ -215,7 +215,7 @@ def test_a_load_trace_of_both_stacks_fits_a_placement(models):
 
 
 @pytest.mark.parametrize("name", ["nllb-e6-expert-capacity-binding", "switch-e4-one-sparse"])
-def test_split_experts_give_the_stacked_models_logits_and_tokens(tmp_path_factory, name):
+def test_split_experts_give_the_stacked_models_logits_and_tokens_on_one_device_and_on_a_mesh(tmp_path_factory, name):
     _, stacked, directory = seq2seq_hf_models.loader(tmp_path_factory)(name)
     split = seq2seq.load_pretrained(directory, expert_storage="split")
     assert {b.expert_storage for b in split.moe_blocks()} == {"split"}
@@ -224,5 +224,6 @@ def test_split_experts_give_the_stacked_models_logits_and_tokens(tmp_path_factor
                                np.asarray(stacked(sources, DECODER_INPUT, source_mask=mask)), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(moejax.generate(split, SOURCES, 6)),
                                   np.asarray(moejax.generate(stacked, SOURCES, 6)))
-    with pytest.raises(ValueError, match="expert_storage='split' is for a model on one device"):
-        seq2seq.load_pretrained(directory, mesh=parallel.make_mesh(), expert_storage="split")
+    sharded = seq2seq.load_pretrained(directory, mesh=parallel.make_mesh(expert=2, data=4), expert_storage="split")
+    np.testing.assert_array_equal(np.asarray(moejax.generate(sharded, SOURCES, 6)),
+                                  np.asarray(moejax.generate(stacked, SOURCES, 6)))

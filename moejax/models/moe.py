@@ -26,7 +26,7 @@ from moejax.runtime import MoERuntime
 # kernels.SplitExperts): faster decode on the CPU, at a compile time growing with the number of experts.
 EXPERT_STORAGES = ("stacked", "split")
 # the block's attributes holding the routed experts, in ExpertWeights' field order
-_EXPERT_ATTRIBUTES = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
+EXPERT_FIELDS = ("w_gate", "w_up", "w_down", "gate_bias", "up_bias", "down_bias")
 
 
 def check_expert_storage(storage) -> None:
@@ -99,7 +99,7 @@ class MoEBlock(nnx.Module):
 
     def _expert_fields(self) -> ExpertWeights:
         """Each field's nnx.Param (stacked) or nnx.List of one nnx.Param per expert (split), or None."""
-        return ExpertWeights(*(getattr(self, name) for name in _EXPERT_ATTRIBUTES))
+        return ExpertWeights(*(getattr(self, name) for name in EXPERT_FIELDS))
 
     def expert_weights(self) -> ExpertWeights | SplitExperts:
         """The routed experts' arrays as the experts backend takes them: stacked ExpertWeights, or SplitExperts
@@ -108,7 +108,7 @@ class MoEBlock(nnx.Module):
         if self.expert_storage == "stacked":
             return ExpertWeights(*(None if v is None else v[...] for v in fields))
         return SplitExperts(tuple(ExpertWeights(*(None if v is None else v[e][...] for v in fields))
-                                  for e in range(self.config.num_experts)))
+                                  for e in range(len(fields.up))))  # expert-parallel: the local slots
 
     @property
     def expert_storage(self) -> str:
@@ -122,10 +122,13 @@ class MoEBlock(nnx.Module):
         check_expert_storage(storage)
         if storage == self.expert_storage:
             return
-        if storage == "split" and (self.stateful or self.runtime.sharded):
+        if self.runtime.sharded:  # its experts are permuted and sharded; expert_parallel keeps the storage
+            raise ValueError(f"layer {self.layer} is expert-parallel: choose the expert storage before "
+                             "moejax.parallel.expert_parallel, which keeps the model's")
+        if storage == "split" and self.stateful:
             raise ValueError(f"layer {self.layer} runs experts backend {self.runtime.experts!r}, which takes stacked "
                              "experts; split experts are for a model resident on one device")
-        for name in _EXPERT_ATTRIBUTES:
+        for name in EXPERT_FIELDS:
             if getattr(self, name) is not None:
                 setattr(self, name, _held_as(getattr(self, name), storage))
 

@@ -145,9 +145,6 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     dtype = _float_dtype(dtype)
     _check_policy(policy)
     check_expert_storage(expert_storage)
-    if mesh is not None and expert_storage != "stacked":
-        raise ValueError(f"load_pretrained: expert_storage={expert_storage!r} is for a model on one device; "
-                         "expert parallelism (mesh=) shards stacked experts")
     if mesh is None and (gating is not None or parallel_options):
         raise ValueError("load_pretrained: gating and expert-parallel options need a mesh= (moejax.parallel.make_mesh())")
     if checkpoint_kind(path) not in ("huggingface", "both"):
