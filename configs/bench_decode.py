@@ -26,6 +26,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # how moejax's MoE blocks hold their experts (load_pretrained's expert_storage), each timed side by side:
     # "split" experts are read in place by the CPU's experts step, "stacked" ones (the default) copied first
     config.expert_storages = ("split", "stacked")
+    # a further moejax side: split experts, expert-parallel over this many host devices (XLA:CPU runs one
+    # device's experts step on one core; separate devices run at once); 0: none
+    config.cpu_devices = 2
     config.batches = (1,) if quick else (1, 8, 32)
     config.prompt_tokens = 64  # per row (equal lengths: no padding on either side)
     config.new_tokens = 8 if quick else 32  # greedy, min_new_tokens = max_new_tokens on the transformers side

@@ -4,7 +4,8 @@ Per model family and batch, measured side by side in one run (harness.interleave
 round robin, so a slow spell of this shared machine hits every side alike):
   * moejax.generate, once per expert storage of the config's `expert_storages` (load_pretrained's
     expert_storage: "split" experts read in place, the default "stacked" ones copied per active expert on the
-    CPU), and transformers' generate (torch, eager, its default KV cache; in a helper process, see
+    CPU) and, with cpu_devices > 1, split experts expert-parallel over that many host devices
+    ("split_ep2": load_pretrained(..., expert_storage="split", mesh=make_mesh(expert=2))), and transformers' generate (torch, eager, its default KV cache; in a helper process, see
     bench_forward.TransformersSide), once per torch thread count of the config, on the same checkpoint and
     prompts, greedy, exactly `new_tokens` new tokens each
     (min_new_tokens on the transformers side, no stop tokens on ours), and each again with one new token (the
@@ -86,6 +87,10 @@ def bench_cell(config, name: str, batch: int) -> dict:
                       eos_token_id=None, pad_token_id=0)
         models = {storage: moejax.load_pretrained(directory, expert_storage=storage)
                   for storage in config.expert_storages}
+        if config.cpu_devices > 1:  # every core at work: split experts expert-parallel over the host devices
+            mesh = moejax.parallel.make_mesh(expert=config.cpu_devices)
+            models[f"split_ep{config.cpu_devices}"] = moejax.load_pretrained(directory, expert_storage="split",
+                                                                            mesh=mesh)
         hf = transformers_sides(directory, config.torch_threads)
     try:
         return timed_cell(config, name, batch, models, hf, prompt)
@@ -154,7 +159,9 @@ def describe(cell: dict) -> str:
     lines = [f"{cell['model']:>8} batch {cell['batch']:>2}: transformers {theirs}"]
     for storage, ratio in cell["ratio_moejax_over_transformers"].items():
         ours = cell[f"moejax_{storage}"]
-        lines.append(f"{'':>8}  moejax, {storage} experts: {ours['decode_tokens_per_s']:7.1f} tok/s "
+        what = f"{storage} experts" if storage in ("split", "stacked") else \
+            f"split experts, expert-parallel on {storage.removeprefix('split_ep')} host devices"
+        lines.append(f"{'':>8}  moejax, {what}: {ours['decode_tokens_per_s']:7.1f} tok/s "
                      f"({ours['step_ms']:.2f} ms/step)  ratio to the fastest transformers {ratio:.2f} (target <= 0.8)  tokens equal "
                      f"{cell['tokens_equal'][storage]:.3f}  first call {cell['first_call_seconds'][storage]:.1f} s")
     if "roofline" in cell:
