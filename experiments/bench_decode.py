@@ -5,7 +5,8 @@ round robin, so a slow spell of this shared machine hits every side alike):
   * moejax.generate, once per expert storage of the config's `expert_storages` (load_pretrained's
     expert_storage: "split" experts read in place, the default "stacked" ones copied per active expert on the
     CPU) and, with cpu_devices > 1, split experts expert-parallel over that many host devices
-    ("split_ep2": load_pretrained(..., expert_storage="split", mesh=make_mesh(expert=2))), and transformers' generate (torch, eager, its default KV cache; in a helper process, see
+    ("split_ep2": load_pretrained(..., expert_storage="split", mesh=make_mesh(expert=2))), and transformers'
+    generate (torch, eager, its default KV cache; in a helper process, see
     bench_forward.TransformersSide), once per torch thread count of the config, on the same checkpoint and
     prompts, greedy, exactly `new_tokens` new tokens each
     (min_new_tokens on the transformers side, no stop tokens on ours), and each again with one new token (the
@@ -162,7 +163,8 @@ def describe(cell: dict) -> str:
         what = f"{storage} experts" if storage in ("split", "stacked") else \
             f"split experts, expert-parallel on {storage.removeprefix('split_ep')} host devices"
         lines.append(f"{'':>8}  moejax, {what}: {ours['decode_tokens_per_s']:7.1f} tok/s "
-                     f"({ours['step_ms']:.2f} ms/step)  ratio to the fastest transformers {ratio:.2f} (target <= 0.8)  tokens equal "
+                     f"({ours['step_ms']:.2f} ms/step)  ratio to the fastest transformers {ratio:.2f} "
+                     f"(target <= 0.8)  tokens equal "
                      f"{cell['tokens_equal'][storage]:.3f}  first call {cell['first_call_seconds'][storage]:.1f} s")
     if "roofline" in cell:
         r = cell["roofline"]

@@ -136,8 +136,9 @@ def expert_parallel_ffn(x: jax.Array, r: Routing, weights: experts_lib.ExpertWei
                          device_of_expert=jnp.asarray(device_of_expert), slot_of_expert=jnp.asarray(slot_of_expert))
     every_leaf_by_expert = jax.tree.map(lambda _: P(EXPERT), expert_weights)  # the ExpertWeights' present leaves
     out, needed, kept = jax.shard_map(
-        lambda x, e, k, w, experts: body(x, e, k, w, _local(experts)), mesh=mesh, in_specs=(tokens, tokens, tokens, tokens, every_leaf_by_expert),
-        out_specs=(tokens, P(), tokens), check_vma=False,
+        lambda x, e, k, w, experts: body(x, e, k, w, _local(experts)), mesh=mesh,
+        in_specs=(tokens, tokens, tokens, tokens, every_leaf_by_expert), out_specs=(tokens, P(), tokens),
+        check_vma=False,
     )(x, experts, keep, weights.astype(jnp.float32), expert_weights)
     return experts_lib.ExpertsOutput(out[:n], kept[:n], needed)
 

@@ -80,7 +80,8 @@ def test_split_experts_load_save_and_export_as_the_stacked_ones(checkpoint, refe
     assert sorted(exported) == sorted(original)
     for name in original:
         np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
-    sharded = moejax.load_pretrained(checkpoint, expert_storage="split", mesh=moejax.parallel.make_mesh(expert=4, data=2))
+    mesh = moejax.parallel.make_mesh(expert=4, data=2)  # the checkpoint has 4 experts
+    sharded = moejax.load_pretrained(checkpoint, expert_storage="split", mesh=mesh)
     assert all(b.expert_storage == "split" for b in sharded.moe_blocks())
     np.testing.assert_allclose(np.asarray(sharded(jnp.asarray(TOKENS))), reference_logits, atol=1e-5, rtol=0)
 

@@ -259,7 +259,8 @@ def test_expert_parallelism_of_split_experts_splits_each_devices_local_experts()
     model = moejax.random_model(tiny_config(num_experts=8, moe_bias=True), seed=0)
     split = moejax.with_expert_storage(model, "split")
     for mesh in (parallel.make_mesh(), parallel.make_mesh(expert=4, data=2), parallel.make_mesh(expert=2, data=4)):
-        sharded = parallel.expert_parallel(split, mesh, placement=np.array([3, 6, 1, 0, 7, 2, 5, 4]) % mesh.shape["expert"])
+        placement = np.array([3, 6, 1, 0, 7, 2, 5, 4]) % mesh.shape["expert"]  # device of each expert
+        sharded = parallel.expert_parallel(split, mesh, placement=placement)
         block = sharded.moe_blocks()[0]
         local = 8 // mesh.shape["expert"]
         assert block.expert_storage == "split" and len(block.w_up) == local

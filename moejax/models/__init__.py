@@ -48,9 +48,10 @@ def with_expert_storage(model: CausalLM, storage: str) -> CausalLM:
     """The same model with its routed experts held as `storage` (EXPERT_STORAGES): "stacked" (what every
     experts backend, buffering and checkpoint takes) or "split" (each expert's own arrays: the CPU's experts
     step reads them in place instead of copying each active expert first, so CPU decode is faster; compile
-    time grows with the number of experts; expert_parallel keeps it, each device's local experts split). Every other parameter is shared; the experts'
-    new arrays are copies, and the caller's model keeps its own until it is dropped (load_pretrained(...,
-    expert_storage="split") splits as it loads, holding no second copy)."""
+    time grows with the number of experts; expert_parallel keeps it, each device's local experts split).
+    Every other parameter is shared; the experts' new arrays are copies, and the caller's model keeps its own
+    until it is dropped (load_pretrained(..., expert_storage="split") splits as it loads, holding no second
+    copy)."""
     check_expert_storage(storage)
     new = nnx.merge(*nnx.split(model))  # new Variables and modules: the caller's blocks are not touched
     for block in new.moe_blocks():

@@ -178,7 +178,6 @@ def to_hf_config(config: Seq2SeqConfig, dtype="float32") -> dict:
 
 
 def _nllb_moe_config(c: Seq2SeqConfig, dtype: str) -> dict:
-
     def step(flags: tuple[bool, ...], stack: str) -> int:
         # NllbMoeConfig places MoE layers where (i + 1) % step == 0 (none for a step of 0)
         for s in [0, *range(1, len(flags) + 2)]:
@@ -248,8 +247,8 @@ def _switch_config(c: Seq2SeqConfig, dtype: str) -> dict:
 def export_pretrained(model: EncoderDecoderLM, directory: str, tokenizer=None) -> None:
     """Write `model` as a Hugging Face checkpoint of its family (config.json + model.safetensors, and the
     `tokenizers` tokenizer as tokenizer.json if given): the inverse of load_pretrained, which transformers'
-    NllbMoeForConditionalGeneration or SwitchTransformersForConditionalGeneration loads too. Expert-parallel models are exported from their single-device
-    originals."""
+    NllbMoeForConditionalGeneration or SwitchTransformersForConditionalGeneration loads too. Expert-parallel
+    models are exported from their single-device originals."""
     if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
     model = with_expert_storage(model, "stacked")  # the checkpoint's tensors come from stacked experts
