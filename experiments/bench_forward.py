@@ -5,7 +5,11 @@ seconds times the two sides of each ratio round robin):
   * prefill: moejax (jitted) and transformers (torch, eager, in helper processes: TransformersSide) on the
     same checkpoint (Mixtral or OLMoE family, configs/bench_forward.py's variants) and tokens, transformers
     once per torch thread count of the config (1 and torch's default, one per core);
-    ratio = moejax time / the fastest transformers time (target <= 0.8);
+    ratio = moejax time / the fastest transformers time (target <= 0.8); and the compute roofline: the
+    forward's useful matmul FLOPs (prefill_flops) against the rate of one FFN-shaped matmul ([tokens,
+    hidden] x [hidden, 4 hidden], the best-sized of the forward's matmuls on this CPU) timed alone in the
+    same rounds, by XLA and by torch at each thread count. flops / XLA's rate is the least time any XLA:CPU program doing those FLOPs can take at that
+    rate, so its ratio to transformers' time bounds the prefill ratio from below;
   * MoE-layer efficiency: time of a dense SwiGLU FFN doing the same useful FLOPs (T*k rows through one
     expert-sized FFN) / time of moejax's whole MoE block (route, dispatch, experts, combine), for balanced
     routing and for skewed routing where one expert gets 3x its share (target >= 0.75).
@@ -101,6 +105,12 @@ class TransformersSide:
         self.connection.send(("generate", prompt, new_tokens))
         return self.connection.recv()
 
+    def matmul(self, shape: tuple[int, int, int], times: int) -> None:
+        """torch's float32 [m, k] x [k, n] product (shape (m, k, n)) `times` times over, its operands made once
+        per shape (several per call: the helper's wake-up costs a short product more than it takes)."""
+        self.connection.send(("matmul", shape, times))
+        return self.connection.recv()
+
     def forward(self, tokens: np.ndarray, logits: bool = False) -> np.ndarray | None:
         """The model's forward (a prefill); its logits only where asked (the pipe would time them)."""
         self.connection.send(("forward", tokens, logits))
@@ -120,8 +130,16 @@ def _transformers_helper(directory: str, threads: int, connection) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     connection.send({"torch_threads": torch.get_num_threads(),
                      "hf_experts_implementation": getattr(model.config, "_experts_implementation", None)})
+    operands = {}
     while (request := connection.recv()) is not None:
         kind, tokens, option = request
+        if kind == "matmul":
+            m, k, n = tokens
+            a, b = operands.setdefault(tokens, (torch.randn(m, k), torch.randn(k, n)))
+            for _ in range(option):
+                torch.mm(a, b)
+            connection.send(None)
+            continue
         tokens = torch.from_numpy(tokens.astype(np.int64))
         with torch.no_grad():
             if kind == "forward":
@@ -144,6 +162,35 @@ def fastest(times: dict[str, float], prefix: str = "transformers_t") -> str:
     return min((name for name in times if name.startswith(prefix)), key=times.__getitem__)
 
 
+def prefill_flops(config: moejax.ModelConfig, tokens: int) -> dict[str, float]:
+    """Useful matmul FLOPs (2 per multiply-add) of one causal forward over `tokens` tokens, by part: the
+    attention projections, the scores and values of the causal triangle (each query against itself and
+    the keys before it), routers, routed experts (top-k of each token), shared experts, dense FFNs, the
+    LM head of every position. Elementwise work, norms and softmaxes are not counted."""
+    c = config
+    if c.is_mla or c.sliding_window or c.attention_chunk_size:
+        raise ValueError(f"prefill_flops counts full causal attention of standard heads; {c.architecture} uses "
+                         "latent attention, sliding windows or chunks")
+    d, t = c.hidden_size, tokens
+    gated = 3 if c.moe_gated else 2  # gate, up and down projections; ungated: up and down
+    moe = sum(c.moe_layers) if c.moe_layers else 0
+    dense = c.num_layers - moe
+    projections = 2 * t * d * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    parts = {
+        "attention_projections": c.num_layers * projections,
+        "attention_scores_values": c.num_layers * 2 * 2 * c.num_heads * c.head_dim * t * (t + 1) / 2,
+        "routers": moe * 2 * t * d * c.num_experts,
+        "routed_experts": moe * c.num_experts_per_tok * t * gated * 2 * d * c.moe_intermediate_size,
+        "shared_experts": moe * t * 3 * 2 * d * c.shared_expert_intermediate_size,
+        "dense_ffns": dense * t * 3 * 2 * d * c.intermediate_size,
+        "lm_head": 2 * t * d * c.vocab_size,
+    }
+    return {**{k: float(v) for k, v in parts.items()}, "total": float(sum(parts.values()))}
+
+
+PROBE_TIMES = 8  # products per timed probe call
+
+
 def bench_prefill(c) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         hf_checkpoint(directory, c.family, vocab=c.vocab, hidden=c.hidden, ffn=c.ffn, layers=c.layers,
@@ -155,16 +202,48 @@ def bench_prefill(c) -> dict:
         jax_tokens = jnp.asarray(tokens, jnp.int32)
         ours = np.asarray(model(jax_tokens))  # model(...) is jitted
         max_diff = max(float(np.abs(ours - side.forward(tokens, logits=True)).max()) for side in sides.values())
+        # the compute roofline's probes: one FFN-shaped matmul alone, each side (the LM head's wider output
+        # runs slower per FLOP here, on both sides)
+        shape = (c.tokens, c.hidden, 4 * c.hidden)
+        a, b = (jnp.asarray(np.random.default_rng(1).normal(size=s), jnp.float32) for s in (shape[:2], shape[1:]))
+        xla_matmul = jax.jit(jnp.matmul)
         calls = {"moejax": lambda: model(jax_tokens),
                  **{name: functools.partial(side.forward, tokens) for name, side in sides.items()}}
         results = {**timed(calls, c.repeats), "max_abs_logit_diff": max_diff,
                    "torch_threads": {name: side.info["torch_threads"] for name, side in sides.items()}}
+        # each probe in rounds of its own: interleaved with the other library, a short matmul pays for the
+        # other's thread pool still spinning after its call (both probes read 1.5-2.5x slower that way)
+        probes = {"matmul_xla": lambda: [xla_matmul(a, b) for _ in range(PROBE_TIMES)][-1],
+                  **{f"matmul_{name}": functools.partial(side.matmul, shape, PROBE_TIMES)
+                     for name, side in sides.items()}}
+        for name, call in probes.items():
+            results.update(timed({name: call}, c.repeats))
     finally:
         for side in sides.values():
             side.close()
     best = results["baseline"] = fastest({name: results[name]["median_ms"] for name in sides})
     results["ratio_moejax_over_transformers"] = results["moejax"]["median_ms"] / results[best]["median_ms"]
+    results["roofline"] = compute_roofline(results, prefill_flops(model.config, c.tokens),
+                                           2 * float(np.prod(shape)) * PROBE_TIMES, list(sides))
     return results
+
+
+def compute_roofline(results: dict, flops: dict, probe_flops: float, sides: list[str]) -> dict:
+    """GFLOP/s of each side's prefill and matmul probe (medians), each prefill's fraction of its library's
+    probe rate, and the bound: the least time moejax's useful FLOPs take at XLA's probe rate, over the
+    fastest transformers' prefill time (the prefill ratio cannot go below it at that rate)."""
+    rate = lambda f, name: f / (results[name]["median_ms"] * 1e-3) / 1e9
+    out = {"flops": flops, "probe_flops": float(probe_flops), "matmul_xla_gflops": rate(probe_flops, "matmul_xla"),
+           "moejax_gflops": rate(flops["total"], "moejax")}
+    out["moejax_fraction_of_xla_matmul"] = out["moejax_gflops"] / out["matmul_xla_gflops"]
+    for name in sides:
+        out[f"{name}_gflops"] = rate(flops["total"], name)
+        out[f"matmul_{name}_gflops"] = rate(probe_flops, f"matmul_{name}")
+        out[f"{name}_fraction_of_torch_matmul"] = out[f"{name}_gflops"] / out[f"matmul_{name}_gflops"]
+    least_ms = flops["total"] / (out["matmul_xla_gflops"] * 1e9) * 1e3
+    out["least_moejax_ms_at_xla_matmul_rate"] = least_ms
+    out["ratio_bound"] = least_ms / results[results["baseline"]]["median_ms"]
+    return out
 
 
 def routed_inputs(rng, tokens: int, hidden: int, experts: int, top_k: int, loads: np.ndarray) -> np.ndarray:
@@ -231,6 +310,16 @@ def main(config, workdir):
     print(f"prefill  moejax {prefill['moejax']['median_ms']:.1f} ms   transformers {theirs}   ratio moejax / "
           f"fastest transformers {prefill['ratio_moejax_over_transformers']:.2f} (target <= 0.8)   max |logit diff| "
           f"{prefill['max_abs_logit_diff']:.1e}")
+    roof = prefill["roofline"]
+    print(f"compute  {roof['flops']['total'] / 1e9:.1f} GFLOP useful; an FFN-shaped matmul alone: XLA "
+          f"{roof['matmul_xla_gflops']:.0f} GFLOP/s, torch "
+          + ", ".join(f"{roof[f'matmul_{name}_gflops']:.0f}" for name in prefill["torch_threads"])
+          + f" GFLOP/s; prefill moejax {roof['moejax_gflops']:.0f} GFLOP/s "
+          f"({roof['moejax_fraction_of_xla_matmul']:.2f} of XLA's), transformers "
+          + ", ".join(f"{roof[f'{name}_gflops']:.0f} ({roof[f'{name}_fraction_of_torch_matmul']:.2f})"
+                      for name in prefill["torch_threads"])
+          + f"; at XLA's matmul rate moejax needs >= {roof['least_moejax_ms_at_xla_matmul_rate']:.1f} ms: "
+          f"ratio >= {roof['ratio_bound']:.2f}")
     layer = results.data["moe_layer"] = bench_moe_layer(config)
     results.save()
     print(f"dense SwiGLU FFN with equal useful FLOPs: {layer['dense_swiglu']['median_ms']:.2f} ms")
