@@ -44,12 +44,12 @@ def main(config, workdir):
     seconds = time.perf_counter() - start
     export = os.path.join(workdir, "export")
     trained = result["model"]
-    # export in float32 first, then reload at the export dtype: the checkpoint's config says its own dtype
-    export_pretrained(trained, export)
+    # the workdir's export is this script's own: a resumed run replaces it. Another dtype: export in float32
+    # first, then reload at the export dtype (the checkpoint's config says its own dtype)
     if config.export_dtype != "float32":
-        export_pretrained(load_pretrained(export, dtype=config.export_dtype), export, tokenizer=result["tokenizer"])
-    else:
-        export_pretrained(trained, export, tokenizer=result["tokenizer"])
+        export_pretrained(trained, export, overwrite=True)
+        trained = load_pretrained(export, dtype=config.export_dtype)
+    export_pretrained(trained, export, tokenizer=result["tokenizer"], overwrite=True)
     train = result["history"]["train"]
     rates = [t["tokens_per_s"] for t in train if t["tokens_per_s"]]
     summary = {

@@ -36,6 +36,7 @@ from moejax.models.transformer import CausalLM
 # Tensors a checkpoint may carry that moejax recomputes instead of reading.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ORBAX_CONFIG = "moejax_config.json"
+_CAUSAL_LM, _ENCODER_DECODER = "causal_lm", "encoder_decoder"  # its "model": which loader reads a converted one
 _INDEX = "model.safetensors.index.json"
 # The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight:
 # quantized formats are dequantized before the plan sees them (moejax.quantization).
@@ -287,8 +288,9 @@ def load_tokenizer(path: str):
         raise ValueError(f"{file} is not a readable tokenizers file: {e}") from None
 
 
-def save_converted(model: CausalLM, directory: str, *, overwrite: bool = False) -> None:
-    """Write the converted parameters with orbax (plus the model config), for a fast `load_pretrained`.
+def save_converted(model, directory: str, *, overwrite: bool = False) -> None:
+    """Write the converted parameters of a CausalLM or an encoder-decoder model (moejax.seq2seq) with orbax,
+    plus the model config, for a fast `load_pretrained` (moejax's or moejax.seq2seq's, as for the model).
 
     Nothing is lost: `directory` must be new or empty, or (overwrite=True) hold an earlier converted
     checkpoint; a directory holding anything else, above all a Hugging Face checkpoint, is refused. The
@@ -298,8 +300,12 @@ def save_converted(model: CausalLM, directory: str, *, overwrite: bool = False) 
     `.NAME.partial-*` sibling or an unreferenced params-* directory, removed by the next overwrite)."""
     import orbax.checkpoint as ocp
 
-    if not isinstance(model, CausalLM):
-        raise ValueError(f"save_converted needs a moejax CausalLM; got {type(model).__name__}")
+    encoder_decoder = getattr(model, "is_encoder_decoder", False)
+    if not (isinstance(model, CausalLM) or encoder_decoder):
+        raise ValueError(f"save_converted needs a moejax CausalLM or EncoderDecoderLM; got {type(model).__name__}")
+    if any(block.runtime.sharded for block in model.moe_blocks()):
+        raise ValueError("save_converted needs the single-device model (expert weights are permuted on a mesh); "
+                         "load the saved one with mesh= to run it expert-parallel")
     directory = os.path.abspath(os.fspath(directory))
     kind = checkpoint_kind(directory)
     if kind in ("huggingface", "both"):
@@ -311,18 +317,15 @@ def save_converted(model: CausalLM, directory: str, *, overwrite: bool = False) 
     if kind == "converted" and not overwrite:
         raise FileExistsError(f"{directory!r} already holds a converted checkpoint; pass overwrite=True to "
                               "replace it (the old one stays loadable until the new one is complete)")
-    parent, name = os.path.split(directory)
-    os.makedirs(parent, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    staging = os.path.join(parent, f".{name}.partial-{token}")
-    os.mkdir(staging)  # not tempfile.mkdtemp: its mode 0700 would stay with the checkpoint after the rename
+    staging, token = _staging_sibling(directory)
     try:
         params = f"params-{token}"
         _, state = nnx.split(with_expert_storage(model, "stacked"))  # one format on disk: load_pretrained splits
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(staging, params), state)
         _write_json_durably(os.path.join(staging, _ORBAX_CONFIG),
-                            {"config": model.config.to_dict(), "dtype": model.dtype.name, "params": params})
+                            {"config": model.config.to_dict(), "dtype": model.dtype.name, "params": params,
+                             "model": _ENCODER_DECODER if encoder_decoder else _CAUSAL_LM})
         if kind is None:
             os.rename(staging, directory)  # atomic; replaces an empty directory
             return
@@ -335,15 +338,34 @@ def save_converted(model: CausalLM, directory: str, *, overwrite: bool = False) 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_json_durably(file: str, content) -> None:
+def _staging_sibling(directory: str) -> tuple[str, str]:
+    """(a new empty directory beside `directory`, named .NAME.partial-TOKEN, and TOKEN): where a save writes
+    its files before renaming them into place (a rename within one file system is atomic)."""
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    staging = os.path.join(parent, f".{name}.partial-{token}")
+    os.mkdir(staging)  # not tempfile.mkdtemp: its mode 0700 would stay with the checkpoint after the rename
+    return staging, token
+
+
+def _write_json_durably(file: str, content, indent: int | None = None) -> None:
     with open(file, "w") as f:
-        json.dump(content, f)
+        json.dump(content, f, indent=indent)
         f.flush()
         os.fsync(f.fileno())
 
 
 def restore_converted(directory: str, policy: MoEPolicy | None = None, dtype=None) -> CausalLM:
-    """A checkpoint `save_converted` wrote, its parameters cast to `dtype` (None: the dtype it was saved in)."""
+    """A checkpoint `save_converted` wrote of a CausalLM, its parameters cast to `dtype` (None: the dtype it
+    was saved in)."""
+    return restore_converted_model(directory, CausalLM, ModelConfig.from_dict, policy, dtype)
+
+
+def restore_converted_model(directory: str, model_class, config_from_dict, policy: MoEPolicy | None = None,
+                            dtype=None):
+    """restore_converted for any model class: model_class(config, dtype=, policy=, rngs=) builds it and
+    config_from_dict reads its config (moejax.seq2seq restores its EncoderDecoderLM through this)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
@@ -352,54 +374,87 @@ def restore_converted(directory: str, policy: MoEPolicy | None = None, dtype=Non
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no converted checkpoint in {directory!r} (no {_ORBAX_CONFIG})")
     saved = _read_json(config_file)
+    wanted = _ENCODER_DECODER if getattr(model_class, "is_encoder_decoder", False) else _CAUSAL_LM
+    if isinstance(saved, dict) and saved.get("model", _CAUSAL_LM) != wanted:  # no "model": older causal-LM saves
+        loader = "moejax.seq2seq.load_pretrained" if wanted == _CAUSAL_LM else "moejax.load_pretrained"
+        raise ValueError(f"{config_file} holds a converted {saved['model']} model: load it with {loader}")
     try:
-        config = ModelConfig.from_dict(saved["config"])
+        config = config_from_dict(saved["config"])
         saved_dtype = jnp.dtype(saved["dtype"])
         params = os.path.join(directory, saved.get("params", "params"))  # "params": before atomic saves
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{config_file} is not a moejax converted-checkpoint config: {e!r}") from None
     dtype = saved_dtype if dtype is None else _float_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=saved_dtype, policy=policy, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    build = lambda d: nnx.eval_shape(lambda: model_class(config, dtype=d, policy=policy, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(build(saved_dtype))
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(params, abstract_state)
     if dtype != saved_dtype:
-        target = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
-        graphdef, target_state = nnx.split(target)
+        graphdef, target_state = nnx.split(build(dtype))
         state = jax.tree.map(lambda value, want: jnp.asarray(value, want.dtype), state, target_state)
     return nnx.merge(graphdef, state)
 
 
-def export_pretrained(model: CausalLM, directory: str, tokenizer=None) -> None:
+def export_pretrained(model: CausalLM, directory: str, tokenizer=None, *, overwrite: bool = False) -> None:
     """Write `model` as a Hugging Face checkpoint of its family (config.json + model.safetensors, and the
     `tokenizers` tokenizer as tokenizer.json if given): the exact inverse of load_pretrained, which
-    transformers loads too. Expert-parallel models are exported from their single-device originals."""
+    transformers loads too. Expert-parallel models are exported from their single-device originals.
+    `directory` must be new or empty, or with overwrite=True is replaced whole; see write_checkpoint."""
     if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
     model = with_expert_storage(model, "stacked")  # the checkpoint's tensors come from stacked experts
     mixtral = model.config.architecture == "mixtral"
     write_checkpoint(load_plan(model, _mixtral_names(model) if mixtral else set()),
-                     to_hf_config(model.config, model.dtype), directory, tokenizer)
+                     to_hf_config(model.config, model.dtype), directory, tokenizer, overwrite=overwrite)
 
 
-def write_checkpoint(plan: Plan, hf_config: dict, directory: str, tokenizer=None) -> None:
+def write_checkpoint(plan: Plan, hf_config: dict, directory: str, tokenizer=None, *,
+                     overwrite: bool = False) -> None:
     """Every tensor of `plan` split back into the checkpoint's own (model.safetensors), config.json, and the
-    tokenizer as tokenizer.json if given: every export's last step (moejax.seq2seq.checkpoints' too)."""
+    tokenizer as tokenizer.json if given: every export's last step (moejax.seq2seq.checkpoints' too).
+
+    Nothing is lost and nothing stale is kept: `directory` must be new or empty; with overwrite=True a
+    directory holding anything is replaced whole (a file left from the old checkpoint, a shard index above
+    all, would be read in place of the new weights). The checkpoint is written complete into a temporary
+    sibling first; then the old directory is moved aside, the new one renamed into place and the old one
+    removed, so a save killed at any moment leaves the old checkpoint or the new one whole (at worst beside
+    a `.NAME.partial-*` or `.NAME.replaced-*` sibling)."""
     from safetensors.numpy import save_file
 
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{directory!r} is a file; export writes a checkpoint directory")
+    present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    if present and not overwrite:
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise FileExistsError(f"{directory!r} is not empty ({shown}); export writes a new or empty directory, "
+                              "or replaces this one whole with overwrite=True (the old one is kept until the "
+                              "new one is complete)")
     tensors = {}
     for item in plan.items:
         value = np.asarray(jax.device_get(item.param.get_value()))
         for (name, shape), array in zip(item.sources, item.split(value)):
             assert array.shape == shape, (name, array.shape, shape)
             tensors[name] = np.ascontiguousarray(array)
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    staging, token = _staging_sibling(directory)
+    try:
+        save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        _write_json_durably(os.path.join(staging, "config.json"), hf_config, indent=2)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(staging, "tokenizer.json"))
+        if not present:
+            os.rename(staging, directory)  # atomic; replaces an empty directory
+            return
+        aside = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.replaced-{token}")
+        os.rename(directory, aside)
+        try:
+            os.rename(staging, directory)
+        except BaseException:
+            os.rename(aside, directory)  # the old checkpoint back where it was
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _mixtral_names(model: CausalLM) -> set[str]:

@@ -100,3 +100,79 @@ def test_committed_default_model_loads_in_both_libraries_and_predicts_python():
     logprobs = ours[0, :-1] - np.log(np.exp(ours[0, :-1]).sum(-1, keepdims=True))
     perplexity = float(np.exp(-logprobs[np.arange(tokens.shape[1] - 1), tokens[0, 1:]].mean()))
     assert perplexity < 100  # a uniform guess is 2048; the unigram baseline about 560
+
+
+def _sharded(model, directory):
+    """`model` exported, then rewritten as a sharded checkpoint (two shards and the index naming them), with a
+    generation_config.json: the layout the Hub serves, which an export over it must not leave half in place."""
+    import json
+    import os
+
+    from safetensors.numpy import load_file, save_file
+
+    moejax.export_pretrained(model, directory)
+    tensors = load_file(directory / "model.safetensors")
+    os.remove(directory / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, held in shards.items():
+        save_file({n: tensors[n] for n in held}, directory / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: shard for shard, held in shards.items() for n in held}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    return directory
+
+
+def _old_and_new():
+    old, new = (moejax.random_model(tiny_config(), seed=s) for s in (4, 5))
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(2, 12)))
+    return old, new, tokens, np.asarray(old(tokens)), np.asarray(new(tokens))
+
+
+def test_an_export_over_a_checkpoint_is_refused_or_replaces_it_whole(tmp_path):
+    import os
+
+    old, new, tokens, old_logits, new_logits = _old_and_new()
+    path = _sharded(old, tmp_path / "ck")
+    np.testing.assert_array_equal(np.asarray(moejax.load_pretrained(path)(tokens)), old_logits)
+    before = sorted(os.listdir(path))
+    with pytest.raises(FileExistsError, match=r"'.*ck' is not empty \(config.json, generation_config.json, .*overwrite=True"):
+        moejax.export_pretrained(new, path)
+    assert sorted(os.listdir(path)) == before
+    np.testing.assert_array_equal(np.asarray(moejax.load_pretrained(path)(tokens)), old_logits)
+    # replaced whole: the stale index (which loaders read before model.safetensors) and shards are gone
+    moejax.export_pretrained(new, path, overwrite=True)
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    assert os.listdir(tmp_path) == ["ck"]  # no temporary or replaced sibling left
+    np.testing.assert_array_equal(np.asarray(moejax.load_pretrained(path)(tokens)), new_logits)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(torch.tensor(np.asarray(tokens))).logits.numpy(), new_logits, atol=1e-4, rtol=0)
+    with pytest.raises(FileExistsError, match=r"is a file"):
+        moejax.export_pretrained(new, path / "config.json", overwrite=True)
+
+
+class _FailingTokenizer:
+    def save(self, path):
+        raise OSError(f"disk full writing {path}")
+
+
+@pytest.mark.parametrize("failure", ["tokenizer", "rename"])
+def test_an_export_that_fails_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch, failure):
+    import os
+
+    old, new, tokens, old_logits, _ = _old_and_new()
+    path = _sharded(old, tmp_path / "ck")
+    before = sorted(os.listdir(path))
+    tokenizer = None
+    if failure == "tokenizer":  # after model.safetensors and config.json are written
+        tokenizer = _FailingTokenizer()
+    else:  # the new checkpoint complete, the old one moved aside: renaming the new one into place fails
+        rename = os.rename
+        monkeypatch.setattr(os, "rename", lambda a, b: (_ for _ in ()).throw(OSError("rename failed"))
+                            if ".partial-" in os.fspath(a) else rename(a, b))
+    with pytest.raises(OSError, match="disk full|rename failed"):
+        moejax.export_pretrained(new, path, tokenizer=tokenizer, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == before and os.listdir(tmp_path) == ["ck"]
+    np.testing.assert_array_equal(np.asarray(moejax.load_pretrained(path)(tokens)), old_logits)

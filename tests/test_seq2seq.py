@@ -16,6 +16,7 @@ import moejax
 from moejax import seq2seq
 
 from tests import seq2seq_hf_models
+from tests.tiny import tiny_config
 
 VARIANTS = list(seq2seq_hf_models.VARIANTS)
 
@@ -153,6 +154,37 @@ def test_export_loads_in_transformers_with_identical_logits_and_back(checkpoints
     again = seq2seq.load_pretrained(tmp_path / "exported")
     np.testing.assert_array_equal(np.asarray(again(sources, decoder_ids, source_mask=mask)),
                                   np.asarray(model(sources, decoder_ids, source_mask=mask)))
+    # over an existing checkpoint: refused, or (overwrite=True) replaced whole, as moejax.export_pretrained
+    with pytest.raises(FileExistsError, match=r"is not empty \(config.json, model.safetensors\)"):
+        seq2seq.export_pretrained(model, tmp_path / "exported")
+    seq2seq.export_pretrained(again, tmp_path / "exported", overwrite=True)
+    np.testing.assert_array_equal(np.asarray(seq2seq.load_pretrained(tmp_path / "exported")(
+        sources, decoder_ids, source_mask=mask)), np.asarray(model(sources, decoder_ids, source_mask=mask)))
+
+
+@pytest.mark.parametrize("name", ["nllb-e8-all-sparse-binding-prioritized-untied", "switch-e8-all-sparse-binding-untied"])
+def test_converted_checkpoints_restore_the_model_each_loader_only_its_own(checkpoints, tmp_path, name):
+    reference, model, _ = checkpoints(name)
+    sources, mask, decoder_ids = batch(reference, seed=3)
+    expected = np.asarray(model(sources, decoder_ids, source_mask=mask))
+    moejax.save_converted(model, tmp_path / "converted")
+    for storage in ("stacked", "split"):
+        again = seq2seq.load_pretrained(tmp_path / "converted", expert_storage=storage)
+        assert again.config == model.config
+        np.testing.assert_array_equal(np.asarray(again(sources, decoder_ids, source_mask=mask)), expected)
+        np.testing.assert_array_equal(np.asarray(moejax.generate(again, sources, 4, stop_tokens=())),
+                                      np.asarray(moejax.generate(model, sources, 4, stop_tokens=())))
+    bf16 = seq2seq.load_pretrained(tmp_path / "converted", dtype="bfloat16")
+    assert bf16.dtype == np.dtype("bfloat16") and bf16.embed_tokens[...].dtype == np.dtype("bfloat16")
+    with pytest.raises(ValueError, match=r"holds a converted encoder_decoder model: load it with moejax.seq2seq"):
+        moejax.load_pretrained(tmp_path / "converted")
+    moejax.save_converted(moejax.random_model(tiny_config(), seed=0), tmp_path / "causal")
+    with pytest.raises(ValueError, match=r"holds a converted causal_lm model: load it with moejax.load_pretrained"):
+        seq2seq.load_pretrained(tmp_path / "causal")
+    parallel = seq2seq.load_pretrained(tmp_path / "converted", mesh=moejax.parallel.make_mesh())
+    with pytest.raises(ValueError, match=r"save_converted needs the single-device model"):
+        moejax.save_converted(parallel, tmp_path / "parallel")
+    assert not os.path.exists(tmp_path / "parallel")
 
 
 # -- bad input

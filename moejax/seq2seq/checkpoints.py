@@ -17,7 +17,7 @@ from flax import nnx
 
 from moejax.capacity import MoEPolicy
 from moejax.checkpoints import (_check_policy, _float_dtype, _read_json, _Tensors, checkpoint_directory, checkpoint_kind,
-                                fill_from_checkpoint, write_checkpoint)
+                                fill_from_checkpoint, restore_converted_model, write_checkpoint)
 from moejax.load_plan import Plan, PlanItem
 from moejax.models import with_expert_storage
 from moejax.models.moe import check_expert_storage
@@ -137,8 +137,8 @@ def _plan(model: EncoderDecoderLM, names: set[str]) -> Plan:
 def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None, mesh=None,
                     gating: str | None = None, expert_storage: str = "stacked",
                     **parallel_options) -> EncoderDecoderLM:
-    """An EncoderDecoderLM from a Hugging Face NLLB-MoE or Switch Transformers checkpoint directory, its
-    parameters cast to `dtype`. policy None keeps the family's own capacity (moejax.seq2seq.moe); with a
+    """An EncoderDecoderLM from a Hugging Face NLLB-MoE or Switch Transformers checkpoint directory, or from
+    one moejax.save_converted wrote of an encoder-decoder model, its parameters cast to `dtype`. policy None keeps the family's own capacity (moejax.seq2seq.moe); with a
     `mesh` the MoE blocks of both stacks run expert-parallel (moejax.parallel.expert_parallel).
     expert_storage: "stacked" or "split" (faster decode on the CPU), as moejax.load_pretrained's."""
     path = checkpoint_directory(path)
@@ -147,8 +147,27 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
     check_expert_storage(expert_storage)
     if mesh is None and (gating is not None or parallel_options):
         raise ValueError("load_pretrained: gating and expert-parallel options need a mesh= (moejax.parallel.make_mesh())")
-    if checkpoint_kind(path) not in ("huggingface", "both"):
-        raise FileNotFoundError(f"{path!r} holds no Hugging Face checkpoint (config.json + safetensors)")
+    kind = checkpoint_kind(path)
+    if kind == "converted":
+        model = restore_converted_model(path, EncoderDecoderLM, Seq2SeqConfig.from_dict, policy, dtype)
+    elif kind == "huggingface":
+        model = _read_huggingface(path, dtype, policy)
+    elif kind == "both":
+        raise ValueError(f"{path!r} holds both a Hugging Face checkpoint and a converted one: it is unclear which "
+                         "to load; move the converted one (moejax_config.json and its params directory) elsewhere")
+    else:
+        raise FileNotFoundError(f"{path!r} holds no Hugging Face checkpoint (config.json + safetensors) and no "
+                                "converted one (moejax.save_converted)")
+    for block in model.moe_blocks():  # the model is ours alone: each block's stacked experts go once split
+        block.hold_experts(expert_storage)
+    if mesh is not None:
+        from moejax import parallel
+
+        model = parallel.expert_parallel(model, mesh, "dynamic" if gating is None else gating, **parallel_options)
+    return model
+
+
+def _read_huggingface(path: str, dtype, policy: MoEPolicy | None) -> EncoderDecoderLM:
     config = read_config(path)
     model = nnx.eval_shape(lambda: EncoderDecoderLM(config, dtype=dtype, policy=policy, rngs=nnx.Rngs(0)))
     tensors = _Tensors(path)
@@ -158,12 +177,6 @@ def load_pretrained(path: str, dtype="float32", policy: MoEPolicy | None = None,
         f"{_root(config)}shared.weight"}
     fill_from_checkpoint(_plan(model, names), tensors, path, config.architecture,
                          lambda name: bool(_IGNORED.match(name)) or name in copies)
-    for block in model.moe_blocks():  # the model is ours alone: each block's stacked experts go once split
-        block.hold_experts(expert_storage)
-    if mesh is not None:
-        from moejax import parallel
-
-        model = parallel.expert_parallel(model, mesh, "dynamic" if gating is None else gating, **parallel_options)
     return model
 
 
@@ -244,11 +257,12 @@ def _switch_config(c: Seq2SeqConfig, dtype: str) -> dict:
     }
 
 
-def export_pretrained(model: EncoderDecoderLM, directory: str, tokenizer=None) -> None:
+def export_pretrained(model: EncoderDecoderLM, directory: str, tokenizer=None, *, overwrite: bool = False) -> None:
     """Write `model` as a Hugging Face checkpoint of its family (config.json + model.safetensors, and the
     `tokenizers` tokenizer as tokenizer.json if given): the inverse of load_pretrained, which transformers'
     NllbMoeForConditionalGeneration or SwitchTransformersForConditionalGeneration loads too. Expert-parallel
-    models are exported from their single-device originals."""
+    models are exported from their single-device originals. `directory` must be new or empty, or with
+    overwrite=True is replaced whole (moejax.checkpoints.write_checkpoint)."""
     if any(block.runtime.sharded for block in model.moe_blocks()):
         raise ValueError("export_pretrained needs the single-device model (expert weights are permuted on a mesh)")
     model = with_expert_storage(model, "stacked")  # the checkpoint's tensors come from stacked experts
@@ -256,4 +270,4 @@ def export_pretrained(model: EncoderDecoderLM, directory: str, tokenizer=None) -
     plan = _plan(model, set(_stack_embeddings(model.config)))
     if model.decoder_embed_tokens is not None:  # transformers keeps the (then unused) shared matrix too
         plan.copy(model.embed_tokens, f"{_root(model.config)}shared.weight")
-    write_checkpoint(plan, hf_config, directory, tokenizer)
+    write_checkpoint(plan, hf_config, directory, tokenizer, overwrite=overwrite)

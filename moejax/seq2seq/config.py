@@ -139,6 +139,16 @@ class Seq2SeqConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Seq2SeqConfig":
+        """The inverse of to_dict after a JSON round trip (lists back to tuples)."""
+        d = dict(d)
+        for name in ("encoder_moe_layers", "decoder_moe_layers"):
+            d[name] = tuple(d[name])
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = tuple(d["eos_token_id"])
+        return cls(**d)
+
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
