@@ -37,6 +37,7 @@ from moejax.models.transformer import CausalLM
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _ORBAX_CONFIG = "moejax_config.json"
 _CAUSAL_LM, _ENCODER_DECODER = "causal_lm", "encoder_decoder"  # its "model": which loader reads a converted one
+_OWN_PARAMS = re.compile(r"params(-[0-9a-f]{12})?")  # the parameter directories save_converted names ("params": older)
 _INDEX = "model.safetensors.index.json"
 # The safetensors dtypes a weight may have; anything else (integers, bools, float8) is quantized or no weight:
 # quantized formats are dequantized before the plan sees them (moejax.quantization).
@@ -61,6 +62,12 @@ def read_config(path: str) -> ModelConfig:
 
 def _read_configs(path: str) -> tuple[ModelConfig, dict]:
     """read_config's ModelConfig and config.json's own object (its quantization_config is read at load)."""
+    return read_config_files(path, from_hf_config)
+
+
+def read_config_files(path: str, parse: Callable[[dict, dict | None], object]) -> tuple[object, dict]:
+    """(parse(config.json's object, generation_config.json's or None), config.json's object) of a checkpoint
+    directory (moejax.seq2seq's reader too): every error names the file and the value it comes from."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
@@ -70,25 +77,28 @@ def _read_configs(path: str) -> tuple[ModelConfig, dict]:
     if generation is not None and not isinstance(generation, dict):
         raise ValueError(f"{generation_file} must hold a JSON object; got {type(generation).__name__}")
     try:
-        return from_hf_config(hf, generation), hf
+        return parse(hf, generation), hf
     except ValueError as e:
-        raise ValueError(f"{e} (in {config_file})") from None
+        file = generation_file if str(e).startswith("generation_config.json") else config_file
+        raise ValueError(f"{e} (in {file})") from None
+    except (TypeError, ZeroDivisionError, KeyError, IndexError, AttributeError) as e:  # a value of a kind no check foresaw
+        raise ValueError(f"{config_file} holds a value moejax cannot read ({type(e).__name__}: {e})") from None
 
 
 class _Tensors:
-    """The tensors of model.safetensors or of the shards a model.safetensors.index.json names."""
+    """The tensors of model.safetensors, or else of the shards a model.safetensors.index.json names."""
 
     def __init__(self, path: str):
         index = os.path.join(path, _INDEX)
         single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
+        if os.path.isfile(single):  # before an index, as transformers reads them
+            self.file_of = {name: single for name in self._open(single).keys()}
+        elif os.path.isfile(index):
             content = _read_json(index)
             weight_map = content.get("weight_map") if isinstance(content, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index} has no 'weight_map' object (tensor name -> shard file name)")
             self.file_of = {name: self._shard(path, index, shard) for name, shard in weight_map.items()}
-        elif os.path.isfile(single):
-            self.file_of = {name: single for name in self._open(single).keys()}
         else:
             found = sorted(os.listdir(path))
             hint = " (moejax reads safetensors only; convert .bin / .pt files first)" if any(
@@ -186,6 +196,8 @@ def checkpoint_directory(path) -> str:
 
 
 def _float_dtype(dtype) -> jnp.dtype:
+    if dtype is None:  # jnp.dtype(None) is float64
+        raise ValueError("dtype=None is not a floating-point dtype ('float32', 'bfloat16', 'float16')")
     try:
         d = jnp.dtype(dtype)
     except TypeError:
@@ -273,11 +285,7 @@ def fill_from_checkpoint(plan: Plan, tensors: _Tensors, path: str, architecture:
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer.json through the `tokenizers` library, or None where the checkpoint
     directory has none (a missing directory is an error, not None)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist" if not os.path.exists(path)
-                                else f"checkpoint path {path!r} is not a directory")
-    file = os.path.join(path, "tokenizer.json")
+    file = os.path.join(checkpoint_directory(path), "tokenizer.json")
     if not os.path.isfile(file):
         return None
     from tokenizers import Tokenizer
@@ -332,7 +340,7 @@ def save_converted(model, directory: str, *, overwrite: bool = False) -> None:
         os.rename(os.path.join(staging, params), os.path.join(directory, params))  # unreferenced until...
         os.replace(os.path.join(staging, _ORBAX_CONFIG), os.path.join(directory, _ORBAX_CONFIG))  # ...this switch
         for entry in os.listdir(directory):  # the old parameters, and any a killed save left unreferenced
-            if entry.startswith("params") and entry != params:
+            if _OWN_PARAMS.fullmatch(entry) and entry != params:
                 shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

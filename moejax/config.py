@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from moejax.family_defaults import with_family_defaults
 from moejax.families import MODEL_TYPE_ALIASES, READERS, SUPPORTED_ARCHITECTURES, reader
 from moejax.family_writers import WRITERS, rope_parameters
 from moejax.quantization import read_format
@@ -288,23 +289,49 @@ _JSON_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "max_window_layers", "rotary_dim", "intermediate_size_mlp", "interleave_moe_layer_step",
                   "no_rope_layer_interval", "attention_chunk_size", "floor_scale", "num_shared_experts",
                   "d_model", "n_heads", "n_layers", "max_seq_len", "kv_n_heads", "ffn_hidden_size", "moe_top_k",
-                  "moe_topk", "num_mtp_layers")
+                  "moe_topk", "num_mtp_layers", "decoder_start_token_id")
 _JSON_NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "clip_qkv", "partial_rotary_factor",
                  "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling", "moe_norm_min",
                  "swiglu_limit", "swiglu_alpha", "attn_scale", "router_jitter_noise", "moe_normalize_expert_weights",
                  "router_scaling_factor")
+# ... and of these, which readers divide by or step over, positive too
+_JSON_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "decoder_sparse_step",
+                  "interleave_moe_layer_step", "moe_layer_freq", "moe_layer_interval", "no_rope_layer_interval",
+                  "d_model", "n_heads", "n_layers")
+# the numbers of a rope_parameters / rope_scaling object
+_JSON_ROPE_NUMBERS = ("rope_theta", "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                      "low_freq_factor", "high_freq_factor", "short_mscale", "long_mscale", "partial_rotary_factor")
+_JSON_STRINGS = ("hidden_act", "model_type")
 _JSON_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "qkv_bias", "mlp_bias",
                "use_sliding_window", "use_qk_norm", "rope_interleave", "use_bias", "attn_temperature_tuning",
                "lm_head_bias", "use_qkv_bias")
 
 
-def _check_json_types(hf: dict, within: str = "") -> None:
+def _check_json_types(hf: dict, within: str = "", file: str = "config.json") -> None:
     def bad(key, what):
-        raise ValueError(f"config.json: {within}{key}={hf[key]!r} is invalid: must be {what}")
+        raise ValueError(f"{file}: {within}{key}={hf[key]!r} is invalid: must be {what}")
 
     for key in _JSON_INTEGERS:
         if hf.get(key) is not None and not is_integer(hf[key]):
             bad(key, "an integer")
+    for key in _JSON_POSITIVE:
+        if hf.get(key) is not None and hf[key] <= 0:
+            bad(key, "a positive integer")
+    for key in _JSON_STRINGS:
+        if hf.get(key) is not None and not isinstance(hf[key], str):
+            bad(key, "a string")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None:
+            if not isinstance(hf[key], dict):
+                bad(key, "an object (or null)")
+            for name, value in hf[key].items():
+                if name in _JSON_ROPE_NUMBERS and value is not None and (
+                        isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ValueError(f"{file}: {within}{key}.{name}={value!r} is invalid: must be a number")
+            if hf[key].get("original_max_position_embeddings") is not None and not is_integer(
+                    hf[key]["original_max_position_embeddings"]):
+                raise ValueError(f"{file}: {within}{key}.original_max_position_embeddings="
+                                 f"{hf[key]['original_max_position_embeddings']!r} is invalid: must be an integer")
     for key in _JSON_NUMBERS:
         if hf.get(key) is not None and (isinstance(hf[key], bool) or not isinstance(hf[key], (int, float))):
             bad(key, "a number")
@@ -321,7 +348,18 @@ def _check_json_types(hf: dict, within: str = "") -> None:
         if hf.get(key) is not None:
             if not isinstance(hf[key], dict):
                 bad(key, "an object")
-            _check_json_types(hf[key], f"{within}{key}.")
+            _check_json_types(hf[key], f"{within}{key}.", file)
+
+
+GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def generation_token_ids(generation: dict | None, keys=GENERATION_TOKEN_IDS) -> dict:
+    """The token ids of a generation_config.json that win over config.json's (transformers generates with
+    them), checked: a bad one fails naming generation_config.json."""
+    ids = {k: generation[k] for k in keys if k in (generation or {})}
+    _check_json_types(ids, file="generation_config.json")
+    return ids
 
 
 _JSON_LISTS = {"mlp_only_layers": (is_integer, "a list of layer indices"),
@@ -347,14 +385,14 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> ModelConfig:
     if not isinstance(hf, dict):
         raise ValueError(f"config.json must hold a JSON object; got {type(hf).__name__}")
     read_format(hf.get("quantization_config"))  # a format moejax dequantizes at load, else refused by name
-    if generation:
-        hf = {**hf, **{k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}}
     _check_json_types(hf)
+    hf = {**hf, **generation_token_ids(generation)}
     model_type = hf.get("model_type")
     if model_type in ENCODER_DECODER_MODEL_TYPES:
         raise ValueError(f"config.json: model_type {model_type!r} is an encoder-decoder model: load it with "
                          "moejax.seq2seq.load_pretrained")
     read = reader(model_type)
+    hf = with_family_defaults(model_type, hf)
     for arch in hf.get("architectures") or []:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"config.json: unsupported architecture {arch!r}; supported architectures: "

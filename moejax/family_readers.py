@@ -22,9 +22,9 @@ def _get(hf: dict, key: str, default: Any = dataclasses.MISSING) -> Any:
 
 def _rope(hf: dict, interleaved: bool = False) -> dict:
     # transformers v5 writes `rope_parameters` (theta inside); v4 and the Hub write rope_theta + rope_scaling.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params = {**scaling, **params}
+    # As transformers reads them: a rope_scaling replaces rope_parameters whole (a model card's "add
+    # rope_scaling for YaRN" on a v5 config), the theta from it, else the top level (family_defaults' default)
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     factor = float(params.get("factor") or 1.0)

@@ -9,15 +9,14 @@ a missing, unexpected, mis-shaped or non-floating-point one raises an error nami
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 from flax import nnx
 
 from moejax.capacity import MoEPolicy
-from moejax.checkpoints import (_check_policy, _float_dtype, _read_json, _Tensors, checkpoint_directory, checkpoint_kind,
-                                fill_from_checkpoint, restore_converted_model, write_checkpoint)
+from moejax.checkpoints import (_check_policy, _float_dtype, _Tensors, checkpoint_directory, checkpoint_kind,
+                                fill_from_checkpoint, read_config_files, restore_converted_model, write_checkpoint)
 from moejax.load_plan import Plan, PlanItem
 from moejax.models import with_expert_storage
 from moejax.models.moe import check_expert_storage
@@ -30,17 +29,7 @@ _IGNORED = re.compile(r".*embed_positions\.weights?$")
 
 def read_config(path: str) -> Seq2SeqConfig:
     """The Seq2SeqConfig of a checkpoint directory: config.json, with generation_config.json's token ids."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
-    generation_file = os.path.join(path, "generation_config.json")
-    generation = _read_json(generation_file) if os.path.isfile(generation_file) else None
-    if generation is not None and not isinstance(generation, dict):
-        raise ValueError(f"{generation_file} must hold a JSON object; got {type(generation).__name__}")
-    try:
-        return from_hf_config(_read_json(config_file), generation)
-    except ValueError as e:
-        raise ValueError(f"{e} (in {config_file})") from None
+    return read_config_files(path, from_hf_config)[0]
 
 
 def _vector_stack(plan: Plan, param: nnx.Param, names: list[str], size: int):

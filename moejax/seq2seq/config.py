@@ -13,7 +13,8 @@ import dataclasses
 import functools
 from typing import Any
 
-from moejax.config import ACTIVATIONS, ENCODER_DECODER_MODEL_TYPES, ModelConfig, is_integer
+from moejax.config import (ACTIVATIONS, ENCODER_DECODER_MODEL_TYPES, GENERATION_TOKEN_IDS, ModelConfig,
+                           generation_token_ids, is_integer)
 
 NLLB_MOE, SWITCH = ENCODER_DECODER_MODEL_TYPES  # moejax.config lets a ModelConfig describe their MoE blocks
 _ARCHITECTURES = {NLLB_MOE: ("NllbMoeForConditionalGeneration",), SWITCH: ("SwitchTransformersForConditionalGeneration",)}
@@ -178,9 +179,7 @@ def from_hf_config(hf: dict, generation: dict | None = None) -> Seq2SeqConfig:
     if _get(hf, "is_encoder_decoder", bool, True) is False:
         raise ValueError(f"config.json: is_encoder_decoder=false: a {model_type} model without its decoder "
                          "(encoder-only) has nothing to generate with")
-    if generation:
-        keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-        hf = {**hf, **{k: generation[k] for k in keys if k in generation}}
+    hf = {**hf, **generation_token_ids(generation, GENERATION_TOKEN_IDS + ("decoder_start_token_id",))}
     return Seq2SeqConfig(architecture=model_type, **_READERS[model_type](hf))
 
 
