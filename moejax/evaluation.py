@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from moejax.data import read_jsonl
 from moejax.generate import pad_prompts
-from moejax.models.transformer import CausalLM, check_token_ids
+from moejax.models.transformer import CausalLM, check_positions, check_token_ids
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -47,6 +47,9 @@ def perplexity(model: CausalLM, sequences: Iterable[Sequence[int]], batch_size: 
     sequences = [list(s) for s in sequences]
     if not sequences or all(len(s) < 2 for s in sequences):
         raise ValueError("perplexity needs at least one sequence of two or more tokens")
+    # outside jit (inside, the forward's own check sees tracers): warn past the trained positions, refuse
+    # longrope's long regime, as model() and generate do
+    check_positions(model.config, max(len(s) for s in sequences))
     graphdef, state = nnx.split(model)
     total, count = 0.0, 0
     for start in range(0, len(sequences), batch_size):
@@ -119,6 +122,8 @@ def score_continuations(model: CausalLM, requests: Sequence[tuple[Sequence[int],
                                          name=f"request {i}"))
         rows.append(row[-(limit + 1):].tolist())
         lengths.append(len(continuation))
+    if rows:  # the positions fed (all but each row's last token), checked outside jit as perplexity's
+        check_positions(model.config, max(len(r) for r in rows) - 1)
     graphdef, state = nnx.split(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     scores, greedy, loads = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool), {} if with_loads else None
@@ -211,7 +216,9 @@ def score_multiple_choice(model: CausalLM, tokenizer, examples: Sequence[Multipl
         _example({"context": e.context, "choices": list(e.choices), "gold": e.gold})  # the checks a file gets
         context = tokenizer.encode(e.context).ids
         for choice in e.choices:
-            requests.append((context, tokenizer.encode(choice).ids) if encode_pair is None
+            # a choice continues the context: no special tokens of its own (a tokenizer that prepends a BOS
+            # would score log p(BOS | context) and condition the choice on it), as lm-eval encodes continuations
+            requests.append((context, tokenizer.encode(choice, add_special_tokens=False).ids) if encode_pair is None
                             else encode_pair(e.context, choice))
             owners.append(i)
     scores = continuation_log_likelihoods(model, requests, batch_size=batch_size)
@@ -329,11 +336,7 @@ def decode_loads(model: CausalLM, prompts: Sequence[Sequence[int]], steps: int, 
     if getattr(model, "is_encoder_decoder", False):  # prompts are sources; decode steps run the decoder only
         measured = [j for j, b in enumerate(blocks) if b.layer >= model.config.encoder_layers]
     else:
-        measured = list(range(len(blocks)))
-        padded = pad_prompts([list(p) for p in prompts])[0].shape[1]
-        if padded + steps > model.config.max_position_embeddings:
-            raise ValueError(f"prompts of {padded} padded tokens + {steps} steps exceed the model's "
-                             f"{model.config.max_position_embeddings} positions")
+        measured = list(range(len(blocks)))  # decode checks the positions of the real tokens, as generate
     out = decode(model, [list(p) for p in prompts], steps + 1, record_loads=True, stop_tokens=stop_tokens)
     counts = np.asarray(out.loads)[1:int(out.steps) + 1][:, measured]  # decode steps run: [steps, layers, E]
     return {"layers": [blocks[j].layer for j in measured], "steps": int(out.steps),

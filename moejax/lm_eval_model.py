@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from moejax import evaluation
 from moejax.capacity import MoEPolicy
-from moejax.checkpoints import load_pretrained, load_tokenizer
+from moejax.config import is_integer
+from moejax.checkpoints import _read_json, load_pretrained, load_tokenizer
 from moejax.generate import decode
 from moejax.models.transformer import CausalLM
 
@@ -57,6 +58,8 @@ MODEL_ARGS = {
     "max_length": "most tokens fed per request, default max_position_embeddings; longer ones lose context "
                   "from the left",
     "max_gen_toks": "generate_until's new tokens when a task names none, default 256",
+    "prefix_token_id": "the token an empty context starts from (lm-eval's hf backend's argument); default the "
+                       "tokenizer's bos_token, else its eos_token (tokenizer_config.json), else config.json's",
     **{name: "moejax.MoEPolicy field" for name in POLICY_ARGS},
     "mesh": "expert parallelism: E (an expert axis of E devices) or DxE (data x expert devices)",
     "gating": "with a mesh: dynamic (default) or static",
@@ -68,6 +71,28 @@ GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p
 
 def _error(message: str) -> ValueError:
     return ValueError(f"moejax model_args: {message}")
+
+
+def special_tokens(path: str, tokenizer) -> dict | None:
+    """{"bos": id or None, "eos": id or None} as tokenizer_config.json names them (lm-eval's hf backend reads
+    its tokenizer's), or None where the checkpoint has no tokenizer_config.json. A named token that the
+    tokenizer does not hold fails naming it."""
+    import os
+
+    file = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(file):
+        return None
+    content = _read_json(file)
+    if not isinstance(content, dict):
+        raise ValueError(f"{file} must hold a JSON object; got {type(content).__name__}")
+    ids = {}
+    for kind in ("bos", "eos"):
+        token = content.get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token  # an AddedToken's serialised form
+        if token is not None and (not isinstance(token, str) or tokenizer.token_to_id(token) is None):
+            raise ValueError(f"{file}: {kind}_token={token!r} is not a token of the checkpoint's tokenizer.json")
+        ids[kind] = None if token is None else tokenizer.token_to_id(token)
+    return ids
 
 
 def _integer(name: str, value, minimum: int = 1) -> int:
@@ -124,7 +149,7 @@ class MoejaxLM(TemplateLM):
     generate_until, on the model's MoE runtime (policy, experts backend, mesh). See the module docstring."""
 
     def __init__(self, pretrained=None, dtype="float32", batch_size=16, max_length=None, max_gen_toks=256,
-                 mesh=None, gating=None, device=None, max_batch_size=None, **policy):
+                 mesh=None, gating=None, device=None, max_batch_size=None, prefix_token_id=None, **policy):
         super().__init__()
         unknown = sorted(set(policy) - set(POLICY_ARGS))
         if unknown:
@@ -147,18 +172,26 @@ class MoejaxLM(TemplateLM):
             raise _error(str(e)) from None
         if tokenizer is None:
             raise _error(f"pretrained={pretrained!r} has no tokenizer.json (lm-eval's requests are text)")
-        self._serve(model, tokenizer, *settings, {"checkpoint": str(pretrained), "dtype": str(dtype)})
+        self._serve(model, tokenizer, *settings, {"checkpoint": str(pretrained), "dtype": str(dtype)},
+                    special_tokens(pretrained, tokenizer), prefix_token_id)
 
     @classmethod
     def for_model(cls, model: CausalLM, tokenizer, batch_size: int = 16, max_length: int | None = None,
-                  max_gen_toks: int = 256) -> MoejaxLM:
-        """Serve a model already built (policy and mesh as they are) with a tokenizers.Tokenizer."""
+                  max_gen_toks: int = 256, prefix_token_id: int | None = None) -> MoejaxLM:
+        """Serve a model already built (policy and mesh as they are) with a tokenizers.Tokenizer (its bos and
+        eos: the model config's, where no tokenizer_config.json says otherwise)."""
         self = cls.__new__(cls)
         TemplateLM.__init__(self)
-        self._serve(model, tokenizer, *_settings(batch_size, max_length, max_gen_toks), {"checkpoint": None})
+        self._serve(model, tokenizer, *_settings(batch_size, max_length, max_gen_toks), {"checkpoint": None},
+                    None, prefix_token_id)
         return self
 
-    def _serve(self, model, tokenizer, batch_size, max_length, max_gen_toks, info: dict) -> None:
+    def _serve(self, model, tokenizer, batch_size, max_length, max_gen_toks, info: dict, special: dict | None,
+               prefix_token_id: int | None) -> None:
+        if prefix_token_id is not None and not (is_integer(prefix_token_id)
+                                                and 0 <= int(prefix_token_id) < model.config.vocab_size):
+            raise _error(f"prefix_token_id={prefix_token_id!r} must be a token id in [0, {model.config.vocab_size})")
+        self._special, self._prefix = special, None if prefix_token_id is None else int(prefix_token_id)
         self.model, self.tokenizer = model, tokenizer
         self._batch_size, self._max_gen_toks = batch_size, max_gen_toks
         self._max_length = model.config.max_position_embeddings if max_length is None else max_length
@@ -198,11 +231,19 @@ class MoejaxLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
+        """The tokenizer's eos_token where tokenizer_config.json names one (lm-eval's hf backend's), else the
+        checkpoint's first end-of-sequence id."""
+        if self._special is not None and self._special["eos"] is not None:
+            return self._special["eos"]
         return self.eos_token_ids[0]
 
     @property
     def prefix_token_id(self) -> int:
-        bos = self.model.config.bos_token_id
+        """As lm-eval's hf backend: prefix_token_id= if given, else the tokenizer's bos_token, else eot_token_id;
+        without a tokenizer_config.json, the model config's bos_token_id stands for the tokenizer's."""
+        if self._prefix is not None:
+            return self._prefix
+        bos = self.model.config.bos_token_id if self._special is None else self._special["bos"]
         return self.eot_token_id if bos is None else bos
 
     @property

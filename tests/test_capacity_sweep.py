@@ -23,13 +23,14 @@ SETTINGS = {"checkpoint": "tiny", "batch_size": 4}
 
 
 class ByteTokenizer:
-    """Stands in for a tokenizers.Tokenizer: score_multiple_choice only calls encode(text).ids."""
+    """Stands in for a tokenizers.Tokenizer: score_multiple_choice only calls encode(text[, add_special_tokens]).ids
+    (no special tokens to add here)."""
 
     class _Encoding:
         def __init__(self, ids):
             self.ids = ids
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
         return self._Encoding([b % TINY["vocab_size"] for b in text.encode()])
 
 

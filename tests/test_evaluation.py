@@ -2,6 +2,7 @@
 
 import json
 import math
+from unittest import mock
 
 import jax.numpy as jnp
 import numpy as np
@@ -203,3 +204,52 @@ def test_decode_loads_follow_greedy_generation(decisive_model):
         idle += (~routed).mean(axis=-1)
     np.testing.assert_allclose(loads["idle_fraction"], idle / steps, rtol=1e-6)
     assert loads["steps"] == steps and loads["batch_size"] == 2
+
+
+def test_a_choice_is_scored_without_the_special_tokens_a_tokenizer_prepends(decisive_model, tokenizer):
+    """A Llama-style tokenizer.json prepends a BOS to every encoding: the context keeps it, the choices (which
+    continue the context) must not, as lm-eval encodes continuations."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    with_bos = copy.deepcopy(tokenizer)
+    bos = with_bos.id_to_token(0)
+    with_bos.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
+    assert with_bos.encode("x").ids[0] == 0 and with_bos.encode("x", add_special_tokens=False).ids[0] != 0
+    examples = EXAMPLES[:2]
+    scored = []
+    real = evaluation.continuation_log_likelihoods
+    spy = lambda model, requests, **kw: scored.extend(requests) or real(model, requests, **kw)
+    with mock.patch.object(evaluation, "continuation_log_likelihoods", spy):
+        evaluation.score_multiple_choice(decisive_model, with_bos, examples)
+    expected = [(with_bos.encode(e.context).ids, with_bos.encode(c, add_special_tokens=False).ids)
+                for e in examples for c in e.choices]
+    assert [(list(c), list(x)) for c, x in scored] == expected
+    context, choice = expected[0]
+    assert context[0] == 0 and choice[0] != 0  # the BOS starts the context only
+
+
+def test_evaluation_refuses_longrope_past_its_short_regime_as_the_model_does(tmp_path):
+    from tests import hf_models
+
+    hf_models.save("phimoe-e4k2-biases-lm-head-bias-longrope", tmp_path)  # original_max_position_embeddings 64
+    model = moejax.load_pretrained(tmp_path)
+    ids = np.random.RandomState(0).randint(1, 96, size=100).tolist()
+    for call in (lambda: model(jnp.asarray([ids])), lambda: evaluation.perplexity(model, [ids]),
+                 lambda: evaluation.score_continuations(model, [(ids[:90], ids[90:])])):
+        with pytest.raises(ValueError, match=r"100 positions runs past original_max_position_embeddings=64"
+                                             r"|99 positions runs past original_max_position_embeddings=64"):
+            call()
+    assert math.isfinite(evaluation.perplexity(model, [ids[:60]]))  # within it: computed
+
+
+def test_decode_loads_count_the_real_prompt_positions_not_the_padded_ones():
+    import warnings
+
+    model = moejax.random_model(tiny_config(max_position_embeddings=12), seed=0)
+    prompts = [[1, 2, 3], [4, 5]]  # padded to 8; 3 real tokens + 5 steps stay within 12 positions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # generate warns past the positions; not here
+        loads = evaluation.decode_loads(model, prompts, steps=5)
+    assert loads["steps"] == 5

@@ -219,10 +219,41 @@ def _create(args: str):
     ("mesh=3", "mesh=3: a mesh of data=1 x expert=3 needs 3 devices"),
     ("gating=static", "gating='static' applies to expert parallelism and needs a mesh"),
     ("dtype=int8", "dtype='int8' must be a floating-point dtype"),
+    ("prefix_token_id=100000", "prefix_token_id=100000 must be a token id in"),
 ])
 def test_bad_model_args_fail_naming_the_value(args, error):
     with pytest.raises(ValueError, match="moejax model_args: .*" + error.replace("(", r"\(").replace(")", r"\)")):
         _create(f"pretrained={CHECKPOINT},{args}")
+
+
+def test_empty_contexts_start_from_the_tokenizers_bos_as_in_the_hf_backend(tmp_path):
+    """tokenizer_config.json's bos_token, not config.json's bos_token_id (here they differ), starts an empty
+    context and a rolling window, as in lm-eval's hf backend; prefix_token_id= overrides both alike."""
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend imports accelerate (not in the test extra)")
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    path = tmp_path / "ck"
+    shutil.copytree(os.path.join(ROOT, CHECKPOINT), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "bos_token_id": 1}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    requests = [Instance("loglikelihood_rolling", {}, ("import os\nprint(os.sep)\n",), 0, ("t", 0, 1)),
+                Instance("loglikelihood", {}, ("", "import os"), 1, ("t", 1, 1))]
+    for extra in ({}, {"prefix_token_id": 7}):
+        ours = MoejaxLM(pretrained=str(path), batch_size=2, **extra)
+        theirs = HFLM(pretrained=str(path), dtype="float32", batch_size=2, device="cpu", **extra)
+        assert ours.prefix_token_id == theirs.prefix_token_id == extra.get("prefix_token_id", 0)
+        assert ours.eot_token_id == theirs.eot_token_id == 0
+        np.testing.assert_allclose(ours.loglikelihood_rolling(requests[:1]), theirs.loglikelihood_rolling(requests[:1]),
+                                   atol=1e-4)
+        np.testing.assert_allclose([ll for ll, _ in ours.loglikelihood(requests[1:])],
+                                   [ll for ll, _ in theirs.loglikelihood(requests[1:])], atol=1e-4)
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<not a token>"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: bos_token='<not a token>' is not a token"):
+        MoejaxLM(pretrained=str(path))
 
 
 def test_missing_checkpoint_and_missing_pretrained_fail_through_lm_eval(tmp_path, tasks_index):
