@@ -54,14 +54,14 @@ def main(config, workdir):
     rates = [t["tokens_per_s"] for t in train if t["tokens_per_s"]]
     summary = {
         "config": config.to_dict(), "workdir": workdir, "export": export,
-        "wall_seconds_this_call": seconds, "steps_this_call": len(train),
+        "wall_seconds_this_call": seconds, "steps_this_call": result["steps_this_call"],
         "median_tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
         "parameters": sum(x.size for x in jax.tree.leaves(result["state"].params)),
         "history": result["history"], "devices": [str(d) for d in jax.devices()],
         **harness.header(),
     }
     write_json_atomically(os.path.join(workdir, "train_results.json"), summary)
-    print(f"Trained {len(train)} steps in {seconds / 60:.1f} min; exported to {export}")
+    print(f"Trained {result['steps_this_call']} steps in {seconds / 60:.1f} min; exported to {export}")
 
 
 if __name__ == "__main__":

@@ -8,19 +8,26 @@ from typing import Iterable
 
 
 def write_json_atomically(path: str, data: dict) -> None:
-    """Write via a temporary file and a rename, so an interrupted run never leaves a half-written file."""
-    tmp = path + ".tmp"
+    """Write via a temporary file (flushed to disk) and a rename, so an interrupted run never leaves a
+    half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict | None:
-    """The JSON object in `path`, or None when there is no such file."""
+    """The JSON object in `path`, or None when there is no such file; a file that is not JSON fails naming it."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): remove it "
+                             "or restore it from a complete run") from None
 
 
 class Results:

@@ -1,12 +1,14 @@
 """Training: the experts step, router auxiliaries and loss against brute force; a short run that learns;
 an interrupted run that resumes exactly; the data-parallel step equal to the single-device one."""
 
+import os
+import sysconfig
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import sysconfig
 from flax import nnx
 
 import moejax
@@ -108,7 +110,7 @@ def test_data_parallel_step_equals_single_device_step():
         trainer.step(trainer.init(), batch[:6])
 
 
-def _run_config(corpus_dir, steps=6):
+def _run_config(corpus_dir, steps=6, **changes):
     config = ml_collections.ConfigDict(dict(
         seed=0, corpus=str(corpus_dir), validation_fraction=0.25, test_fraction=0.0, vocab_size=320,
         model=dict(architecture="olmoe", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, num_experts=4,
@@ -117,6 +119,7 @@ def _run_config(corpus_dir, steps=6):
         sequence_length=32, batch_size=8, steps=steps, warmup_steps=1, learning_rate=1e-2, weight_decay=0.0,
         load_balance_coef=0.01, router_z_coef=0.001, capacity_factor=2.0, compute_dtype="float32",
         eval_every=steps, eval_sequences=8, checkpoint_every=2))
+    config.update(changes)
     return config
 
 
@@ -148,9 +151,32 @@ def test_a_short_run_lowers_the_loss(corpus_dir, tmp_path):
 def test_an_interrupted_run_resumes_exactly(corpus_dir, tmp_path):
     config = _run_config(corpus_dir, steps=6)
     uninterrupted = training.run(config, str(tmp_path / "a"), progress=False)["history"]["train"]
-    first = training.run(config, str(tmp_path / "b"), progress=False, stop_after=3)["history"]["train"]
-    resumed = training.run(config, str(tmp_path / "b"), progress=False)["history"]["train"]
-    assert [t["step"] for t in first] == [1, 2, 3] and [t["step"] for t in resumed] == [4, 5, 6]
-    for ours, theirs in zip(first + resumed, uninterrupted):
+    first = training.run(config, str(tmp_path / "b"), progress=False, stop_after=3)
+    # when it validates and checkpoints may change on resume; nothing it trains may (below)
+    config.eval_every = 2
+    resumed = training.run(config, str(tmp_path / "b"), progress=False)
+    assert (first["steps_this_call"], resumed["steps_this_call"]) == (3, 3)
+    # the resumed call reports the whole run: the first call's steps from the workdir's history
+    assert [t["step"] for t in first["history"]["train"]] == [1, 2, 3]
+    assert [t["step"] for t in resumed["history"]["train"]] == [1, 2, 3, 4, 5, 6]
+    for ours, theirs in zip(resumed["history"]["train"], uninterrupted):
         np.testing.assert_allclose(ours["total"], theirs["total"], rtol=1e-6)
-    assert resumed[0]["total"] != first[-1]["total"]  # a real comparison: consecutive steps differ
+    assert resumed["history"]["train"][3]["total"] != first["history"]["train"][-1]["total"]  # steps differ
+    for change in (dict(seed=7), dict(vocab_size=400), dict(learning_rate=0.5)):
+        with pytest.raises(ValueError, match=rf"holds a run started with other settings \({list(change)[0]} differ"):
+            training.run(_run_config(corpus_dir, steps=6, **change), str(tmp_path / "b"), progress=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(eval_every=0), r"config.eval_every=0 must be an integer >= 1"),
+    (dict(checkpoint_every=0), r"config.checkpoint_every=0 must be an integer >= 1"),
+    (dict(eval_sequences=0), r"config.eval_sequences=0 must be an integer >= 1"),
+    (dict(batch_size=0), r"config.batch_size=0 must be an integer >= 1"),
+    (dict(warmup_steps=-3), r"config.warmup_steps=-3 must be an integer in \[0, config.steps=6\]"),
+    (dict(compute_dtype="bf16"), r"config.compute_dtype='bf16' must be a floating-point dtype"),
+    (dict(sequence_length=100), r"config.sequence_length=100 is longer than the model's"),
+])
+def test_bad_training_settings_are_named_before_any_work(corpus_dir, tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        training.run(_run_config(corpus_dir, steps=6, **change), str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "tokenizer.json")

@@ -100,10 +100,16 @@ def run(config, workdir: str, progress: bool = True, devices=None, stop_after: i
     ends the call after that step (checkpointed), as an interruption would, without changing the schedule.
 
     The batch of step i is a function of (config.seed, i) only, so an interrupted run continues exactly as an
-    uninterrupted one would. Returns {"model", "tokenizer", "corpus", "history"}: history holds, per step
-    taken in this call, the training loss terms, and per validation, the validation cross-entropy."""
+    uninterrupted one would; a resume with other settings is refused (check_resume). Returns {"model",
+    "tokenizer", "corpus", "history", "state", "steps_this_call"}: history holds, per step of the whole run,
+    the training loss terms, and per validation, the validation cross-entropy."""
     from moejax import data
 
+    check_training_config(config)
+    if config.sequence_length > config.model.max_position_embeddings:
+        raise ValueError(f"config.sequence_length={config.sequence_length} is longer than the model's "
+                         f"config.model.max_position_embeddings={config.model.max_position_embeddings}")
+    check_resume(config, workdir)
     corpus = prepare_corpus(config, workdir)
     trainer = Trainer(build_model(config, corpus.tokenizer), optimizer(config), loss_weights(config),
                       data_mesh(devices), config.compute_dtype, config.capacity_factor)
@@ -115,9 +121,57 @@ def run(config, workdir: str, progress: bool = True, devices=None, stop_after: i
                          "tokens; lower sequence_length or add documents")
     batch = lambda step: (data.training_batch(corpus.train_stream, config.seed, step, config.batch_size,
                                               config.sequence_length),)
-    state, history = train_loop(config, workdir, trainer, batch, (validation,), progress, stop_after)
+    state, history, steps = train_loop(config, workdir, trainer, batch, (validation,), progress, stop_after)
     return {"model": trainer.model(state), "tokenizer": corpus.tokenizer, "corpus": corpus, "history": history,
-            "state": state}
+            "state": state, "steps_this_call": steps}
+
+
+_POSITIVE = ("steps", "batch_size", "sequence_length", "eval_every", "checkpoint_every", "eval_sequences",
+             "eval_pairs", "max_source_tokens", "max_target_tokens", "vocab_size")
+# settings a resumed run may change: when it validates and checkpoints, not what it trains
+_RESUMABLE = ("eval_every", "checkpoint_every")
+_RUN_SETTINGS = "run_settings.json"
+
+
+def check_training_config(config) -> None:
+    """The training settings (configs/train_*.py) checked before any work: each bad one named."""
+    import jax.numpy as jnp
+
+    for name in _POSITIVE:
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"config.{name}={value!r} must be an integer >= 1")
+    warmup = config.get("warmup_steps", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= config.steps:
+        raise ValueError(f"config.warmup_steps={warmup!r} must be an integer in [0, config.steps={config.steps}]")
+    try:
+        dtype = jnp.dtype(config.compute_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"config.compute_dtype={config.compute_dtype!r} must be a floating-point dtype "
+                         "('float32', 'bfloat16')")
+
+
+def check_resume(config, workdir: str) -> None:
+    """A first call records its settings in workdir/run_settings.json; a later one (a resume) must have the
+    same, but for when it validates and checkpoints (_RESUMABLE): other settings would train the rest of the
+    run on other data, another schedule, another tokenizer or another model, and its results would say they
+    trained it all."""
+    import json
+
+    from moejax.results import read_json, write_json_atomically
+
+    settings = {k: v for k, v in json.loads(config.to_json()).items() if k not in _RESUMABLE}
+    path = os.path.join(workdir, _RUN_SETTINGS)
+    recorded = read_json(path)
+    if recorded is not None and recorded != settings:  # its tokenizer.json and checkpoints are that run's
+        changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        raise ValueError(f"{workdir!r} holds a run started with other settings ({', '.join(changed)} differ, "
+                         f"recorded in {path}): resume it with those, or train in a new workdir")
+    if recorded is None:  # a first call (or a workdir from before this record: nothing to compare with)
+        os.makedirs(workdir, exist_ok=True)
+        write_json_atomically(path, settings)
 
 
 def optimizer(config):
@@ -132,15 +186,20 @@ def train_loop(config, workdir: str, trainer: Trainer, batch, validation: tuple,
                stop_after: int | None = None):
     """Steps from workdir's latest checkpoint (or the start) to config.steps (or stop_after): batch(step) ->
     the step's batch tuple; validated on `validation` every config.eval_every steps and at the end;
-    checkpointed every config.checkpoint_every. -> (state, history)."""
+    checkpointed every config.checkpoint_every, with the run's history so far (workdir/history.json, so a
+    resumed run reports every step). -> (state, history of the whole run, steps taken in this call)."""
     from tqdm import tqdm
+
+    from moejax.results import read_json, write_json_atomically
 
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every)
     state = trainer.init()
     if checkpoints.latest_step() is not None:
         state = checkpoints.restore(state)
-    history = {"train": [], "validation": []}
     start = int(state.step)
+    history_file = os.path.join(workdir, "history.json")
+    earlier = read_json(history_file) or {}  # up to the checkpoint restored (later steps are taken again)
+    history = {kind: [h for h in earlier.get(kind, []) if h["step"] <= start] for kind in ("train", "validation")}
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress,
                desc="train", unit="step")
@@ -160,5 +219,7 @@ def train_loop(config, workdir: str, trainer: Trainer, batch, validation: tuple,
             history["validation"].append({"step": step + 1, "cross_entropy": ce, "perplexity": float(np.exp(ce))})
             bar.write(f"step {step + 1}: validation cross-entropy {ce:.4f} (perplexity {np.exp(ce):.2f})")
         checkpoints.save(state, force=step + 1 == end)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+            write_json_atomically(history_file, history)
     checkpoints.close()
-    return state, history
+    return state, history, max(0, end - start)

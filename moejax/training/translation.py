@@ -11,7 +11,8 @@ from flax import nnx
 
 from moejax import data, translation
 from moejax.training.losses import seq2seq_loss
-from moejax.training.run import check_splits, loss_weights, optimizer, train_loop, workdir_tokenizer
+from moejax.training.run import (check_resume, check_splits, check_training_config, loss_weights, optimizer,
+                                 train_loop, workdir_tokenizer)
 from moejax.training.trainer import Trainer, data_mesh
 
 
@@ -61,6 +62,8 @@ def build_model(config, tokenizer):
 def run(config, workdir: str, progress: bool = True, devices=None, stop_after: int | None = None) -> dict:
     """Train per `config` (configs/train_mt.py) in `workdir`, resuming from its latest checkpoint; as
     moejax.training.run for the language model. Returns {"model", "tokenizer", "pairs", "history", "state"}."""
+    check_training_config(config)
+    check_resume(config, workdir)
     corpus = prepare_pairs(config, workdir)
     model = build_model(config, corpus.tokenizer)
     encode = lambda split: translation.encode_pairs(corpus.tokenizer, corpus.splits[split], model.config,
@@ -74,6 +77,6 @@ def run(config, workdir: str, progress: bool = True, devices=None, stop_after: i
         raise ValueError(f"the validation split has fewer than {trainer.mesh.size} pairs (one per device)")
     held_out = validation.rows(slice(0, rows))
     batch = lambda step: translation.training_batch(train, config.seed, step, config.batch_size)
-    state, history = train_loop(config, workdir, trainer, batch, held_out, progress, stop_after)
+    state, history, steps = train_loop(config, workdir, trainer, batch, held_out, progress, stop_after)
     return {"model": trainer.model(state), "tokenizer": corpus.tokenizer, "pairs": corpus.splits,
-            "history": history, "state": state}
+            "history": history, "state": state, "steps_this_call": steps}
