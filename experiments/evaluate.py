@@ -36,7 +36,9 @@ def main(config, workdir):
     tokenizer = moejax.load_tokenizer(config.checkpoint)
     if tokenizer is None:
         raise ValueError(f"checkpoint {config.checkpoint!r} has no tokenizer.json to read the corpus with")
-    results = Results(workdir, settings=config.to_dict(), on_mismatch="restart")
+    # the checkpoint's files too: one retrained to the same path starts over instead of keeping old numbers
+    results = Results(workdir, settings={**config.to_dict(), "checkpoint_files": harness.checkpoint_identity(
+        config.checkpoint)}, on_mismatch="restart")
     r = results.data
     r.update(checkpoint=config.checkpoint, corpus=config.corpus.source, **harness.header())
     c = model.config

@@ -152,7 +152,8 @@ def report_section(r: dict) -> list[str]:
 
 
 def main(config, workdir):
-    results = Results(workdir)
+    # the cells' numbers depend on every setting but the cells' own keys (layers, token counts)
+    results = Results(workdir, settings={k: v for k, v in config.to_dict().items() if k not in ("layers", "tokens")})
     results.data.update(harness.header())
     mesh = parallel.make_mesh()
     keys = [{"layer": layer, "tokens": int(t) // LAYERS[layer]["token_scale"]} for layer in config.layers

@@ -111,6 +111,19 @@ def machine() -> dict:
     return out
 
 
+def checkpoint_identity(path: str) -> dict:
+    """{file: [bytes, modification time in ns]} of a checkpoint directory's files: part of the settings of an
+    experiment on it, so that a checkpoint retrained or re-exported to the same path is not reported with the
+    old one's numbers (hashing every weight would read gigabytes)."""
+    found = {}
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if os.path.isfile(file) and name.endswith((".json", ".safetensors")):
+            stat = os.stat(file)
+            found[name] = [stat.st_size, stat.st_mtime_ns]
+    return found
+
+
 def header() -> dict:
     """The fields every results.json starts with: the command that made it and the machine it ran on."""
     return {"command": command(), "machine": machine()}

@@ -3,8 +3,9 @@ expert buffering and expert placement, in one Markdown report with the papers' n
 
 Each stage runs its experiment script (experiments/<script>.py) in a fresh process, configured by its part of
 the reproduce config (config.<stage>, see configs/reproduce.py) and writing into WORKDIR/<stage>/ with its log;
-a finished stage leaves WORKDIR/<stage>/stage.json and is skipped on a rerun (the scripts also resume their own
-unfinished cells), so an interrupted run picks up where it stopped. A stage that fails does not stop the others;
+a finished stage leaves WORKDIR/<stage>/stage.json and is skipped on a rerun with the same command (one whose
+settings changed runs again; the scripts also resume their own unfinished cells), so an interrupted run picks up
+where it stopped. A stage that fails does not stop the others;
 the report is rebuilt from whatever stages have finished, and the command then exits non-zero naming the failed.
 
   ./launch.sh reproduce --quick                       # the README's main job: the trained default model
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 import harness  # experiments/harness.py
 from report import write_report  # experiments/report.py
-from stages import check_inputs, run_stage, stage_command  # experiments/stages.py
+from stages import check_inputs, finished_stage, run_stage, stage_command  # experiments/stages.py
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Model preset and each stage's config.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where stages and the report go; default workdir/reproduce[_quick].")
@@ -58,7 +59,7 @@ def main(argv):
     check_inputs(config, stages, workdir)
     if _DRY_RUN.value:
         for name in stages:
-            finished = os.path.exists(os.path.join(workdir, name, "stage.json")) and not _FORCE.value
+            finished = finished_stage(name, config, workdir) is not None and not _FORCE.value
             print(f"{name}{' (finished: skipped)' if finished else ''}: {shlex.join(stage_command(name, config, workdir))}")
         return
     failed = []

@@ -83,12 +83,23 @@ def stage_command(name: str, config, workdir: str) -> list[str]:
             *stage_arguments(config, name)]
 
 
+def finished_stage(name: str, config, workdir: str) -> dict | None:
+    """The stage.json record of a stage that finished with the command it would run now, else None: a stage
+    whose settings changed runs again (its script then resumes, restarts or refuses its own results as their
+    settings say), so the report never shows old numbers under a new command."""
+    record = read_json(os.path.join(workdir, name, "stage.json"))
+    if record is None or record.get("command") != shlex.join(stage_command(name, config, workdir)):
+        return None
+    return record
+
+
 def run_stage(name: str, config, workdir: str, force: bool) -> dict:
-    """Run one stage's script unless it has finished; returns its stage.json record."""
+    """Run one stage's script unless it has finished with this command; returns its stage.json record."""
     out = os.path.join(workdir, name)
     marker = os.path.join(out, "stage.json")
-    if os.path.exists(marker) and not force:
-        return read_json(marker)
+    finished = None if force else finished_stage(name, config, workdir)
+    if finished is not None:
+        return finished
     os.makedirs(out, exist_ok=True)
     command = [sys.executable, *stage_command(name, config, workdir)[1:]]
     start = time.perf_counter()

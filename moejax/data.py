@@ -83,9 +83,14 @@ def _directory_documents(root: str, suffixes: tuple[str, ...]) -> list[Document]
 
 
 def read_jsonl(path: str):
-    """(line number, record) for each non-blank line; a malformed line fails naming the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    """(line number, record) for each non-blank line; a malformed line (or one not UTF-8) fails naming the
+    file and line."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -95,11 +100,18 @@ def read_jsonl(path: str):
 
 
 def _jsonl_documents(path: str) -> list[Document]:
+    """A record's document is named by its "id" where it has one, else by a digest of its text, never by its
+    line: records added or removed move no other document between splits, and copies of a text share one."""
     documents = []
     for line_number, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{line_number}: expected an object with a string field 'text'")
-        documents.append(Document(f"{os.path.basename(path)}:{line_number}", record["text"]))
+        identity = record.get("id")
+        if identity is None:
+            identity = hashlib.sha256(record["text"].encode()).hexdigest()[:16]
+        elif not isinstance(identity, (str, int)) or isinstance(identity, bool):
+            raise ValueError(f"{path}:{line_number}: 'id'={identity!r} must be a string or an integer")
+        documents.append(Document(f"{os.path.basename(path)}:{identity}", record["text"]))
     return documents
 
 

@@ -40,10 +40,36 @@ def test_directory_corpus_is_sorted_and_filtered(tmp_path):
 
 
 def test_jsonl_corpus(tmp_path):
+    import hashlib
+
     path = tmp_path / "corpus.jsonl"
     path.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second", "id": 7}) + "\n")
-    assert [(d.name, d.text) for d in data.load_documents(str(path))] == [("corpus.jsonl:1", "first"),
-                                                                         ("corpus.jsonl:3", "second")]
+    digest = hashlib.sha256(b"first").hexdigest()[:16]
+    assert [(d.name, d.text) for d in data.load_documents(str(path))] == [(f"corpus.jsonl:{digest}", "first"),
+                                                                         ("corpus.jsonl:7", "second")]
+
+
+def test_jsonl_splits_do_not_move_when_records_are_added(tmp_path):
+    """A document's split follows its id or text, not its line: a record prepended moves no other document,
+    and copies of one text share a split (none leaks into a held-out split)."""
+    texts = [f"def f{i}(x):\n    return x + {i}\n" for i in range(200)]
+    splits = {}
+    for version, items in (("v1", texts), ("v2", ["def new():\n    pass\n"] + texts + [texts[0]] * 5)):
+        (tmp_path / version).mkdir()
+        path = tmp_path / version / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in items))
+        splits[version] = [(d.text, name) for name, docs in data.split_documents(data.load_documents(str(path)),
+                                                                                0.1, 0.1).items() for d in docs]
+    before, after = dict(splits["v1"]), dict(splits["v2"])
+    assert all(after[t] == before[t] for t in texts) and len(set(before.values())) == 3
+    assert len({name for text, name in splits["v2"] if text == texts[0]}) == 1  # six copies, one split
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text"):
+        data.load_documents(str(path))
 
 
 def test_bad_corpus_paths_are_named(tmp_path):

@@ -71,3 +71,13 @@ def test_the_machine_header_names_the_versions():
     m = header["machine"]
     assert {"platform", "cpu", "cpus", "backend", "device", "devices", "python", "jax", "flax", "numpy"} <= set(m)
     assert f"jax {m['jax']}, flax {m['flax']}, numpy {m['numpy']}" in harness.describe(m)
+
+
+def test_a_checkpoint_rewritten_in_place_has_another_identity(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"old weights")
+    (tmp_path / "notes.txt").write_text("not part of it")
+    before = harness.checkpoint_identity(str(tmp_path))
+    assert sorted(before) == ["config.json", "model.safetensors"]
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))
+    assert harness.checkpoint_identity(str(tmp_path)) != before

@@ -53,13 +53,24 @@ def test_the_command_line_refuses_a_bad_stage_at_once(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing started
 
 
-def test_finished_stages_are_skipped(config, tmp_path, monkeypatch):
+def test_finished_stages_are_skipped_unless_their_command_changed(config, tmp_path, monkeypatch):
+    import shlex
+
     (tmp_path / "gating").mkdir()
-    record = {"stage": "gating", "command": "python experiments/gating_throughput.py", "seconds": 1.0,
-              "finished": "then"}
+    command = shlex.join(stages.stage_command("gating", config, str(tmp_path)))
+    record = {"stage": "gating", "command": command, "seconds": 1.0, "finished": "then"}
     (tmp_path / "gating" / "stage.json").write_text(json.dumps(record))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished stage ran again"))
     assert stages.run_stage("gating", config, str(tmp_path), force=False) == record
+    # finished with other settings: it runs again (its results are then its script's to resume or refuse)
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or subprocess.CompletedProcess(
+        command, 0))
+    changed = config.copy_and_resolve_references()
+    changed.gating.capacity_fraction = 1.0
+    assert stages.finished_stage("gating", changed, str(tmp_path)) is None
+    rerun = stages.run_stage("gating", changed, str(tmp_path), force=False)
+    assert ran and "--config.capacity_fraction=1.0" in rerun["command"] != command
 
 
 def test_a_failing_stage_reports_its_log(config, tmp_path, monkeypatch):
