@@ -58,7 +58,8 @@ class MoEPolicy:
     in_decode: apply the capacity in decode steps too (the paper's formula; the authors' code silently did
         not: see `MoEPolicy.authors`).
     seed: drop="random" draws each pair's priority from key(seed) folded with the layer and a digest of
-        the batch's router logits: the same batch drops the same pairs, another batch or seed others.
+        the batch's routing (its real tokens' first choices: `drop_key`), by the pair's real-token ordinal:
+        the same batch drops the same pairs, padded or not; another batch or seed others.
     """
 
     capacity_factor: float | None = None
@@ -102,6 +103,12 @@ class MoEPolicy:
             object.__setattr__(self, "num_devices", num_devices)
         if (self.expanded is not None or self.scope == "device") and self.capacity_factor is None:
             raise ValueError(f"MoEPolicy: expanded={self.expanded!r}, scope={self.scope!r} needs a capacity_factor")
+        # Expanded Drop ranks each expert's candidates by score with a per-expert capacity (papers.md A): a
+        # device capacity or another drop order would be silently ignored
+        if self.expanded is not None and (self.scope != "expert" or self.drop != "score"):
+            raise ValueError(f"MoEPolicy: expanded={self.expanded!r} keeps each expert's top-C candidates by score; "
+                             f"scope={self.scope!r}, drop={self.drop!r} do not apply to it (use scope='expert', "
+                             "drop='score', or token drop without expanded)")
 
     @classmethod
     def authors(cls, capacity_factor: float, drop: str = "score", *, expanded: str | None = None,
@@ -162,9 +169,7 @@ def expert_capacity(num_tokens, top_k: int, num_experts: int, factor: float, *, 
     bound on the count (the forward's rows). num_experts is the number of capacity groups (devices for a
     per-device capacity).
     """
-    ratio = exact_factor(factor) * top_k / num_experts
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+    ratio = exact_factor(factor) * top_k / num_experts  # num_experts: the groups (devices may be fewer than k)
     if isinstance(num_tokens, (int, np.integer)):
         return max(1, _ceil_times(ratio, int(num_tokens)))
     if max_tokens is None:
@@ -209,7 +214,9 @@ def _priority(strategy: str, scores_of_pairs: jax.Array, tokens_of_pairs: jax.Ar
     if strategy == "random":
         if key is None:
             raise ValueError("token_drop: strategy='random' needs a PRNG key")
-        return jax.random.uniform(key, scores_of_pairs.shape)
+        # drawn by the real token's ordinal (tokens_of_pairs counts real tokens only), so that padding, which
+        # shifts row indices, changes no real pair's draw: element i of a uniform draw depends on i alone
+        return jax.random.uniform(key, scores_of_pairs.shape)[tokens_of_pairs[:, 0]]  # padding: unused rows
     raise ValueError(f"token_drop: unknown strategy {strategy!r}; supported: {DROP_STRATEGIES}")
 
 
@@ -232,7 +239,11 @@ def token_drop(scores: jax.Array, experts: jax.Array, capacity: int | jax.Array,
         num_groups = int(device_of_expert.max()) + 1
     if keep is None:
         keep = jnp.ones(experts.shape, bool)
-    tokens = jnp.broadcast_to(jnp.arange(num_tokens)[:, None], experts.shape)
+    # each pair's token by its ordinal among the real tokens (a token with a pair still kept): orders by
+    # token ("first", "last", "random") do not depend on padding
+    real = keep.any(axis=-1)
+    ordinal = jnp.where(real, jnp.cumsum(real) - 1, num_tokens)
+    tokens = jnp.broadcast_to(ordinal[:, None], experts.shape)
     priority = _priority(strategy, jnp.take_along_axis(scores, experts, axis=-1), tokens, key)
     group = jnp.where(keep, group, num_groups).reshape(-1)
     kept = keep_top_per_group(group, priority.reshape(-1), capacity, num_groups)
@@ -275,7 +286,7 @@ def apply_policy(routing: Routing, policy: MoEPolicy, *, num_tokens: jax.Array |
     if layout is None and policy.needs_layout:
         raise ValueError(f"MoEPolicy: expanded={policy.expanded!r}, scope={policy.scope!r} needs a layout")
     if policy.expanded is not None:
-        new = _expanded(routing, policy, num_tokens, layout)
+        new = _expanded(routing, policy, num_tokens, layout, routed_scaling_factor)
     else:
         device_of_expert = None
         groups = num_experts
@@ -312,15 +323,28 @@ def renormalize(routed: Routing, new: Routing, mode: str, routed_scaling_factor:
     return new._replace(weights=jnp.where(kept > 0, weights / jnp.where(kept > 0, kept, 1.0) * target, new.weights))
 
 
-def drop_key(policy: MoEPolicy, layer: int, router_logits: jax.Array) -> jax.Array | None:
-    """The PRNG key of drop="random" for one MoE layer and batch (see MoEPolicy.seed); None otherwise."""
+def drop_key(policy: MoEPolicy, layer: int, router_logits: jax.Array, token_mask: jax.Array | None = None
+             ) -> jax.Array | None:
+    """The PRNG key of drop="random" for one MoE layer and batch (see MoEPolicy.seed); None otherwise.
+
+    The batch's digest is of integers, not floats: each real token's ordinal and first choice (the router's
+    argmax), mixed and XORed together. Padding (token_mask False) takes no part, and the last-bit noise by
+    which a padded forward's logits differ from an unpadded one's changes no argmax short of a near-tie, so
+    the same prompt alone or in a padded batch draws the same priorities."""
     if policy.drop != "random" or policy.dropless:
         return None
-    digest = jax.lax.bitcast_convert_type(jnp.sum(router_logits.astype(jnp.float32)), jnp.uint32)
+    logits = router_logits.reshape(-1, router_logits.shape[-1])
+    real = jnp.ones(logits.shape[:1], bool) if token_mask is None else token_mask.reshape(-1).astype(bool)
+    ordinal = (jnp.cumsum(real) - 1).astype(jnp.uint32)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.uint32) + jnp.uint32(1)
+    mixed = ordinal * jnp.uint32(0x9E3779B1) ^ first * jnp.uint32(0x85EBCA77)
+    mixed = (mixed ^ (mixed >> 15)) * jnp.uint32(0x2C1B3C6D)  # so that nearby (ordinal, choice) differ widely
+    digest = jax.lax.reduce(jnp.where(real, mixed, jnp.uint32(0)), jnp.uint32(0), jax.lax.bitwise_xor, (0,))
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(policy.seed), layer), digest)
 
 
-def _expanded(routing: Routing, policy: MoEPolicy, num_tokens, layout: Layout | None) -> Routing:
+def _expanded(routing: Routing, policy: MoEPolicy, num_tokens, layout: Layout | None,
+              routed_scaling_factor: float = 1.0) -> Routing:
     scores, experts = routing.scores, routing.experts
     t_count, num_experts = scores.shape
     top_k = experts.shape[-1]
@@ -339,5 +363,6 @@ def _expanded(routing: Routing, policy: MoEPolicy, num_tokens, layout: Layout | 
     duplicate = (extra[:, :, None] == experts[:, None, :]).any(-1)
     first = jnp.concatenate([jnp.ones_like(experts, bool), ~duplicate], axis=-1)
     keep = jnp.take_along_axis(keep_dense, wide, axis=-1) & first
-    weights = jnp.take_along_axis(scores, wide, axis=-1)
+    # each kept pair weighted by its score, times the family's routed_scaling_factor as every routed output
+    weights = jnp.take_along_axis(scores, wide, axis=-1) * routed_scaling_factor
     return Routing(scores, wide, weights, keep, routing.logits)

@@ -68,8 +68,8 @@ def test_expert_capacity_formula_and_errors():
     assert capacity.expert_capacity(1, 1, 64, 1.0) == 1
     with pytest.raises(ValueError, match="factor=0"):
         capacity.expert_capacity(10, 2, 8, 0)
-    with pytest.raises(ValueError, match="top_k=9"):
-        capacity.expert_capacity(10, 9, 8, 1.0)
+    # capacity groups may be fewer than k: devices under scope="device" (C_dev = ceil(gamma * T * k / D))
+    assert capacity.expert_capacity(6, 2, 1, 1.0) == 12 and capacity.expert_capacity(5, 8, 2, 0.5) == 10
     with pytest.raises(ValueError, match="capacity_factor=-1"):
         moejax.MoEPolicy(capacity_factor=-1)
     with pytest.raises(ValueError, match="unknown drop strategy 'lowest'"):
@@ -221,6 +221,7 @@ def test_token_that_lost_every_expert_passes_through_the_residual_only(model):
 
 
 @pytest.mark.parametrize("policy", [moejax.MoEPolicy(capacity_factor=0.5, drop="first"),
+                                    moejax.MoEPolicy(capacity_factor=0.5, drop="random"),
                                     moejax.MoEPolicy(capacity_factor=0.5, expanded="global")])
 def test_padding_never_counts_toward_capacity(model, policy):
     """A prompt alone and the same prompt left-padded in a batch: identical drops, identical logits."""
@@ -290,6 +291,9 @@ def test_capacity_applies_in_decode_unless_switched_off(model):
     (dict(expanded="global"), "needs a capacity_factor"),
     (dict(capacity_factor=1.0, expanded="local", placement=(0.0, 1.0, 0.0, 1.0)), r"placement must be .*int device ids"),
     (dict(capacity_factor=1.0, expanded="local", num_devices=2.5), "num_devices=2.5 must be an integer"),
+    (dict(capacity_factor=1.0, expanded="global", scope="device", num_devices=2),
+     r"expanded='global' keeps each expert's top-C candidates by score; scope='device', drop='score' do not apply"),
+    (dict(capacity_factor=1.0, expanded="local", drop="first", num_devices=2), r"scope='expert', drop='first' do not"),
 ])
 def test_bad_policies(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -312,12 +316,16 @@ def test_random_drop_differs_across_seeds_and_batches_and_repeats_on_the_same_ba
     again = moejax.with_policy(model, moejax.MoEPolicy(capacity_factor=0.5, drop="random", seed=0)).forward(tokens)
     assert all(np.array_equal(a, np.asarray(r.keep)) for a, r in zip(keeps[0], again.routings))
     assert not all(np.array_equal(a, b) for a, b in zip(keeps[0], keeps[1]))
-    # the key folds in the batch (its router logits) and the layer, so another batch gets other priorities
+    # the key folds in the batch (its real tokens' routing) and the layer, so another batch gets other
+    # priorities, and padding or last-bit noise in the logits none
     policy = moejax.MoEPolicy(capacity_factor=0.5, drop="random")
     logits = jnp.asarray(np.random.RandomState(0).randn(8, 4), jnp.float32)
-    draw = lambda layer, l: np.asarray(jax.random.uniform(capacity.drop_key(policy, layer, l), (16,)))
+    draw = lambda layer, l, mask=None: np.asarray(jax.random.uniform(capacity.drop_key(policy, layer, l, mask), (16,)))
     assert np.array_equal(draw(0, logits), draw(0, logits))
-    assert not np.array_equal(draw(0, logits), draw(0, logits + 1))
+    assert np.array_equal(draw(0, logits), draw(0, logits * (1 + 1e-7)))
+    padded = jnp.concatenate([jnp.asarray(np.random.RandomState(1).randn(3, 4), jnp.float32), logits])
+    assert np.array_equal(draw(0, logits), draw(0, padded, jnp.arange(11) >= 3))
+    assert not np.array_equal(draw(0, logits), draw(0, logits[::-1]))
     assert not np.array_equal(draw(0, logits), draw(1, logits))
 
 
@@ -428,3 +436,33 @@ def test_renormalize_booleans_are_the_modes_they_meant():
     assert moejax.MoEPolicy().renormalization(norm_topk_prob=True) == "kept"
     assert moejax.MoEPolicy().renormalization(norm_topk_prob=False) == "none"
     assert moejax.MoEPolicy(renormalize="routed_sum").renormalization(norm_topk_prob=False) == "routed_sum"
+
+
+def test_device_capacity_holds_for_more_choices_than_devices():
+    """C_dev = ceil(gamma * T * k / D) is defined for any k and D (papers.md A): top-4 of 8 on 2 devices."""
+    rng = np.random.RandomState(3)
+    scores = jnp.asarray(_softmax(rng.randn(10, 8)), jnp.float32)
+    routing_ = moejax.routing.route(jnp.log(scores), 4)
+    policy = moejax.MoEPolicy(capacity_factor=0.5, scope="device", num_devices=2)
+    keep = np.asarray(capacity.apply_policy(routing_, policy, num_tokens=10).keep)
+    device = np.asarray(routing_.experts) // 4
+    c_dev = -(-(0.5 * 10 * 4) // 2)  # 10 per device
+    for d in range(2):  # each device keeps its c_dev highest-scored pairs
+        pairs = [(-float(scores[t, e]), t) for t, e in zip(*np.nonzero(device == d)) for e in [routing_.experts[t, e]]]
+        kept = sorted(zip(*np.nonzero((device == d) & keep)))
+        assert len(kept) == min(len(pairs), c_dev)
+        expected = sorted(sorted(zip(*np.nonzero(device == d)), key=lambda tc: (-float(scores[tc[0], routing_.experts[tc]]),
+                                                                            tc[0]))[:int(c_dev)])
+        assert kept == expected
+
+
+def test_expanded_drop_keeps_the_routed_scaling_factor():
+    """DeepSeek-V2's router (no top-k normalisation, routed_scaling_factor 16): a capacity that drops nothing
+    leaves each token's routed pairs with the weights it was routed with, under expanded drop as under token
+    drop."""
+    logits = jax.random.normal(jax.random.key(0), (4, 8))
+    routed = moejax.routing.route(logits, 2, norm_topk_prob=False, routed_scaling_factor=16.0)
+    for policy in (moejax.MoEPolicy(capacity_factor=100.0), moejax.MoEPolicy(capacity_factor=100.0, expanded="global"),
+                   moejax.MoEPolicy(capacity_factor=100.0, expanded="local", num_devices=4)):
+        out = capacity.apply_policy(routed, policy, num_tokens=4, norm_topk_prob=False, routed_scaling_factor=16.0)
+        np.testing.assert_allclose(np.asarray(out.weights)[:, :2], np.asarray(routed.weights), rtol=1e-6)

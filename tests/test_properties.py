@@ -101,10 +101,7 @@ def test_expanded_drop_keeps_each_experts_top_capacity_candidates(routing, data)
 @QUICK
 @given(st.integers(0, 10_000), st.integers(1, 8), st.integers(1, 64), st.floats(0.01, 8.0))
 def test_expert_capacity_is_the_ceiling_and_at_least_one(num_tokens, top_k, num_experts, factor):
-    if top_k > num_experts:
-        with pytest.raises(ValueError, match=f"top_k={top_k}"):
-            capacity.expert_capacity(num_tokens, top_k, num_experts, factor)
-        return
+    # num_experts: the capacity groups (devices under scope="device" may be fewer than top_k)
     c = capacity.expert_capacity(num_tokens, top_k, num_experts, factor)
     exact = factor * top_k * num_tokens / num_experts
     assert isinstance(c, int) and c >= 1

@@ -86,7 +86,7 @@ class MoEBlock(nnx.Module):
         """The runtime's capacity policy over the runtime's layout (decode: a decode step), renormalising the
         kept weights as the policy says for this family (its norm_topk_prob and routed_scaling_factor)."""
         c = self.config
-        key = capacity.drop_key(self.policy, self.layer, r.logits)
+        key = capacity.drop_key(self.policy, self.layer, r.logits, token_mask)
         return capacity.apply_policy(r, self.policy, num_tokens=token_mask.sum(), decode=decode, key=key,
                                      layout=self.layout, norm_topk_prob=c.norm_topk_prob,
                                      routed_scaling_factor=c.routed_scaling_factor)
