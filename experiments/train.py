@@ -5,9 +5,11 @@
     python experiments/train.py --config=configs/train_default.py:quick --workdir=/tmp/train   # 20 steps
     python experiments/train.py --config=configs/train_mt.py --workdir=workdir/train_mt
 
-Resumes from --workdir's latest orbax checkpoint when interrupted (same batches as an uninterrupted run).
+Resumes from --workdir's latest orbax checkpoint when interrupted (same batches as an uninterrupted run); a
+resume with other settings than the run started with is refused, naming them (--workdir/run_settings.json).
 Writes --workdir/export/ (config.json, model.safetensors, tokenizer.json: moejax.load_pretrained and
-transformers read it) and --workdir/train_results.json (loss curve, validation, timing). Evaluate the export
+transformers read it) and --workdir/train_results.json (the whole run's loss curve and validation, kept with
+the checkpoints in --workdir/history.json; timing). Evaluate the export
 with experiments/evaluate.py.
 """
 
