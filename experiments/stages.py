@@ -88,7 +88,10 @@ def finished_stage(name: str, config, workdir: str) -> dict | None:
     whose settings changed runs again (its script then resumes, restarts or refuses its own results as their
     settings say), so the report never shows old numbers under a new command."""
     record = read_json(os.path.join(workdir, name, "stage.json"))
-    if record is None or record.get("command") != shlex.join(stage_command(name, config, workdir)):
+    # the same script and flags; the workdir may have moved since (a copied or renamed one is still finished)
+    settings = lambda command: [a for a in shlex.split(command) if not a.startswith("--workdir=")]
+    if record is None or settings(record.get("command", "")) != settings(
+            shlex.join(stage_command(name, config, workdir))):
         return None
     return record
 

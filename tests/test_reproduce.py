@@ -62,6 +62,9 @@ def test_finished_stages_are_skipped_unless_their_command_changed(config, tmp_pa
     (tmp_path / "gating" / "stage.json").write_text(json.dumps(record))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished stage ran again"))
     assert stages.run_stage("gating", config, str(tmp_path), force=False) == record
+    moved = tmp_path / "moved"  # a workdir copied or renamed since: still finished
+    shutil.copytree(tmp_path / "gating", moved / "gating")
+    assert stages.run_stage("gating", config, str(moved), force=False) == record
     # finished with other settings: it runs again (its results are then its script's to resume or refuse)
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or subprocess.CompletedProcess(
@@ -102,10 +105,16 @@ def test_report_from_the_committed_results(config, tmp_path):
     assert (tmp_path / "placement.png").exists()
 
 
-def test_a_failing_stage_leaves_the_report_of_the_others(tmp_path):
+def test_a_failing_stage_leaves_the_report_of_the_others(config, tmp_path):
     """The gating stage fails (an unknown layer shape); the finished placement stage is skipped, the report
     is still written with it, and the command exits non-zero naming the failed stage."""
+    import shlex
+
     shutil.copytree(os.path.join(ROOT, "experiments", "results", "reproduce", "placement"), tmp_path / "placement")
+    # finished with the command it would run now (the committed record's command predates today's flags)
+    record = json.loads((tmp_path / "placement" / "stage.json").read_text())
+    record["command"] = shlex.join(stages.stage_command("placement", config, str(tmp_path)))
+    (tmp_path / "placement" / "stage.json").write_text(json.dumps(record))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "reproduce.py"), f"--workdir={tmp_path}",
                              "--stages=gating,placement", "--config.gating.layers=('nope',)"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
