@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -42,8 +43,8 @@ from tqdm import tqdm
 
 from moejax import evaluation
 from moejax.capacity import MoEPolicy
-from moejax.config import is_integer
 from moejax.checkpoints import _read_json, load_pretrained, load_tokenizer
+from moejax.config import is_integer
 from moejax.generate import decode
 from moejax.models.transformer import CausalLM
 
@@ -77,8 +78,6 @@ def special_tokens(path: str, tokenizer) -> dict | None:
     """{"bos": id or None, "eos": id or None} as tokenizer_config.json names them (lm-eval's hf backend reads
     its tokenizer's), or None where the checkpoint has no tokenizer_config.json. A named token that the
     tokenizer does not hold fails naming it."""
-    import os
-
     file = os.path.join(path, "tokenizer_config.json")
     if not os.path.isfile(file):
         return None

@@ -3,6 +3,7 @@ checkpoints; the batch of step i depends only on (seed, i), so an interrupted ru
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import NamedTuple
@@ -12,6 +13,7 @@ from flax import nnx
 
 from moejax.config import ModelConfig
 from moejax.models.transformer import CausalLM
+from moejax.results import read_json, write_json_atomically
 from moejax.training.losses import LossTerms, LossWeights
 from moejax.training.trainer import Checkpoints, Trainer, data_mesh, make_optimizer
 
@@ -158,9 +160,6 @@ def check_resume(config, workdir: str) -> None:
     same, but for when it validates and checkpoints (_RESUMABLE): other settings would train the rest of the
     run on other data, another schedule, another tokenizer or another model, and its results would say they
     trained it all."""
-    import json
-
-    from moejax.results import read_json, write_json_atomically
 
     settings = {k: v for k, v in json.loads(config.to_json()).items() if k not in _RESUMABLE}
     path = os.path.join(workdir, _RUN_SETTINGS)
@@ -189,8 +188,6 @@ def train_loop(config, workdir: str, trainer: Trainer, batch, validation: tuple,
     checkpointed every config.checkpoint_every, with the run's history so far (workdir/history.json, so a
     resumed run reports every step). -> (state, history of the whole run, steps taken in this call)."""
     from tqdm import tqdm
-
-    from moejax.results import read_json, write_json_atomically
 
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every)
     state = trainer.init()
